@@ -1,0 +1,70 @@
+"""``moesim`` command line: parse, load, call the library, render.
+
+Each subcommand lives in :mod:`moesim.commands` as a module with
+``add_arguments(parser)`` and ``run(args) -> int``. Exit codes: 0 success,
+2 bad input (one line on stderr, no traceback), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from moesim import __version__
+from moesim.errors import UserError
+
+#: subcommand -> one-line help; the module is moesim.commands.<name>
+COMMANDS: dict[str, str] = {
+    "run": "the whole chain on defaults: bench, calibrate, simulate, compare",
+    "bench": "time real gating, dispatch, expert and all-to-all kernels on this device",
+    "calibrate": "fit cost models to bench results and write a calibrated profile",
+    "simulate": "predict step time, all-to-all cost, drops and imbalance for a scenario",
+    "compare": "one scenario under several variants, side by side",
+    "sweep": "a grid of variants from a sweep file: table, CSV/parquet and plots",
+    "validate": "predicted vs measured on this machine and vs published figures",
+    "profiles": "list hardware profiles with their key figures",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="moesim", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"moesim {__version__}")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, help_text in COMMANDS.items():
+        module = importlib.import_module(f"moesim.commands.{name.replace('-', '_')}")
+        sub = subs.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sub)
+        sub.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._module.run(args) or 0)
+    except UserError as err:
+        print(f"moesim {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moesim {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

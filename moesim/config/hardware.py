@@ -1,0 +1,147 @@
+"""Hardware profiles: GPU, scale-up (NVLink) and scale-out (NIC) tiers.
+
+Units live in key names (``hbm_GBps``, ``latency_us``). Bandwidths are per GPU
+and per direction. A spec profile gives peaks and achievable efficiencies; a
+calibrated profile adds a ``calibration`` section of fitted curves (written by
+``moesim calibrate``) that the cost model uses instead.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from moesim.config.base import FieldError, Frozen, check_dtype
+
+Fraction = float
+
+
+class Curve(Frozen):
+    """``y(x)``: piecewise linear in ``log(x)`` through the points, flat outside them."""
+
+    x: list[float] = Field(min_length=1)
+    y: list[float] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _shape(self) -> Curve:
+        if len(self.x) != len(self.y):
+            raise FieldError("y", len(self.y), f"must have as many points as x ({len(self.x)})")
+        if any(v <= 0 for v in self.x):
+            raise FieldError("x", self.x, "all points must be > 0")
+        if any(b <= a for a, b in zip(self.x, self.x[1:], strict=False)):
+            raise FieldError("x", self.x, "must be strictly increasing")
+        if any(v <= 0 for v in self.y):
+            raise FieldError("y", self.y, "all values must be > 0")
+        return self
+
+
+class GPUSpec(Frozen):
+    name: str
+    peak_tflops: dict[str, float]  # dense, per dtype
+    hbm_GBps: float = Field(gt=0)
+    hbm_GiB: float = Field(gt=0)
+    gemm_efficiency: Fraction = Field(gt=0, le=1)  # large GEMM, fraction of dense peak
+    memory_efficiency: Fraction = Field(gt=0, le=1)  # streaming copy, fraction of hbm_GBps
+    kernel_launch_us: float = Field(ge=0)
+
+    @field_validator("peak_tflops")
+    @classmethod
+    def _peaks(cls, value: dict[str, float]) -> dict[str, float]:
+        for dtype, tflops in value.items():
+            check_dtype(dtype, dtype)
+            if not tflops > 0:
+                raise FieldError(dtype, tflops, "peak TFLOP/s must be > 0")
+        if not value:
+            raise FieldError("", value, "at least one dtype is required")
+        return value
+
+
+class ScaleUp(Frozen):
+    """Intra-node fabric (NVLink + NVSwitch): non-blocking, per GPU per direction."""
+
+    link_GBps: float = Field(gt=0)
+    latency_us: float = Field(ge=0)
+    efficiency: Fraction = Field(gt=0, le=1)
+
+
+class NodeSpec(Frozen):
+    gpus_per_node: int = Field(ge=1)
+    scaleup: ScaleUp
+
+
+class ScaleOut(Frozen):
+    """Inter-node network: one NIC tier per GPU, then the fabric."""
+
+    nic_GBps: float = Field(gt=0)
+    latency_us: float = Field(ge=0)
+    efficiency: Fraction = Field(gt=0, le=1)
+    topology: Literal["rail_optimized", "fat_tree"] = "rail_optimized"
+    oversubscription: float = Field(default=1.0, ge=1.0)  # fabric uplinks: 2.0 = 2:1
+
+
+class MemoryOpFit(Frozen):
+    """Memory-bound op: ``latency_us + bytes / bandwidth_GBps(bytes)``."""
+
+    latency_us: float = Field(ge=0)
+    bandwidth_GBps: Curve  # x = bytes moved
+
+
+class GemmFit(Frozen):
+    """Grouped expert GEMM: ``latency_us + sum_e [per_expert_us + flops_e / tflops(flops_e)]``."""
+
+    latency_us: float = Field(ge=0)
+    per_expert_us: float = Field(default=0.0, ge=0)
+    tflops: Curve  # x = FLOPs of one expert's work in the call
+
+
+class CommFit(Frozen):
+    """Collective on one tier: ``latency_us + bytes / bandwidth_GBps(bytes)`` per rank."""
+
+    latency_us: float = Field(ge=0)
+    bandwidth_GBps: Curve  # x = bytes sent per rank
+
+
+class FamilyError(Frozen):
+    mape: float = Field(ge=0)
+    max_ape: float = Field(ge=0)
+    n: int = Field(ge=0)
+
+
+class CalibrationSource(Frozen):
+    results: list[str]
+    commit: str | None = None
+    device: str
+    torch: str | None = None
+    threads: int | None = None
+    created: str
+
+
+class Calibration(Frozen):
+    """Fitted cost curves. Families missing here fall back to the spec roofline."""
+
+    source: CalibrationSource
+    dtype: str = "fp32"  # the dtype the curves were measured in
+    memory: dict[str, MemoryOpFit] = Field(default_factory=dict)  # gating, permute, ...
+    gemm: dict[str, GemmFit] = Field(default_factory=dict)  # per dtype
+    alltoall: dict[str, CommFit] = Field(default_factory=dict)  # per tier: scaleup, scaleout
+    errors: dict[str, FamilyError] = Field(default_factory=dict)
+    fallbacks: list[str] = Field(default_factory=list)  # families priced from spec values
+
+
+class HardwareProfile(Frozen):
+    name: str
+    description: str = ""
+    source: str  # where the figures come from
+    gpu: GPUSpec
+    node: NodeSpec
+    scaleout: ScaleOut
+    calibration: Calibration | None = None
+
+    def peak_tflops(self, dtype: str) -> float:
+        """Dense peak for ``dtype``; fp8 falls back to bf16 where the GPU has none."""
+        peaks = self.gpu.peak_tflops
+        for name in (dtype, "bf16", "fp16", "fp32"):
+            if name in peaks:
+                return peaks[name]
+        return next(iter(peaks.values()))

@@ -1,0 +1,66 @@
+"""Bytes moved and FLOPs done by each MoE op.
+
+T = tokens, D = hidden size, F = expert intermediate size, E = experts,
+K = top-k, ``b`` = bytes per element. One definition used by the benchmark
+(achieved GB/s and TFLOP/s), the calibration fits and the simulator.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+SCORE_BYTES = 4.0  # router scores are fp32 in every implementation we model
+INDEX_BYTES = 8.0  # int64 expert ids / permutation indices
+
+
+def gate_bytes(T: ArrayLike, D: int, E: int, K: int, b: float) -> NDArray[np.float64]:
+    """Read x_TD and W_DE, write logits_TE, read/write scores, write ids and weights."""
+    t = np.asarray(T, dtype=np.float64)
+    return t * D * b + D * E * b + 3.0 * t * E * SCORE_BYTES + t * K * (INDEX_BYTES + SCORE_BYTES)
+
+
+def gate_flops(T: ArrayLike, D: int, E: int) -> NDArray[np.float64]:
+    return 2.0 * np.asarray(T, dtype=np.float64) * D * E
+
+
+def permute_bytes(T: ArrayLike, D: int, K: int, b: float) -> NDArray[np.float64]:
+    """Gather T*K rows of D elements into expert order: read + write each row."""
+    rows = np.asarray(T, dtype=np.float64) * K
+    return 2.0 * rows * D * b + rows * INDEX_BYTES
+
+
+def unpermute_bytes(T: ArrayLike, D: int, K: int, b: float) -> NDArray[np.float64]:
+    """Read T*K expert outputs and their weights, write T combined rows."""
+    t = np.asarray(T, dtype=np.float64)
+    return t * K * (D * b + SCORE_BYTES + INDEX_BYTES) + t * D * b
+
+
+def expert_flops(tokens: ArrayLike, D: int, F: int, swiglu: bool = True) -> NDArray[np.float64]:
+    """FLOPs of one expert FFN on ``tokens`` rows: gate+up (2 or 1 GEMMs) and down."""
+    mats = 3.0 if swiglu else 2.0
+    return 2.0 * np.asarray(tokens, dtype=np.float64) * D * F * mats
+
+
+def expert_bytes(tokens: ArrayLike, D: int, F: int, b: float, swiglu: bool = True) -> NDArray[np.float64]:
+    """Weights read once per expert with tokens, activations in and out."""
+    t = np.asarray(tokens, dtype=np.float64)
+    mats = 3.0 if swiglu else 2.0
+    weights = np.where(t > 0, mats * D * F * b, 0.0)
+    return weights + t * (2.0 * D + (mats - 1.0) * F) * b
+
+
+def attention_flops(T: ArrayLike, D: int, heads: int, kv_heads: int, head_dim: int,
+                    seq: int, causal: bool = True) -> NDArray[np.float64]:
+    """Projections (QKV, out) and the score/value products for T tokens of sequences of ``seq``."""
+    t = np.asarray(T, dtype=np.float64)
+    proj = 2.0 * t * D * head_dim * (2 * heads + 2 * kv_heads)
+    core = 4.0 * t * seq * heads * head_dim * (0.5 if causal else 1.0)
+    return proj + core
+
+
+def attention_bytes(T: ArrayLike, D: int, heads: int, kv_heads: int, head_dim: int,
+                    b: float) -> NDArray[np.float64]:
+    t = np.asarray(T, dtype=np.float64)
+    weights = D * head_dim * (2 * heads + 2 * kv_heads) * b
+    return weights + t * (2.0 * D + 2 * (heads + 2 * kv_heads) * head_dim) * b
