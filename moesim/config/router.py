@@ -60,11 +60,12 @@ class RouterConfig(Frozen):
         if (self.n_group is None) != (self.topk_group is None):
             missing = "topk_group" if self.topk_group is None else "n_group"
             raise FieldError(missing, None, "n_group and topk_group must be set together")
-        if self.n_group is not None and self.topk_group is not None:
-            if self.topk_group > self.n_group:
-                raise FieldError(
-                    "topk_group", self.topk_group, f"must be <= n_group ({self.n_group})"
-                )
+        if (
+            self.n_group is not None
+            and self.topk_group is not None
+            and self.topk_group > self.n_group
+        ):
+            raise FieldError("topk_group", self.topk_group, f"must be <= n_group ({self.n_group})")
         if self.capacity_per == "sequence" and self.sequence_length is None:
             raise FieldError(
                 "sequence_length", None, "required when capacity_per is 'sequence' (an int >= 1)"
@@ -91,6 +92,5 @@ class RouterSpec(RouterConfig):
                 raise FieldError(
                     "topk_group",
                     self.topk_group,
-                    f"topk_group * experts per group ({reachable}) must be >= top_k "
-                    f"({self.top_k})",
+                    f"topk_group * experts per group ({reachable}) must be >= top_k ({self.top_k})",
                 )

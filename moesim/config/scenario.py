@@ -122,7 +122,9 @@ class Scenario(Frozen):
     def _cross(self) -> Scenario:
         m, p = self.model, self.parallel
         if m.num_experts % p.ep:
-            raise FieldError("parallel.ep", p.ep, f"must divide model.num_experts ({m.num_experts})")
+            raise FieldError(
+                "parallel.ep", p.ep, f"must divide model.num_experts ({m.num_experts})"
+            )
         if p.world != self.cluster.num_gpus:
             raise FieldError(
                 "parallel",
