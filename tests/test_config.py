@@ -69,6 +69,7 @@ BAD_SCENARIOS = [
     ("router={n_group: 3, topk_group: 1}", "router.n_group = 3", "must divide num_experts (16)"),
     ("router={n_group: 4, topk_group: 5}", "router.topk_group = 5", "must be <= n_group (4)"),
     ("router={n_group: 16, topk_group: 1}", "router.topk_group = 1", "must be >= top_k"),
+    ("router.kind=switch_top1", "model.top_k = 2", "must be 1 for router kind 'switch_top1'"),
     ("router.capacity_factor=0", "router.capacity_factor = 0", "greater than 0"),
     ("router.capacity_factor=-1.5", "router.capacity_factor = -1.5", "greater than 0"),
     ("router.kind=magic", "router.kind = 'magic'", "softmax_topk"),

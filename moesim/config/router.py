@@ -24,6 +24,8 @@ ROUTER_KINDS: tuple[str, ...] = (
     "hash",  # Roller et al. 2021: fixed hash of the token id
     "soft",  # Puigcerver et al. 2023 (soft MoE): every token to every expert, weighted
 )
+#: kinds that route every token to exactly one expert
+TOP1_KINDS = ("switch_top1", "sigmoid_top1")
 RouterKind = Literal[
     "softmax_topk",
     "topk_softmax",
@@ -80,6 +82,8 @@ class RouterSpec(RouterConfig):
 
     def check_experts(self, num_experts: int) -> None:
         """Raise :class:`FieldError` if this spec cannot route over ``num_experts``."""
+        if self.kind in TOP1_KINDS and self.top_k != 1:
+            raise FieldError("top_k", self.top_k, f"must be 1 for router kind {self.kind!r}")
         if self.top_k > num_experts:
             raise FieldError("top_k", self.top_k, f"must be <= num_experts ({num_experts})")
         if self.n_group is not None and self.topk_group is not None:
