@@ -1,15 +1,111 @@
-"""`moesim compare` (not implemented yet)."""
+"""`moesim compare`: one scenario under several variants, side by side.
+
+    moesim compare scenarios/mixtral-8x7b-8xh100.yaml --vary top_k=1,2,4 \\
+        --vary router.capacity_factor=1.0,1.25,null --hardware h100-sxm,b200 --seeds 5
+
+Every combination of the ``--vary`` values (and ``--hardware`` profiles) is one
+row; ``--json`` prints ``{"variants": [{"variant": {key: value}, "result":
+<moesim simulate --json>, ...}], ...}`` on stdout and nothing else.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from typing import TYPE_CHECKING, Any
 
-from moesim.errors import UserError
+from moesim.config.loader import load_scenario
+from moesim.explore.runner import auto_jobs, plan, run_tasks
+from moesim.explore.variants import Axis, check_axes, expand, hardware_axis, parse_vary
+from moesim.io import provenance
+
+if TYPE_CHECKING:
+    from moesim.explore.summary import VariantSummary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("scenario", metavar="SCENARIO.yaml", help="the base scenario")
+    parser.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="an axis: a scenario key (dotted path or short name such as top_k, "
+        "capacity_factor, ep) and its values as YAML scalars (null = none); repeatable, "
+        "the rows are the cartesian product",
+    )
+    parser.add_argument(
+        "--hardware", metavar="A,B", help="hardware profiles (names or paths) as another axis"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fixed override of the base scenario (dotted path), repeatable",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="routing seeds per variant: mean ± 95%% interval (default 1)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="parallel processes (default 0 = all cores when there are 16+ runs)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def axes_from_args(args: argparse.Namespace) -> list[Axis]:
+    axes = [parse_vary(text) for text in args.vary]
+    if args.hardware:
+        axes.append(hardware_axis(args.hardware))
+    check_axes(axes)
+    return axes
+
+
+def compare(
+    args: argparse.Namespace, *, show_progress: bool
+) -> tuple[list[str], list[VariantSummary]]:
+    """Run every variant; returns the varied keys and one summary per variant."""
+    axes = axes_from_args(args)
+    base = load_scenario(args.scenario, args.set).model_dump(mode="json")
+    variants = expand(axes)
+    p = plan(base, variants, seeds=args.seeds, file=args.scenario)
+    jobs = auto_jobs(len(p.tasks), args.jobs)
+    from moesim.explore.summary import summarize
+    from moesim.report.progress import progress_bar
+
+    with progress_bar(len(p.tasks), "simulating", enabled=show_progress) as advance:
+        records = run_tasks(p.tasks, jobs=jobs, progress=advance)
+    return [k for k, _ in axes], summarize(variants, records)
+
+
+def to_json(
+    args: argparse.Namespace, keys: list[str], rows: list[VariantSummary]
+) -> dict[str, Any]:
+    return {
+        "scenario": args.scenario,
+        "axes": keys,
+        "seeds": args.seeds,
+        "variants": [s.to_dict() for s in rows],
+        "provenance": provenance(),
+    }
 
 
 def run(args: argparse.Namespace) -> int:
-    raise UserError("'moesim compare' is not implemented yet")
+    keys, rows = compare(args, show_progress=not args.json)
+    if args.json:
+        json.dump(to_json(args, keys, rows), sys.stdout, indent=1, default=str)
+        sys.stdout.write("\n")
+        return 0
+    from moesim.report.compare_tables import comparison_table, render_wide
+
+    render_wide(comparison_table(rows, keys, title=f"{args.scenario}: {len(rows)} variants"))
+    return 0

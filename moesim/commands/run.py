@@ -1,15 +1,286 @@
-"""`moesim run` (not implemented yet)."""
+"""`moesim run`: the whole chain on defaults, in a few minutes.
+
+1. quick benchmark of this machine's device (``moesim bench --quick``),
+2. calibrate the device's profile from it (``moesim calibrate``),
+3. simulate the default scenario on the calibrated profile, on the
+   uncalibrated spec of the same device, and on spec GPU profiles (h100-sxm),
+4. print the comparison and where the time of one MoE layer goes.
+
+Everything lands under ``--out`` (default ``results/``): the bench file in
+``<out>/<device>/<stamp>.parquet`` and the calibrated profile plus the
+comparison JSON in ``<out>/run-<stamp>/``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from moesim.errors import UserError
+from moesim.config.hardware import HardwareProfile
+from moesim.config.loader import REPO_ROOT, load_hardware
+from moesim.io import atomic_write_json, provenance
+
+if TYPE_CHECKING:
+    from moesim.calibrate import CalibrationReport
+    from moesim.config.scenario import Scenario
+    from moesim.explore.runner import Record
+
+DEFAULT_SCENARIO = "scenarios/tiny-cpu.yaml"
+DEFAULT_SUITES = "roofline,gating,dispatch,experts,alltoall"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--quick",
+        dest="quick",
+        action="store_true",
+        default=True,
+        help="small bench grid and time budget (default; about a minute on a laptop CPU)",
+    )
+    mode.add_argument(
+        "--full",
+        dest="quick",
+        action="store_false",
+        help="the full bench grid (longer, better fit)",
+    )
+    parser.add_argument(
+        "--scenario",
+        default=DEFAULT_SCENARIO,
+        metavar="YAML",
+        help=f"scenario to simulate (default {DEFAULT_SCENARIO})",
+    )
+    parser.add_argument(
+        "--hardware",
+        default="h100-sxm",
+        metavar="A,B",
+        help="spec profiles to compare against the calibrated one (default h100-sxm)",
+    )
+    parser.add_argument(
+        "--out", default="results", metavar="DIR", help="output root (default results)"
+    )
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="device to bench"
+    )
+    parser.add_argument(
+        "--base",
+        metavar="PROFILE",
+        help="spec profile to calibrate (default: matched to the device)",
+    )
+    parser.add_argument(
+        "--suite",
+        default=DEFAULT_SUITES,
+        metavar="A,B",
+        help=f"bench suites (default {DEFAULT_SUITES}); families left out fall back to the spec",
+    )
+    parser.add_argument(
+        "--grid", metavar="YAML", help="bench grid overrides (see `moesim bench --grid`)"
+    )
+    parser.add_argument(
+        "--budget", type=float, metavar="S", help="timing budget per bench case in seconds"
+    )
+    parser.add_argument(
+        "--results",
+        nargs="+",
+        metavar="PARQUET",
+        help="skip the bench and calibrate from these results files",
+    )
+    parser.add_argument("--seed", type=int, help="routing seed (default: the scenario's)")
+
+
+#: the CPU --quick bench grid of `moesim run`: >= 3 shapes per fitted family, ~1 min on 2 cores
+RUN_CPU_QUICK_GRID: dict[str, dict[str, list]] = {
+    "roofline": {"copy_MiB": [4, 16, 64], "gemm": [128, 256, 512]},
+    "gating": {"T": [256, 512, 1024], "D": [256], "E": [16], "K": [2], "routers": ["softmax_topk"]},
+    "dispatch": {"T": [512, 1024, 2048], "D": [256], "E": [16], "K": [2], "skew": [0.0]},
+    "experts": {"T": [64, 128, 256], "D": [128], "F": [256], "E": [16], "K": [2], "skew": [0.0]},
+    "alltoall": {"msg_bytes": [2**14, 2**17, 2**20], "split": ["even"]},
+}
+#: substrings of a CUDA device name -> the spec profile it is calibrated from
+GPU_PROFILES = {
+    "H100": "h100-sxm",
+    "H200": "h200-sxm",
+    "H800": "h800-sxm",
+    "A100": "a100-sxm-80gb",
+    "B200": "b200",
+    "MI300": "mi300x",
+}
 
 
 def run(args: argparse.Namespace) -> int:
-    raise UserError("'moesim run' is not implemented yet")
+    from moesim.config.loader import load_scenario
+    from moesim.report.tables import err_console
+
+    start = time.perf_counter()
+    scenario_path = _scenario_path(args.scenario)
+    scn = load_scenario(scenario_path)  # bad input fails before a minute of benchmarking
+    device = _device(args.device)
+    base = _base_profile(args.base, device)
+    profiles = _spec_profiles(args.hardware, base, scn, scenario_path)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = Path(args.out) / f"run-{stamp}"
+    if args.results:
+        paths = [Path(p) for p in args.results]
+    else:
+        err_console.print(f"[bold]1/3 bench[/] {device} ({'quick' if args.quick else 'full'})")
+        paths = [_bench(args, device)]
+    err_console.print(f"[bold]2/3 calibrate[/] {base.name} from {', '.join(map(str, paths))}")
+    report = _calibrate(paths, base)
+    profile_path = run_dir / f"{report.profile.name}.yaml"
+    _write_profile(report.profile, profile_path)
+    profiles.insert(0, (report.profile.name, report.profile))
+    labels = ", ".join(label for label, _ in profiles)
+    err_console.print(f"[bold]3/3 simulate[/] {scenario_path} on {labels}")
+    results = _simulate(scn, profiles, args.seed)
+    _show(report, results, scenario_path)
+    _save(run_dir, scenario_path, paths, profile_path, report, results)
+    _where(paths, profile_path, run_dir, time.perf_counter() - start)
+    return 0
+
+
+def _spec_profiles(
+    hardware: str, base: HardwareProfile, scn: Scenario, scenario_path: str
+) -> list[tuple[str, HardwareProfile]]:
+    """``(label, profile)`` of the device's spec and each ``--hardware``, checked against scn."""
+    from moesim.config.loader import check_pair
+    from moesim.explore.variants import hardware_axis
+
+    profiles = [(f"{base.name} (spec)", base)]
+    for name in hardware_axis(hardware)[1]:
+        hw = load_hardware(name, relative_to=Path(scenario_path).parent)
+        profiles.append((f"{hw.name} (spec)", hw))
+    for _, hw in profiles:
+        check_pair(scn, hw, file=scenario_path)
+    return profiles
+
+
+def _device(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _base_profile(name: str | None, device: str) -> HardwareProfile:
+    """The spec profile to calibrate: given, matched to the GPU's name, or cpu-local."""
+    if name is None and device == "cuda":
+        import torch
+
+        gpu = torch.cuda.get_device_name()
+        name = next((p for key, p in GPU_PROFILES.items() if key in gpu), "h100-sxm")
+    return load_hardware(name or "cpu-local")
+
+
+def _bench(args: argparse.Namespace, device: str) -> Path:
+    from moesim.measure.bench import run_bench
+    from moesim.measure.grids import load_grid_file
+    from moesim.report.progress import progress_bar
+
+    grids: dict[str, dict[str, list]] = {}
+    if device == "cpu" and args.quick:
+        grids = {k: dict(v) for k, v in RUN_CPU_QUICK_GRID.items()}
+    if args.grid:
+        for suite, axes in load_grid_file(args.grid).items():
+            grids.setdefault(suite, {}).update(axes)
+    suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+    return run_bench(
+        suites,
+        device=device,
+        quick=args.quick,
+        out_dir=args.out,
+        progress=progress_bar,
+        grids=grids,
+        budget_s=args.budget,
+    )
+
+
+def _calibrate(paths: list[Path], base: HardwareProfile) -> CalibrationReport:
+    from moesim.calibrate import calibrate
+
+    return calibrate(paths, base=base, name=f"{base.name}-calibrated")
+
+
+def _write_profile(profile: HardwareProfile, path: Path) -> None:
+    from moesim.calibrate import write_profile
+
+    write_profile(profile, path)
+
+
+def _simulate(
+    scn: Scenario, profiles: list[tuple[str, HardwareProfile]], seed: int | None
+) -> list[Record]:
+    """The scenario on each profile, one task each, in order."""
+    from moesim.explore.runner import Task, run_tasks
+    from moesim.explore.variants import Variant
+    from moesim.report.progress import progress_bar
+
+    tasks = []
+    for i, (label, hw) in enumerate(profiles):
+        s = scn.model_copy(update={"hardware": hw.name})
+        tasks.append(Task.make(Variant(i, {"hardware": label}), _seed(scn, seed), s, hw))
+    with progress_bar(len(tasks), "simulate") as advance:
+        return run_tasks(tasks, progress=advance)
+
+
+def _seed(scn: Scenario, seed: int | None) -> int:
+    return scn.workload.seed if seed is None else seed
+
+
+def _show(report: CalibrationReport, records: list[Record], scenario_path: str) -> None:
+    from moesim.explore.summary import summarize
+    from moesim.explore.variants import Variant
+    from moesim.report.compare_tables import comparison_table, phases_table, render_wide
+    from moesim.report.tables import console
+
+    fits = ", ".join(f"{name} {err['mape']:.0%}" for name, err in report.families.items())
+    console.print(f"calibration fit error (held-out MAPE): {fits or 'none'}")
+    for line in report.fallbacks:
+        console.print(f"  [dim]fallback: {line}[/]")
+    variants = [Variant(r["index"], r["variant"]) for r in records]
+    rows = summarize(variants, records)
+    render_wide(comparison_table(rows, ["hardware"], title=f"{scenario_path}: one step"))
+    results = {r["variant"]["hardware"]: r["result"] for r in records}
+    render_wide(phases_table(results, title="where the time of one MoE layer goes (forward)"))
+
+
+def _save(
+    run_dir: Path,
+    scenario_path: str,
+    bench: list[Path],
+    profile_path: Path,
+    report: CalibrationReport,
+    records: list[Record],
+) -> None:
+    atomic_write_json(
+        run_dir / "comparison.json",
+        {
+            "scenario": scenario_path,
+            "bench_results": [str(p) for p in bench],
+            "calibrated_profile": str(profile_path),
+            "calibration_errors": report.families,
+            "fallbacks": report.fallbacks,
+            "variants": [{"variant": r["variant"], "result": r["result"]} for r in records],
+            "provenance": provenance(),
+        },
+    )
+
+
+def _where(bench: list[Path], profile_path: Path, run_dir: Path, wall_s: float) -> None:
+    from moesim.report.tables import console
+
+    console.print(f"bench results:      {', '.join(map(str, bench))}")
+    console.print(f"calibrated profile: {profile_path}  (use: --hardware {profile_path})")
+    console.print(f"comparison:         {run_dir / 'comparison.json'}")
+    console.print(f"done in {wall_s:.0f} s")
+
+
+def _scenario_path(text: str) -> str:
+    """The scenario as given, or the packaged one when run outside the repository."""
+    p = Path(text)
+    if not p.is_file() and not p.is_absolute() and (REPO_ROOT / p).is_file():
+        return str(REPO_ROOT / p)
+    return text

@@ -81,10 +81,15 @@ class ScaleOut(Frozen):
 
 
 class MemoryOpFit(Frozen):
-    """Memory-bound op: ``latency_us + bytes / bandwidth_GBps(bytes)``."""
+    """Memory-bound op: ``latency_us + bytes / bandwidth_GBps(bytes) [+ flops / tflops]``.
+
+    ``tflops`` prices the op's GEMM part (the router logits of a gating call) at
+    a fitted rate; None when the op has none or the data could not separate it.
+    """
 
     latency_us: float = Field(ge=0)
     bandwidth_GBps: Curve  # x = bytes moved
+    tflops: float | None = Field(default=None, gt=0)
 
 
 class GemmFit(Frozen):
@@ -96,10 +101,13 @@ class GemmFit(Frozen):
 
 
 class CommFit(Frozen):
-    """Collective on one tier: ``latency_us + bytes / bandwidth_GBps(bytes)`` per rank."""
+    """Collective on one tier: ``latency_us + bytes / bandwidth_GBps(bytes)`` per rank.
+
+    ``bytes`` is what one rank sends to the other ranks (its own share excluded).
+    """
 
     latency_us: float = Field(ge=0)
-    bandwidth_GBps: Curve  # x = bytes sent per rank
+    bandwidth_GBps: Curve  # x = bytes a rank sends to other ranks
 
 
 class FamilyError(Frozen):
@@ -109,12 +117,16 @@ class FamilyError(Frozen):
 
 
 class CalibrationSource(Frozen):
+    """Where a calibration came from: the results files, and the commit they were measured at."""
+
     results: list[str]
-    commit: str | None = None
+    commit: str | None = None  # commit of the code that took the measurements
     device: str
     torch: str | None = None
     threads: int | None = None
     created: str
+    calibrated_commit: str | None = None  # commit of the code that fitted the curves
+    quick: bool | None = None  # measured with ``moesim bench --quick``
 
 
 class Calibration(Frozen):
@@ -122,11 +134,18 @@ class Calibration(Frozen):
 
     source: CalibrationSource
     dtype: str = "fp32"  # the dtype the curves were measured in
-    memory: dict[str, MemoryOpFit] = Field(default_factory=dict)  # gating, permute, ...
+    # gating, permute, unpermute, copy; "gating.<router kind>" for one router kind
+    memory: dict[str, MemoryOpFit] = Field(default_factory=dict)
     gemm: dict[str, GemmFit] = Field(default_factory=dict)  # per dtype
     alltoall: dict[str, CommFit] = Field(default_factory=dict)  # per tier: scaleup, scaleout
     errors: dict[str, FamilyError] = Field(default_factory=dict)
     fallbacks: list[str] = Field(default_factory=list)  # families priced from spec values
+    notes: list[str] = Field(default_factory=list)  # e.g. families fitted but not validated
+    # dense GEMMs (attention, shared experts) per dtype, from the roofline suite
+    dense: dict[str, GemmFit] = Field(default_factory=dict)
+    # family -> {strategy: shapes it priced}; a curve prices the fastest measured
+    # strategy per shape (what a tuned system runs) unless one was chosen (--strategy)
+    strategies: dict[str, dict[str, int]] = Field(default_factory=dict)
 
 
 class HardwareProfile(Frozen):

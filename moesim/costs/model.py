@@ -16,7 +16,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from moesim.config.base import DTYPE_BYTES
-from moesim.config.hardware import HardwareProfile
+from moesim.config.hardware import GemmFit, HardwareProfile, MemoryOpFit
 from moesim.costs import work
 from moesim.costs.curves import eval_curve
 
@@ -46,22 +46,40 @@ class CostModel:
 
     # -- memory-bound ops -------------------------------------------------
     def memory_s(self, op: str, nbytes: ArrayLike) -> F64:
-        """Time of a memory-bound op (``gating``, ``permute``, ``unpermute``, ``copy``)."""
+        """Time of a memory-bound op (``gating``, ``permute``, ``unpermute``, ``copy``).
+
+        ``op`` may name a variant (``gating.sigmoid_topk``): its own fit is used
+        when calibrated, else the op's (``gating``), else ``copy``, else the spec.
+        """
         b = np.asarray(nbytes, dtype=np.float64)
-        fit = None
-        if self.cal is not None:
-            fit = self.cal.memory.get(op) or self.cal.memory.get("copy")
+        fit = self._memory_fit(op)
         if fit is None:
             return self._launch_s + b / self._mem_Bps
         bw = eval_curve(fit.bandwidth_GBps, b) * 1e9
         return fit.latency_us * 1e-6 + b / bw
 
-    def gate_s(self, T: ArrayLike, D: int, E: int, K: int, dtype: str) -> F64:
+    def _memory_fit(self, op: str) -> MemoryOpFit | None:
+        if self.cal is None:
+            return None
+        for name in (op, op.split(".")[0], "copy"):
+            if name in self.cal.memory:
+                return self.cal.memory[name]
+        return None
+
+    def gate_s(
+        self, T: ArrayLike, D: int, E: int, K: int, dtype: str, kind: str | None = None
+    ) -> F64:
+        """Router (logits GEMM, scores, top-k); ``kind`` picks a per-router-kind fit if any."""
         nbytes = work.gate_bytes(T, D, E, K, DTYPE_BYTES[dtype])
-        mem = self.memory_s("gating", nbytes)
+        op = f"gating.{kind}" if kind else "gating"
+        mem = self.memory_s(op, nbytes)
+        flops = work.gate_flops(T, D, E)
         if self.cal is not None and "gating" in self.cal.memory:
+            fit = self._memory_fit(op)
+            if fit is not None and fit.tflops is not None:
+                return mem + flops / (fit.tflops * 1e12)
             return mem  # the fit already includes the router GEMM
-        return np.maximum(mem, self._launch_s + work.gate_flops(T, D, E) / self._flops(dtype))
+        return np.maximum(mem, self._launch_s + flops / self._flops(dtype))
 
     def permute_s(self, T: ArrayLike, D: int, K: int, dtype: str) -> F64:
         return self.memory_s("permute", work.permute_bytes(T, D, K, DTYPE_BYTES[dtype]))
@@ -91,7 +109,7 @@ class CostModel:
         """A dense op (attention, shared expert, dense FFN): roofline or GEMM curve."""
         f = np.asarray(flops, dtype=np.float64)
         b = np.asarray(nbytes, dtype=np.float64)
-        fit = self._gemm_fit(dtype)
+        fit = self._dense_fit(dtype) or self._gemm_fit(dtype)
         if fit is None:
             return self._launch_s + np.maximum(f / self._flops(dtype), b / self._mem_Bps)
         tflops = eval_curve(fit.tflops, np.maximum(f, 1.0)) * 1e12
@@ -100,19 +118,22 @@ class CostModel:
     def _flops(self, dtype: str) -> float:
         return self.hw.peak_tflops(dtype) * 1e12 * self.hw.gpu.gemm_efficiency
 
-    def _gemm_fit(self, dtype: str):  # type: ignore[no-untyped-def]
-        if self.cal is None or not self.cal.gemm:
+    def _gemm_fit(self, dtype: str) -> GemmFit | None:
+        if self.cal is None:
             return None
-        return self.cal.gemm.get(dtype) or self.cal.gemm.get(self.cal.dtype) or next(
-            iter(self.cal.gemm.values())
-        )
+        return _by_dtype(self.cal.gemm, dtype, self.cal.dtype)
+
+    def _dense_fit(self, dtype: str) -> GemmFit | None:
+        if self.cal is None:
+            return None
+        return _by_dtype(self.cal.dense, dtype, self.cal.dtype)
 
     # -- network -----------------------------------------------------------
     def link(self, tier: Tier, nbytes: float | None = None) -> LinkCost:
         """Latency and achievable bandwidth of one GPU's port on ``tier``.
 
         With a calibrated all-to-all fit for the tier, the bandwidth is read off
-        its curve at ``nbytes`` (bytes per rank of the collective).
+        its curve at ``nbytes`` (bytes one rank sends to the other ranks).
         """
         fit = self.cal.alltoall.get(tier) if self.cal is not None else None
         if fit is not None:
@@ -124,3 +145,24 @@ class CostModel:
             return LinkCost(su.latency_us * 1e-6, su.link_GBps * 1e9 * su.efficiency)
         so = self.hw.scaleout
         return LinkCost(so.latency_us * 1e-6, so.nic_GBps * 1e9 * so.efficiency)
+
+    def alltoall_s(self, tier: Tier, nbytes: ArrayLike) -> F64:
+        """One all-to-all on ``tier``, each rank sending ``nbytes`` to the others.
+
+        ``latency + nbytes / bw(nbytes)``.
+
+        The same line the calibration fits (``CommFit``), vectorised; uses
+        :meth:`link` per element, so the bandwidth follows the fitted curve.
+        """
+        b = np.asarray(nbytes, dtype=np.float64)
+        flat = [self.link(tier, float(x)) for x in b.ravel()]
+        lat = np.array([c.latency_s for c in flat]).reshape(b.shape)
+        bw = np.array([c.bandwidth_Bps for c in flat]).reshape(b.shape)
+        return lat + b / bw
+
+
+def _by_dtype(fits: dict[str, GemmFit], dtype: str, measured: str) -> GemmFit | None:
+    """The fit for ``dtype``, else the one for the measured dtype, else any."""
+    if not fits:
+        return None
+    return fits.get(dtype) or fits.get(measured) or next(iter(fits.values()))

@@ -42,7 +42,9 @@ def expert_flops(tokens: ArrayLike, D: int, F: int, swiglu: bool = True) -> NDAr
     return 2.0 * np.asarray(tokens, dtype=np.float64) * D * F * mats
 
 
-def expert_bytes(tokens: ArrayLike, D: int, F: int, b: float, swiglu: bool = True) -> NDArray[np.float64]:
+def expert_bytes(
+    tokens: ArrayLike, D: int, F: int, b: float, swiglu: bool = True
+) -> NDArray[np.float64]:
     """Weights read once per expert with tokens, activations in and out."""
     t = np.asarray(tokens, dtype=np.float64)
     mats = 3.0 if swiglu else 2.0
@@ -50,8 +52,9 @@ def expert_bytes(tokens: ArrayLike, D: int, F: int, b: float, swiglu: bool = Tru
     return weights + t * (2.0 * D + (mats - 1.0) * F) * b
 
 
-def attention_flops(T: ArrayLike, D: int, heads: int, kv_heads: int, head_dim: int,
-                    seq: int, causal: bool = True) -> NDArray[np.float64]:
+def attention_flops(
+    T: ArrayLike, D: int, heads: int, kv_heads: int, head_dim: int, seq: int, causal: bool = True
+) -> NDArray[np.float64]:
     """Projections (QKV, out) and the score/value products for T tokens of sequences of ``seq``."""
     t = np.asarray(T, dtype=np.float64)
     proj = 2.0 * t * D * head_dim * (2 * heads + 2 * kv_heads)
@@ -59,8 +62,9 @@ def attention_flops(T: ArrayLike, D: int, heads: int, kv_heads: int, head_dim: i
     return proj + core
 
 
-def attention_bytes(T: ArrayLike, D: int, heads: int, kv_heads: int, head_dim: int,
-                    b: float) -> NDArray[np.float64]:
+def attention_bytes(
+    T: ArrayLike, D: int, heads: int, kv_heads: int, head_dim: int, b: float
+) -> NDArray[np.float64]:
     t = np.asarray(T, dtype=np.float64)
     weights = D * head_dim * (2 * heads + 2 * kv_heads) * b
     return weights + t * (2.0 * D + 2 * (heads + 2 * kv_heads) * head_dim) * b

@@ -1,1 +1,33 @@
-"""simulate."""
+"""Discrete-event model of a multi-GPU MoE cluster (numpy + simpy, never torch).
+
+``simulate(scenario, hw, *, seed=None, trace=False) -> SimResult``; see
+:class:`SimResult` for the output. Pieces, in data-flow order:
+
+- :mod:`~moesim.simulate.routing` load distributions (uniform, Zipf, log-normal,
+  Dirichlet), trace files, exact k-distinct per-token sampling, count draws;
+- :mod:`~moesim.simulate.capacity` capacity, drops and padding (the kernels'
+  definitions, pure numpy);
+- :mod:`~moesim.simulate.loads` per-(layer, micro-batch) loads of every GPU;
+- :mod:`~moesim.simulate.topology` / :mod:`~moesim.simulate.traffic` the links
+  of each EP group and what each dispatcher puts on them;
+- :mod:`~moesim.simulate.network` the coflow fluid model (max-min fair);
+- :mod:`~moesim.simulate.plan` pricing with :class:`moesim.costs.CostModel`;
+- :mod:`~moesim.simulate.engine` the SimPy event loop.
+
+Modelling choices worth knowing (each module says more):
+
+- one SimPy process per (EP group, micro-batch) carrying per-GPU time vectors;
+  compute streams are FIFO, collectives wait for their slowest participant;
+- EP groups are contiguous blocks of GPUs and never share a link, so each is
+  its own network domain; ``ep`` must be a multiple or divisor of
+  ``gpus_per_node`` on multi-node clusters;
+- backward = 2x forward GEMMs, 1x memory-bound ops, both all-to-alls again in
+  the combine dtype; the DP gradient all-reduce is a ring at the end of the step;
+- tensor parallelism divides dense work by ``tp`` (its collectives are not
+  modelled); pipeline parallelism prices one stage with a 1F1B bubble.
+"""
+
+from moesim.simulate.core import simulate
+from moesim.simulate.result import PHASES, SimResult
+
+__all__ = ["PHASES", "SimResult", "simulate"]

@@ -1,0 +1,75 @@
+"""The metrics a comparison shows, and flattening a simulate result into one row."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Unit = Literal["tokens_per_s", "seconds", "fraction", "ratio", "bytes"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A ``SimResult.to_dict()`` key, how to show it and which direction is better."""
+
+    key: str
+    title: str
+    unit: Unit
+    higher_is_better: bool
+
+
+#: the comparison columns, in order (keys of ``SimResult.to_dict()``)
+METRICS: dict[str, Metric] = {
+    m.key: m
+    for m in (
+        Metric("throughput_tokens_per_s", "throughput", "tokens_per_s", True),
+        Metric("step_time_s", "step time", "seconds", False),
+        Metric("alltoall_fraction", "all-to-all", "fraction", False),
+        Metric("dispatch_time_s", "dispatch", "seconds", False),
+        Metric("combine_time_s", "combine", "seconds", False),
+        Metric("drop_fraction", "dropped", "fraction", False),
+        Metric("load_imbalance", "expert imb.", "ratio", False),
+        Metric("gpu_load_imbalance", "GPU imb.", "ratio", False),
+    )
+}
+#: extra per-run numbers that may be plotted but are not table columns
+EXTRA_METRICS: dict[str, Metric] = {
+    "dispatch_bytes_per_gpu": Metric("dispatch_bytes_per_gpu", "dispatch bytes/GPU", "bytes", False)
+}
+PHASE_PREFIX = "phase_"
+
+
+def metric(key: str) -> Metric:
+    """The :class:`Metric` for ``key``, including ``phase_<name>_s`` columns."""
+    if key in METRICS:
+        return METRICS[key]
+    if key in EXTRA_METRICS:
+        return EXTRA_METRICS[key]
+    if key.startswith(PHASE_PREFIX) and key.endswith("_s"):
+        name = key[len(PHASE_PREFIX) : -2]
+        return Metric(key, f"{name} time", "seconds", False)
+    return Metric(key, key, "ratio", False)
+
+
+def plottable_metrics() -> list[str]:
+    return [*METRICS, *EXTRA_METRICS]
+
+
+def flatten(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The numeric scalars of a result, with ``phases_s[x]`` as ``phase_x_s``."""
+    row: dict[str, Any] = {}
+    for key, value in result.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            row[key] = float(value) if isinstance(value, float) else value
+    for name, value in (result.get("phases_s") or {}).items():
+        if isinstance(value, (int, float)):
+            row[f"{PHASE_PREFIX}{name}_s"] = float(value)
+    return row
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

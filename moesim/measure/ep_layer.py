@@ -1,0 +1,499 @@
+"""A real expert-parallel MoE layer over ``torch.distributed``, timed per phase.
+
+Each of R ranks holds E/R experts (contiguous: rank r owns experts
+``r*L .. r*L+L-1``, L = E/R) and its own T tokens. One step is
+
+    gate -> permute -> dispatch (all-to-all) -> experts -> combine (all-to-all) -> unpermute
+
+with the real router, permute and SwiGLU expert kernels of :mod:`moesim.kernels`.
+Dispatch first exchanges the per-expert counts (a small all-to-all) so every
+rank knows its uneven receive splits, then moves the rows with
+``all_to_all_single``. :func:`reference_layer` is the single-process layer the
+output is checked against.
+
+Legend: T = tokens per rank, D = hidden size, F = expert FFN size, E = experts,
+K = top-k, L = local experts per rank, R = ranks, N = rows after permute
+(kept token-expert assignments), M = rows received by a rank.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moesim.config.router import RouterSpec
+from moesim.errors import UserError
+from moesim.kernels.dispatch import permute, unpermute
+from moesim.kernels.experts import experts_forward
+from moesim.kernels.gating import Routing, route, router_logits
+from moesim.measure.distributed import default_backend, launch
+from moesim.measure.ep_probe import pin_rank, usable_cores
+
+PHASES = ("gate", "permute", "dispatch", "experts", "combine", "unpermute")
+COMPUTE_PHASES = ("gate", "permute", "experts", "unpermute")
+#: parts of a phase also reported: the split-size exchange at the start of dispatch
+SUB_PHASES = ("dispatch_counts",)
+#: std of one router logit: Gaussian logits this wide pick top-1 experts with almost
+#: the frequencies of Gumbel noise (std pi/sqrt(6)), so a logit bias of
+#: ``-skew*log(e+1)`` makes expert popularity close to Zipf(skew)
+_LOGIT_STD = math.pi / math.sqrt(6.0)
+
+
+@dataclass(frozen=True)
+class EPCase:
+    """One EP-layer configuration. ``tokens`` is per rank; fp32 throughout."""
+
+    num_experts: int
+    top_k: int
+    tokens: int
+    hidden: int
+    ffn: int
+    skew: float = 0.0  # Zipf exponent of expert popularity (router logit bias)
+    capacity_factor: float | None = None  # None = dropless
+    seed: int = 0
+    dispatch: str = "sort"  # moesim.kernels.dispatch strategy for permute / unpermute
+    experts: str = "loop"  # moesim.kernels.experts strategy for the grouped GEMMs
+
+    def router_spec(self) -> RouterSpec:
+        return RouterSpec(
+            kind="softmax_topk",
+            top_k=self.top_k,
+            normalize=True,
+            capacity_factor=self.capacity_factor,
+            drop_policy="probs",
+        )
+
+    def label(self) -> str:
+        cf = "none" if self.capacity_factor is None else f"{self.capacity_factor:g}"
+        return (
+            f"E{self.num_experts} k{self.top_k} T{self.tokens} D{self.hidden} F{self.ffn} "
+            f"skew{self.skew:g} cf{cf}"
+        )
+
+
+@dataclass(frozen=True)
+class EPWeights:
+    """The whole layer's parameters (every rank builds them from the seed)."""
+
+    router_DE: torch.Tensor
+    bias_E: torch.Tensor
+    w_gate_EDF: torch.Tensor
+    w_up_EDF: torch.Tensor
+    w_down_EFD: torch.Tensor
+
+    def local(self, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The expert weights rank ``rank`` holds: experts ``rank*L .. rank*L+L-1``."""
+        n = self.w_gate_EDF.shape[0] // world
+        sl = slice(rank * n, (rank + 1) * n)
+        return self.w_gate_EDF[sl], self.w_up_EDF[sl], self.w_down_EFD[sl]
+
+
+@dataclass
+class RankResult:
+    """What one rank reports: per-step phase seconds, its output and its routing."""
+
+    rank: int
+    phases_s: dict[str, list[float]]  # phase -> one value per timed step
+    step_s: list[float]
+    out_TD: torch.Tensor
+    expert_ids_TK: torch.Tensor
+    kept_TK: torch.Tensor
+    recv_rows: int
+    cpu_s: dict[str, list[float]] = field(default_factory=dict)  # thread CPU time per phase
+    disturbed: int = 0  # steps re-run because other processes took the cores
+
+
+def make_weights(case: EPCase) -> EPWeights:
+    """Deterministic parameters for ``case`` (same on every rank and in the reference)."""
+    g = torch.Generator().manual_seed(case.seed)
+    E, D, F = case.num_experts, case.hidden, case.ffn
+    router = torch.randn(D, E, generator=g) * (_LOGIT_STD / math.sqrt(D))
+    bias = -case.skew * torch.log(torch.arange(1, E + 1, dtype=torch.float32))
+    return EPWeights(
+        router_DE=router,
+        bias_E=bias,
+        w_gate_EDF=torch.randn(E, D, F, generator=g) / math.sqrt(D),
+        w_up_EDF=torch.randn(E, D, F, generator=g) / math.sqrt(D),
+        w_down_EFD=torch.randn(E, F, D, generator=g) / math.sqrt(F),
+    )
+
+
+def make_inputs(case: EPCase, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s tokens ``x_TD`` (standard normal, seeded by case and rank)."""
+    g = torch.Generator().manual_seed(case.seed * 100_003 + rank + 1)
+    return torch.randn(case.tokens, case.hidden, generator=g)
+
+
+def gate(x_TD: torch.Tensor, w: EPWeights, spec: RouterSpec) -> Routing:
+    """Router GEMM plus the popularity bias, then the kernels' router (capacity if set)."""
+    return route(router_logits(x_TD, w.router_DE, spec, w.bias_E), spec)
+
+
+def reference_layer(x_TD: torch.Tensor, w: EPWeights, case: EPCase) -> torch.Tensor:
+    """Single-process MoE layer on one rank's tokens: ``sum_k kept*w_k*FFN_{e_k}(x)`` per token.
+
+    Obviously right by construction: for each expert, the (token, slot) pairs that
+    chose it and were kept go through that expert's SwiGLU and are added back.
+    """
+    r = gate(x_TD, w, case.router_spec())
+    out = torch.zeros_like(x_TD)
+    for e in range(case.num_experts):
+        tok, slot = ((r.expert_ids_TK == e) & r.kept_TK).nonzero(as_tuple=True)
+        x = x_TD[tok]
+        h = torch.nn.functional.silu(x @ w.w_gate_EDF[e]) * (x @ w.w_up_EDF[e])
+        out.index_add_(0, tok, (h @ w.w_down_EFD[e]) * r.weights_TK[tok, slot, None])
+    return out
+
+
+# -- one step, phase by phase ------------------------------------------------------
+
+
+class _Clock:
+    """Phase timer: wall seconds since the last mark (CUDA synchronised first), and the
+    thread's CPU seconds over the same span (less than wall when the OS runs others)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.t, self.c = self._now(), time.thread_time()
+        self.cpu: dict[str, float] = {}
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self, phase: str) -> float:
+        now, cpu = self._now(), time.thread_time()
+        dt, self.t = now - self.t, now
+        self.cpu[phase], self.c = cpu - self.c, cpu
+        return dt
+
+
+class CommBuffers:
+    """Receive buffers kept across steps, as EP libraries keep registered buffers
+    (DeepEP, NCCL user buffers): a step does not pay for fresh pages each time."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def rows(self, name: str, n: int, like: torch.Tensor) -> torch.Tensor:
+        """An ``[n, like.shape[1]]`` view of buffer ``name``, grown when too small."""
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape[0] < n or buf.shape[1:] != like.shape[1:]:
+            buf = self._bufs[name] = like.new_empty((max(n, 1), *like.shape[1:]))
+        return buf[:n]
+
+
+def exchange_counts(tokens_per_expert_E: torch.Tensor, world: int) -> torch.Tensor:
+    """All-to-all of per-expert counts: ``recv_RL``, rows to receive per (source, local expert)."""
+    send = tokens_per_expert_E.to(torch.int64).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send)
+    return recv.view(world, -1)
+
+
+def regroup(x_MD: torch.Tensor, counts_RL: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
+    """Reorder received rows from (source, local expert) order to (local expert, source) order.
+
+    ``inverse=True`` undoes it. Rows of one (source, expert) chunk stay in order.
+    """
+    R, L = counts_RL.shape
+    starts = torch.cumsum(counts_RL.flatten(), 0) - counts_RL.flatten()
+    order = [(s, e) for e in range(L) for s in range(R)]
+    chunks = [
+        torch.arange(int(starts[s * L + e]), int(starts[s * L + e] + counts_RL[s, e]))
+        for s, e in order
+    ]
+    idx = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.int64)
+    idx = idx.to(x_MD.device)
+    if not inverse:
+        return x_MD.index_select(0, idx)
+    out = torch.empty_like(x_MD)
+    out[idx] = x_MD
+    return out
+
+
+def ep_step(
+    x_TD: torch.Tensor,
+    w: EPWeights,
+    local: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    case: EPCase,
+    world: int,
+    spec: RouterSpec,
+    bufs: CommBuffers,
+) -> tuple[torch.Tensor, dict[str, float], dict[str, float], Routing, int]:
+    """One forward step of the EP layer on this rank.
+
+    Returns the output, wall and thread-CPU seconds per phase, the routing and M.
+    """
+    clock, t = _Clock(x_TD.device), {}
+    routing = gate(x_TD, w, spec)
+    t["gate"] = clock.lap("gate")
+    x_ND, tpe_E, state = permute(x_TD, routing, case.dispatch, num_experts=case.num_experts)
+    t["permute"] = clock.lap("permute")
+    t0 = time.perf_counter()
+    recv_RL = exchange_counts(tpe_E, world)
+    t["dispatch_counts"] = time.perf_counter() - t0
+    send_R = tpe_E.view(world, -1).sum(1).tolist()
+    recv_R = recv_RL.sum(1).tolist()
+    x_MD = bufs.rows("dispatch", sum(recv_R), x_ND)
+    dist.all_to_all_single(x_MD, x_ND.contiguous(), recv_R, send_R)
+    t["dispatch"] = clock.lap("dispatch")
+    w_gate, w_up, w_down = local
+    y_MD = experts_forward(
+        regroup(x_MD, recv_RL), recv_RL.sum(0), w_gate, w_up, w_down, strategy=case.experts
+    )
+    y_MD = regroup(y_MD, recv_RL, inverse=True)
+    t["experts"] = clock.lap("experts")
+    y_ND = bufs.rows("combine", x_ND.shape[0], y_MD)
+    dist.all_to_all_single(y_ND, y_MD, send_R, recv_R)
+    t["combine"] = clock.lap("combine")
+    out_TD = unpermute(y_ND, state, case.dispatch)
+    t["unpermute"] = clock.lap("unpermute")
+    return out_TD, t, clock.cpu, routing, sum(recv_R)
+
+
+#: a step counts as undisturbed when every rank's compute got at least this share of
+#: what it should (a whole core, or cores / ranks with more ranks than cores)
+CLEAN_SHARE = 0.85
+#: at most this many times ``steps`` steps are run looking for undisturbed ones
+MAX_ATTEMPTS = 4
+
+
+def run_rank(
+    rank: int, world: int, case: EPCase, steps: int, warmup: int, fail_rank: int | None = None
+) -> RankResult:
+    """Body of one rank (process group already initialised): warm up, then time steps.
+
+    On a CPU shared with other work, a step in which some rank's compute phases got
+    less than :data:`CLEAN_SHARE` of their core (thread CPU time over wall time) is
+    disturbed by other processes; such steps are re-run, up to ``MAX_ATTEMPTS *
+    steps`` in all, and kept only if too few undisturbed ones turned up (the count
+    of disturbed steps is reported). Every rank takes the same decision (an
+    all-reduce of the smallest share), so the ranks stay in step.
+
+    ``fail_rank`` makes that rank raise before its first step (fault injection for tests
+    of the launcher's failure path).
+    """
+    torch.set_num_threads(1)
+    if rank == fail_rank:
+        raise RuntimeError(f"injected failure on rank {rank}")
+    device = _device()
+    cores = usable_cores()  # before pinning narrows this process to one core
+    if device.type == "cpu":
+        pin_rank(rank)
+    w = make_weights(case)
+    w = EPWeights(**{k: v.to(device) for k, v in asdict(w).items()})
+    local = w.local(rank, world)
+    x_TD = make_inputs(case, rank).to(device)
+    spec = case.router_spec()  # built once: its validation is not part of the gate
+    bufs = CommBuffers()
+    expected = 1.0 if device.type == "cuda" else min(1.0, cores / world)
+    clean: list[_Step] = []
+    disturbed: list[_Step] = []
+    for i in range(warmup + MAX_ATTEMPTS * steps):
+        if len(clean) >= steps:
+            break
+        dist.barrier()
+        t0 = time.perf_counter()
+        out_TD, t, c, routing, m = ep_step(x_TD, w, local, case, world, spec, bufs)
+        step = _Step(time.perf_counter() - t0, t, c)
+        if i < warmup:
+            continue
+        ok = device.type == "cuda" or _min_share(step.share, device) >= CLEAN_SHARE * expected
+        (clean if ok else disturbed).append(step)
+    kept = clean if len(clean) >= max(1, steps // 2) else (clean + disturbed)[:steps]
+    ids, kept_TK = routing.expert_ids_TK.cpu(), routing.kept_TK.cpu()
+    return RankResult(
+        rank,
+        {p: [s.wall[p] for s in kept] for p in PHASES + SUB_PHASES},
+        [s.total for s in kept],
+        out_TD.cpu(),
+        ids,
+        kept_TK,
+        m,
+        {p: [s.cpu[p] for s in kept] for p in PHASES},
+        disturbed=len(disturbed),
+    )
+
+
+@dataclass(frozen=True)
+class _Step:
+    total: float
+    wall: dict[str, float]
+    cpu: dict[str, float]
+
+    @property
+    def share(self) -> float:
+        """Thread CPU time over wall time of this rank's compute phases."""
+        wall = sum(self.wall[p] for p in COMPUTE_PHASES)
+        return sum(self.cpu[p] for p in COMPUTE_PHASES) / max(wall, 1e-12)
+
+
+def _min_share(share: float, device: torch.device) -> float:
+    t = torch.tensor([share], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return float(t.item())
+
+
+def _device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _rank_entry(
+    cases: list[EPCase], steps: int, warmup: int, fail_rank: int | None
+) -> list[RankResult]:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return [run_rank(rank, world, c, steps, warmup, fail_rank) for c in cases]
+
+
+# -- the whole run -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EPMeasurement:
+    """A measured EP layer: seconds are medians over steps of the slowest rank."""
+
+    case: EPCase
+    world: int
+    backend: str
+    phases_s: dict[str, float]
+    step_s: float
+    step_samples_s: list[float]
+    max_abs_error: float  # output vs :func:`reference_layer`, over all ranks
+    expert_ids_RTK: torch.Tensor  # routing of every rank (before capacity drops)
+    kept_RTK: torch.Tensor
+    recv_rows_R: list[int]
+    cpu_share: float = 1.0  # see :func:`cpu_share`
+    disturbed_steps: int = 0  # steps re-run because other processes took the cores
+
+    @property
+    def tokens_per_source_expert_RE(self) -> torch.Tensor:
+        """Kept assignments from each source rank to each expert."""
+        ids = self.expert_ids_RTK.masked_fill(~self.kept_RTK, self.case.num_experts)
+        counts = [torch.bincount(i.flatten(), minlength=self.case.num_experts + 1) for i in ids]
+        return torch.stack(counts)[:, : self.case.num_experts]
+
+
+def run_ep_layer(case: EPCase, world: int, **kwargs: Any) -> EPMeasurement:
+    """One case; see :func:`run_ep_cases` for the arguments."""
+    return run_ep_cases([case], world, **kwargs)[0]
+
+
+def run_ep_cases(
+    cases: list[EPCase],
+    world: int,
+    *,
+    steps: int = 10,
+    warmup: int = 3,
+    backend: str | None = None,
+    timeout_s: float = 300.0,
+    fail_rank: int | None = None,
+) -> list[EPMeasurement]:
+    """Run the EP layer on ``world`` ranks (gloo on CPU, NCCL on GPU), all cases in one launch.
+
+    Every output is checked against the single-process reference. Raises
+    :class:`moesim.measure.distributed.DistributedError` (one line) if a rank fails or
+    the run outlives ``timeout_s``, and :class:`EPMismatch` if an output is wrong.
+    """
+    for case in cases:
+        _check_case(case, world)
+    per_rank: list[list[RankResult]] = launch(
+        _rank_entry,
+        world,
+        args=(cases, steps, warmup, fail_rank),
+        backend=backend,
+        timeout_s=timeout_s,
+    )
+    used = backend or default_backend()
+    return [_summarise(case, world, used, [r[i] for r in per_rank]) for i, case in enumerate(cases)]
+
+
+def _summarise(case: EPCase, world: int, backend: str, results: list[RankResult]) -> EPMeasurement:
+    """End to end: each step's slowest rank, median over steps; phases: :func:`critical_phases`."""
+    err = _check_outputs(case, results)
+    per_step = torch.tensor([r.step_s for r in results]).amax(0)
+    phases = critical_phases(results)
+    return EPMeasurement(
+        case=case,
+        world=world,
+        backend=backend,
+        phases_s=phases,
+        step_s=float(per_step.median()),
+        step_samples_s=per_step.tolist(),
+        max_abs_error=err,
+        expert_ids_RTK=torch.stack([r.expert_ids_TK for r in results]),
+        kept_RTK=torch.stack([r.kept_TK for r in results]),
+        recv_rows_R=[r.recv_rows for r in results],
+        cpu_share=cpu_share(results),
+        disturbed_steps=results[0].disturbed,
+    )
+
+
+def _critical_SR(results: list[RankResult]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per step, the rank with the most compute wall time; and the step indices."""
+    t_PRS = torch.tensor([[r.phases_s[p] for r in results] for p in COMPUTE_PHASES])
+    crit_S = t_PRS.sum(0).argmax(0)
+    return crit_S, torch.arange(t_PRS.shape[2])
+
+
+def cpu_share(results: list[RankResult]) -> float:
+    """Median over steps of the critical rank's compute CPU time / compute wall time.
+
+    About 1 on an otherwise idle core; well below 1 when other processes took the
+    core (the phases then measure the machine's load as much as the kernels).
+    """
+    crit_S, steps = _critical_SR(results)
+    wall = torch.tensor([[r.phases_s[p] for r in results] for p in COMPUTE_PHASES]).sum(0)
+    cpu = torch.tensor([[r.cpu_s[p] for r in results] for p in COMPUTE_PHASES]).sum(0)
+    return float((cpu[crit_S, steps] / wall[crit_S, steps]).median())
+
+
+def critical_phases(results: list[RankResult]) -> dict[str, float]:
+    """Median over steps of the phases (and sub-phases) of each step's critical rank.
+
+    The critical rank of a step is the one with the most compute (gate + permute +
+    experts + unpermute): the slowest GPU, whose all-to-alls wait least for others.
+    Taking each phase's maximum over ranks instead would count the other ranks'
+    waiting (inside their combine) as communication time.
+    """
+    names = PHASES + SUB_PHASES
+    t_PRS = torch.tensor([[r.phases_s[p] for r in results] for p in names])
+    crit_S, steps = _critical_SR(results)
+    return {p: float(t_PRS[i, crit_S, steps].median()) for i, p in enumerate(names)}
+
+
+class EPMismatch(RuntimeError):
+    """The EP layer's output differs from the single-process reference (a bug, exit 1)."""
+
+
+def _check_outputs(case: EPCase, results: list[RankResult], tol: float = 1e-4) -> float:
+    w = make_weights(case)
+    worst = 0.0
+    for r in results:
+        ref = reference_layer(make_inputs(case, r.rank), w, case)
+        diff = float((r.out_TD - ref).abs().max()) if ref.numel() else 0.0
+        scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+        if not diff <= tol * scale:
+            raise EPMismatch(
+                f"EP layer output of rank {r.rank} differs from the reference by {diff:.3g} "
+                f"({case.label()})"
+            )
+        worst = max(worst, diff)
+    return worst
+
+
+def _check_case(case: EPCase, world: int) -> None:
+    if world < 1 or case.num_experts % world:
+        raise UserError(
+            f"--ep-world = {world}: must be >= 1 and divide num_experts ({case.num_experts})"
+        )
+    if case.top_k > case.num_experts:
+        raise UserError(f"top_k = {case.top_k}: must be <= num_experts ({case.num_experts})")

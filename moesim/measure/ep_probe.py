@@ -1,0 +1,121 @@
+"""How much slower a rank computes when N ranks share this host (the co-run factor).
+
+Local ranks are processes on one machine: they share its cores, caches, memory
+bandwidth and clock boost, which single-process kernel benchmarks do not see.
+The factor has two parts:
+
+* time sharing: with more ranks than usable cores each rank gets
+  ``cores / N`` of a core, so ``max(1, N / cores)``;
+* interference: one SwiGLU expert FFN (1 torch thread) is timed on each rank
+  alone, the others waiting, then on all ranks at once. The ratio of the median
+  *thread CPU times* is the cache / memory-bandwidth / clock penalty of running
+  together. CPU time (not wall time) leaves out the time the OS gave to other
+  processes, so other users of the machine do not leak into the factor.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moesim.measure.distributed import launch
+
+
+@dataclass(frozen=True)
+class CoRun:
+    """Median CPU seconds of the probe alone and with every rank running it."""
+
+    world: int
+    cores: int
+    solo_s: float
+    together_s: float
+
+    @property
+    def interference(self) -> float:
+        return max(1.0, self.together_s / self.solo_s)
+
+    @property
+    def factor(self) -> float:
+        """Compute slowdown of one rank: time sharing x interference (>= 1)."""
+        return max(1.0, self.world / self.cores) * self.interference
+
+
+def _ffn(x_MD: torch.Tensor, w1_DF: torch.Tensor, w3_DF: torch.Tensor, w2_FD: torch.Tensor) -> None:
+    h = torch.nn.functional.silu(x_MD @ w1_DF) * (x_MD @ w3_DF)
+    h @ w2_FD
+
+
+def _timed(fn: Callable[[], None], reps: int) -> list[float]:
+    """Thread CPU seconds of each of ``reps`` calls."""
+    out = []
+    for _ in range(reps):
+        t0 = time.thread_time()
+        fn()
+        out.append(time.thread_time() - t0)
+    return out
+
+
+def _probe_rank(rows: int, hidden: int, ffn: int, reps: int) -> tuple[list[float], list[float]]:
+    """On every rank: its solo samples (taking turns) and its samples with all running."""
+    torch.set_num_threads(1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    pin_rank(rank)
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(rows, hidden, generator=g)
+    w1, w3 = torch.randn(hidden, ffn, generator=g), torch.randn(hidden, ffn, generator=g)
+    w2 = torch.randn(ffn, hidden, generator=g)
+
+    def run() -> None:
+        _ffn(x, w1, w3, w2)
+
+    _timed(run, 2)  # warm up
+    solo: list[float] = []
+    for turn in range(world):
+        dist.barrier()
+        if rank == turn:
+            solo = _timed(run, reps)
+    dist.barrier()
+    together = _timed(run, reps)
+    dist.barrier()
+    return solo, together
+
+
+def co_run_factor(
+    world: int, *, rows: int = 2048, hidden: int = 256, ffn: int = 512, reps: int = 8,
+    timeout_s: float = 120.0,
+) -> CoRun:  # fmt: skip
+    """Launch ``world`` local ranks and measure the co-run slowdown of one expert FFN."""
+    per_rank = launch(_probe_rank, world, args=(rows, hidden, ffn, reps), timeout_s=timeout_s)
+    solo = torch.tensor([s for r in per_rank for s in r[0]])
+    together = torch.tensor([s for r in per_rank for s in r[1]])
+    return CoRun(world, usable_cores(), float(solo.median()), float(together.median()))
+
+
+@functools.cache
+def _start_cpus() -> tuple[int, ...]:
+    """The cores this process could use when it started (before :func:`pin_rank`)."""
+    if not hasattr(os, "sched_getaffinity"):  # pragma: no cover - not Linux
+        return tuple(range(os.cpu_count() or 1))
+    return tuple(sorted(os.sched_getaffinity(0)))
+
+
+def pin_rank(rank: int) -> None:
+    """Pin this process to one usable core, rank ``r`` on the ``r``-th (round robin).
+
+    Without it the OS may stack local ranks on one core while another is busy with
+    an unrelated process; pinned, ranks spread evenly (two per core for 4 ranks on 2).
+    """
+    cpus = _start_cpus()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {cpus[rank % len(cpus)]})
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (as it started, before any pinning)."""
+    return len(_start_cpus())

@@ -1,0 +1,211 @@
+"""All-to-all suite: real ``torch.distributed.all_to_all_single`` across local ranks.
+
+All cases run inside one :func:`moesim.measure.distributed.launch` (gloo on CPU,
+NCCL on CUDA). Every rank sends ``msg_bytes`` per call: split evenly over the
+ranks, or unevenly by Zipf(1) with rank 0 the hottest receiver. Before timing,
+each case is checked once with an int64 pattern that encodes (source,
+destination, position), so wrong data fail the case instead of being timed.
+
+Timing follows nccl-tests: a fixed number of iterations agreed by all ranks;
+each sample is the slowest rank's time (all-reduce MAX); algbw = msg_bytes /
+time, busbw = algbw · (n - 1) / n.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moesim.measure.distributed import launch
+from moesim.measure.grids import Grid
+from moesim.measure.loads import even_splits, uneven_splits
+from moesim.measure.suites.common import (
+    TORCH_DTYPES,
+    BenchContext,
+    Case,
+    Row,
+    failed_row,
+    timed_row,
+)
+from moesim.measure.timer import Timing
+
+UNEVEN_SKEW = 1.0
+MIN_ITERS, MAX_ITERS, WARMUP_ITERS = 5, 200, 3
+
+
+def cases(grid: Grid, dtypes: list[str], ctx: BenchContext) -> list[Case]:
+    out = []
+    for dtype, msg, split in itertools.product(dtypes, grid["msg_bytes"], grid["split"]):
+        elem = Case("alltoall", "alltoall", dtype=dtype).elem_bytes
+        # whole elements, a multiple of the world so even splits are exact
+        elements = max(ctx.world, int(msg // elem) // ctx.world * ctx.world)
+        out.append(
+            Case(
+                "alltoall",
+                "alltoall",
+                strategy=backend(ctx),
+                dtype=dtype,
+                split=split,
+                world=ctx.world,
+                msg_bytes=int(elements * elem),
+            )
+        )
+    return out
+
+
+def backend(ctx: BenchContext) -> str:
+    return "nccl" if ctx.device.startswith("cuda") else "gloo"
+
+
+def splits(case: Case) -> list[list[int]]:
+    """``S[src][dst]`` elements for this case."""
+    elements = int(case.msg_bytes // case.elem_bytes)
+    if case.split == "even":
+        return even_splits(elements, case.world)
+    return uneven_splits(elements, case.world, UNEVEN_SKEW)
+
+
+def measure_many(cases_: list[Case], ctx: BenchContext) -> list[Row]:
+    """Measure every case in one launch of ``ctx.world`` ranks; rows in case order."""
+    if not cases_:
+        return []
+    per_rank = launch(
+        _rank_main,
+        ctx.world,
+        args=(cases_, ctx),
+        backend=backend(ctx),
+        timeout_s=ctx.timeout_s,
+        threads_per_rank=1,
+    )
+    samples = per_rank[0]
+    return [_row(case, ctx, s) for case, s in zip(cases_, samples, strict=True)]
+
+
+def _row(case: Case, ctx: BenchContext, samples: list[float] | None) -> Row:
+    if samples is None:  # some rank had no room for its buffers
+        return failed_row(case, ctx, "oom")
+    timing = Timing.from_samples(samples, threads=1, method=f"{backend(ctx)} all_to_all_single")
+    row = timed_row(case, ctx, timing, bytes_=float(case.msg_bytes))
+    algbw = case.msg_bytes / timing.median_s / 1e9
+    row.update(algbw_GBps=algbw, busbw_GBps=algbw * (case.world - 1) / case.world)
+    return row
+
+
+# ---------------------------------------------------------------- on every rank
+
+
+def _rank_main(cases_: list[Case], ctx: BenchContext) -> list[list[float] | None]:
+    """Runs on each rank: verify then time every case; per-case samples (max over ranks),
+    None for a case that some rank has no memory for (all ranks agree, so none waits)."""
+    device = _rank_device(ctx)
+    out: list[list[float] | None] = []
+    for case in cases_:
+        if not _all_ranks_fit(case, ctx, device):
+            out.append(None)
+            continue
+        check_exchange(splits(case), device)
+        out.append(_time_case(case, ctx, device))
+    return out
+
+
+def _all_ranks_fit(case: Case, ctx: BenchContext, device: torch.device) -> bool:
+    """Whether every rank has room for the check's int64 buffers (the larger phase)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    S = splits(case)
+    need = 8.0 * (sum(S[rank]) + 2 * sum(S[src][rank] for src in range(world)))
+    room = torch.cuda.mem_get_info()[0] * 0.9 if device.type == "cuda" else ctx.mem_limit_bytes
+    fits = torch.tensor([1 if need <= room else 0], device=device)
+    dist.all_reduce(fits, op=dist.ReduceOp.MIN)
+    return bool(fits.item())
+
+
+def _rank_device(ctx: BenchContext) -> torch.device:
+    if ctx.device.startswith("cuda"):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def check_exchange(S: list[list[int]], device: torch.device) -> None:
+    """One all-to-all of an int64 pattern ``src·2^48 + dst·2^32 + i``; raise if anything is off."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    send = torch.cat([_pattern(rank, dst, S[rank][dst]) for dst in range(world)]).to(device)
+    expect = torch.cat([_pattern(src, rank, S[src][rank]) for src in range(world)]).to(device)
+    recv = torch.empty_like(expect)
+    dist.all_to_all_single(
+        recv,
+        send,
+        output_split_sizes=[S[src][rank] for src in range(world)],
+        input_split_sizes=S[rank],
+    )
+    if not torch.equal(recv, expect):
+        bad = int((recv != expect).sum())
+        raise RuntimeError(
+            f"all_to_all_single delivered wrong data: {bad} of {recv.numel()} elements"
+        )
+
+
+def _pattern(src: int, dst: int, n: int) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.int64) + (src << 48) + (dst << 32)
+
+
+def _time_case(case: Case, ctx: BenchContext, device: torch.device) -> list[float]:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    S = splits(case)
+    send = torch.ones(sum(S[rank]), dtype=TORCH_DTYPES[case.dtype], device=device)
+    recv = torch.empty(sum(S[src][rank] for src in range(world)), dtype=send.dtype, device=device)
+    out_splits = [S[src][rank] for src in range(world)]
+
+    def call() -> None:
+        dist.all_to_all_single(recv, send, output_split_sizes=out_splits, input_split_sizes=S[rank])
+
+    iters = _agree_iterations(call, ctx, device)
+    samples = _cuda_samples(call, iters) if device.type == "cuda" else _cpu_samples(call, iters)
+    worst = torch.tensor(samples, dtype=torch.float64, device=device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return [float(s) for s in worst.cpu()]
+
+
+def _agree_iterations(call: Any, ctx: BenchContext, device: torch.device) -> int:
+    """Warm up, estimate the slowest rank's time per call, and agree on an iteration count."""
+    for _ in range(WARMUP_ITERS):
+        call()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(WARMUP_ITERS):
+        call()
+    _sync(device)
+    est = torch.tensor(
+        [(time.perf_counter() - start) / WARMUP_ITERS], dtype=torch.float64, device=device
+    )
+    dist.all_reduce(est, op=dist.ReduceOp.MAX)
+    return int(min(MAX_ITERS, max(MIN_ITERS, ctx.budget_s / max(float(est), 1e-7))))
+
+
+def _cpu_samples(call: Any, iters: int) -> list[float]:
+    samples = []
+    for _ in range(iters):
+        dist.barrier()  # start together, outside the timed region
+        start = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def _cuda_samples(call: Any, iters: int) -> list[float]:
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for start, end in zip(starts, ends, strict=True):
+        start.record()
+        call()
+        end.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends, strict=True)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()

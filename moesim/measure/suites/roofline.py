@@ -1,0 +1,52 @@
+"""Roofline suite: the device's own memory-copy bandwidth and dense GEMM throughput.
+
+``copy``: ``dst.copy_(src)`` of ``copy_MiB`` buffers; bytes = read + write.
+``gemm``: ``C = A @ B`` with square M = N = K; FLOPs = 2·M³, bytes = 3·M²·b.
+The best of each in a run is the ceiling every other row is compared with.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from moesim.measure.grids import Grid
+from moesim.measure.suites.common import BenchContext, Case, Row, randn, timed_row
+
+
+def cases(grid: Grid, dtypes: list[str], ctx: BenchContext) -> list[Case]:
+    """Copies in the first dtype (bandwidth does not depend on it), GEMMs in every dtype."""
+    out = []
+    for mib in grid["copy_MiB"]:
+        elements = int(mib * 2**20 / Case("roofline", "copy", dtype=dtypes[0]).elem_bytes)
+        out.append(Case("roofline", "copy", dtype=dtypes[0], T=elements))
+    for dtype, m in itertools.product(dtypes, grid["gemm"]):
+        out.append(Case("roofline", "gemm", dtype=dtype, T=m, D=m, F=m))
+    return out
+
+
+def measure(case: Case, ctx: BenchContext) -> Row:
+    if case.op == "copy":
+        return _copy(case, ctx)
+    return _gemm(case, ctx)
+
+
+def _copy(case: Case, ctx: BenchContext) -> Row:
+    src = randn((case.T,), case, ctx, salt=1)
+    dst = torch.empty_like(src)
+    # buffers are larger than the caches that matter; a flush would only add noise
+    timing = ctx.time(lambda: dst.copy_(src), flush_cache=False)
+    return timed_row(case, ctx, timing, bytes_=2.0 * case.T * case.elem_bytes, ceiling="copy")
+
+
+def _gemm(case: Case, ctx: BenchContext) -> Row:
+    m = case.T
+    a = randn((m, m), case, ctx, salt=2)
+    b = randn((m, m), case, ctx, salt=3)
+    c = torch.empty_like(a)
+    timing = ctx.time(lambda: torch.mm(a, b, out=c))
+    flops = 2.0 * m**3
+    return timed_row(
+        case, ctx, timing, flops=flops, bytes_=3.0 * m * m * case.elem_bytes, ceiling="gemm"
+    )

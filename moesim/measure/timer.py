@@ -1,0 +1,183 @@
+"""One timing function for CPU and CUDA: warm-up, raw samples, median with p20/p80.
+
+* CPU: ``torch.utils.benchmark.Timer.adaptive_autorange`` (the block size is
+  calibrated until a block is far above timer resolution; samples are per-call
+  times averaged over a block) with a fixed torch thread count; with
+  ``flush_cache`` a hand loop that overwrites a buffer larger than the last-level
+  cache before every call instead.
+* CUDA: ``triton.testing.do_bench`` when triton is installed and a flush is
+  wanted; otherwise CUDA events recorded around every call, with the L2 cache
+  overwritten between calls and a single synchronisation after the loop.
+
+Every path first warms up for a time budget (at least one call).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.utils.benchmark as tbench
+
+#: bytes overwritten between calls to evict caches (CPU LLCs and GPU L2s are smaller)
+FLUSH_BYTES = 256 * 2**20
+CPU_FLUSH_BYTES = 64 * 2**20
+MAX_CUDA_SAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call: median and 20th/80th percentiles over ``samples_s``."""
+
+    median_s: float
+    p20_s: float
+    p80_s: float
+    samples_s: list[float] = field(repr=False)
+    threads: int
+    method: str
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.samples_s)
+
+    @classmethod
+    def from_samples(cls, samples_s: list[float], threads: int, method: str) -> Timing:
+        """Summarise raw per-call samples (seconds); at least one sample."""
+        arr = np.asarray(samples_s, dtype=np.float64)
+        if arr.size == 0:
+            raise ValueError("no timing samples")
+        p20, med, p80 = np.percentile(arr, [20, 50, 80])
+        return cls(float(med), float(p20), float(p80), [float(s) for s in arr], threads, method)
+
+
+def time_fn(
+    fn: Callable[[], Any],
+    *,
+    device: str = "cpu",
+    budget_s: float = 0.2,
+    warmup_s: float = 0.05,
+    flush_cache: bool | None = None,
+    threads: int | None = None,
+) -> Timing:
+    """Time ``fn()`` (no arguments) on ``device`` ("cpu" or "cuda") for about ``budget_s``.
+
+    ``threads`` fixes torch's intra-op thread count for the measurement (default:
+    the current count), recorded in the result. ``flush_cache`` defaults to
+    True on CUDA and False on CPU (CPU suites use sizes beyond the caches where
+    bandwidth matters).
+    """
+    if budget_s <= 0 or warmup_s < 0:
+        raise ValueError(f"budget_s must be > 0 and warmup_s >= 0, got {budget_s}, {warmup_s}")
+    threads = threads or torch.get_num_threads()
+    if device.startswith("cuda"):
+        flush = True if flush_cache is None else flush_cache
+        return _time_cuda(fn, budget_s, warmup_s, flush, threads)
+    if device != "cpu":
+        raise ValueError(f"device = {device!r}: allowed: cpu, cuda")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _warm_up(fn, warmup_s, sync=None)
+        if flush_cache:
+            return _time_cpu_flushed(fn, budget_s, threads)
+        return _time_cpu(fn, budget_s, threads)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _warm_up(fn: Callable[[], Any], warmup_s: float, sync: Callable[[], None] | None) -> int:
+    """Call ``fn`` until ``warmup_s`` has passed (at least once); return the call count."""
+    start = time.perf_counter()
+    calls = 0
+    while calls == 0 or time.perf_counter() - start < warmup_s:
+        fn()
+        if sync is not None:
+            sync()
+        calls += 1
+    return calls
+
+
+def _time_cpu(fn: Callable[[], Any], budget_s: float, threads: int) -> Timing:
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    measurement = timer.adaptive_autorange(
+        threshold=0.1, min_run_time=budget_s, max_run_time=3 * budget_s
+    )
+    return Timing.from_samples(list(measurement.times), threads, "torch.utils.benchmark")
+
+
+def _time_cpu_flushed(fn: Callable[[], Any], budget_s: float, threads: int) -> Timing:
+    scratch = torch.empty(CPU_FLUSH_BYTES // 4, dtype=torch.float32)
+    samples: list[float] = []
+    spent = 0.0
+    while len(samples) < 3 or spent < budget_s:
+        scratch.fill_(len(samples))
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+        spent += samples[-1]
+    return Timing.from_samples(samples, threads, "perf_counter+flush")
+
+
+# ------------------------------------------------------------------------- CUDA
+
+
+def _time_cuda(
+    fn: Callable[[], Any], budget_s: float, warmup_s: float, flush: bool, threads: int
+) -> Timing:
+    _warm_up(fn, warmup_s, sync=torch.cuda.synchronize)
+    if flush:
+        samples = _triton_samples(fn, budget_s, warmup_s)
+        if samples is not None:
+            return Timing.from_samples(samples, threads, "triton.do_bench")
+    return Timing.from_samples(_event_samples(fn, budget_s, flush), threads, "cuda-events")
+
+
+def _triton_samples(fn: Callable[[], Any], budget_s: float, warmup_s: float) -> list[float] | None:
+    """Per-call seconds from ``triton.testing.do_bench``, or None without a usable triton."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return None
+    try:
+        ms = do_bench(
+            fn,
+            warmup=max(1, int(warmup_s * 1e3)),
+            rep=max(1, int(budget_s * 1e3)),
+            return_mode="all",
+        )
+    except TypeError:  # an old triton without return_mode
+        return None
+    return [float(t) / 1e3 for t in ms]
+
+
+def _event_samples(fn: Callable[[], Any], budget_s: float, flush: bool) -> list[float]:
+    """CUDA events around each call, cache overwritten before each; one sync at the end."""
+    scratch = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda") if flush else None
+    per_call = _estimate_cuda_call(fn)
+    if scratch is not None:  # the flush is not timed but does take budget
+        per_call += _estimate_cuda_call(scratch.zero_)
+    reps = int(min(MAX_CUDA_SAMPLES, max(5, budget_s / max(per_call, 1e-7))))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for start, end in zip(starts, ends, strict=True):
+        if scratch is not None:
+            scratch.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends, strict=True)]
+
+
+def _estimate_cuda_call(fn: Callable[[], Any], calls: int = 5) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / calls

@@ -1,0 +1,148 @@
+"""Tables for ``moesim validate``: EP layer predicted vs measured, and vs published figures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from moesim.report.tables import console
+
+PHASES = ("gate", "permute", "dispatch", "experts", "combine", "unpermute")
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:,.2f}"
+
+
+def _err(e: float, limit: float | None = None) -> str:
+    text = f"{e:+.1%}"
+    if limit is not None and abs(e) > limit:
+        return f"[red]{text}[/red]"
+    return text
+
+
+def ep_table(result: dict[str, Any], world: int) -> Table:
+    """One row per case: configuration, measured / predicted end to end (ms), error."""
+    table = Table(
+        title=f"EP layer on {world} local ranks: predicted vs measured (ms, median of steps)",
+        title_justify="left",
+    )
+    for col in (
+        "E",
+        "k",
+        "tokens/rank",
+        "skew",
+        "cf",
+        "cpu share",
+        "re-run",
+        "measured",
+        "predicted",
+        "error",
+    ):
+        table.add_column(col, justify="right")
+    for c in result["cases"]:
+        cf = c["capacity_factor"]
+        table.add_row(
+            str(c["num_experts"]),
+            str(c["top_k"]),
+            str(c["tokens_per_rank"]),
+            f"{c['skew']:g}",
+            "—" if cf is None else f"{cf:g}",
+            f"{c['cpu_share']:.0%}",
+            str(c["disturbed_steps"]),
+            _ms(c["measured_s"]),
+            _ms(c["predicted_s"]),
+            _err(c["error"], 0.25),
+        )
+    return table
+
+
+def phase_table(result: dict[str, Any]) -> Table:
+    """Per phase, measured / predicted ms of each case (critical rank), and the median error."""
+    table = Table(title="Per phase: measured / predicted ms (critical rank)", title_justify="left")
+    table.add_column("case", justify="left")
+    for p in PHASES:
+        table.add_column(p, justify="right")
+    for i, c in enumerate(result["cases"]):
+        cells = [f"{_ms(c['phases'][p]['measured_s'])} / {_ms(c['phases'][p]['predicted_s'])}"
+                 for p in PHASES]  # fmt: skip
+        table.add_row(f"{i + 1}: E{c['num_experts']} k{c['top_k']} T{c['tokens_per_rank']}", *cells)
+    medians = [_median([c["phases"][p]["error"] for c in result["cases"]]) for p in PHASES]
+    table.add_row("median error", *[_err(m, 0.25) for m in medians], style="bold")
+    return table
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def print_ep(result: dict[str, Any], world: int, *, profile: str, context: dict[str, Any]) -> None:
+    """Both tables, the target line (median <= 10 %, worst <= 25 %) and the machine's load."""
+    console.print(ep_table(result, world))
+    console.print(phase_table(result))
+    med, worst = result["median_abs_error"], result["max_abs_error"]
+    ok = med <= 0.10 and worst <= 0.25
+    verdict = "[green]met[/green]" if ok else "[red]missed[/red]"
+    console.print(
+        f"end-to-end |error|: median {med:.1%} (target <= 10 %), worst {worst:.1%} "
+        f"(target <= 25 %): {verdict}"
+    )
+    counts = _median([c["dispatch_counts_s"] for c in result["cases"]])
+    console.print(
+        f"dispatch includes the split-size exchange (a small all-to-all the simulator does "
+        f"not model): median {_ms(counts)} ms"
+    )
+    share = _median([c["cpu_share"] for c in result["cases"]])
+    if share < 0.9 * min(1.0, context.get("cores", world) / world):
+        console.print(
+            f"[yellow]the ranks got only {share:.0%} of a core in their compute phases "
+            "(median): other processes shared this machine, so measured times include "
+            "their load[/yellow]"
+        )
+    console.print(
+        "re-run: steps measured again because other processes took the cores "
+        "(a step's compute got < 85 % of its core share)"
+    )
+    load = context.get("loadavg_before"), context.get("loadavg_after")
+    slow = [c["compute_slowdown"] for c in result["cases"]]
+    console.print(
+        f"profile: {profile}; {context.get('cores')} usable cores; {world} ranks computing "
+        f"together: interference x{context.get('interference', 1.0):.2f}, compute slowdown "
+        f"x{min(slow):.2f}..x{max(slow):.2f}; load average {_load(load[0])} before / "
+        f"{_load(load[1])} after the run"
+    )
+
+
+def _load(v: Any) -> str:
+    return "?" if v is None else f"{v:.1f}"
+
+
+def published_table(report: dict[str, Any]) -> Table:
+    """One row per published figure: value, prediction, error, source and the note."""
+    table = Table(title="Predicted vs published figures", title_justify="left", show_lines=True)
+    table.add_column("figure", justify="left", no_wrap=True)
+    table.add_column("published", justify="right")
+    table.add_column("predicted", justify="right")
+    table.add_column("error", justify="right")
+    table.add_column("source / note", justify="left", ratio=1)
+    for r in report["rows"]:
+        table.add_row(
+            f"{r['id']}\n({r['metric']})",
+            f"{r['published']:,.4g} {r['unit']}",
+            f"{r['predicted']:,.4g} {r['unit']}",
+            _err(r["error"], 0.20),
+            f"{r['source']}\n{r['url']}\n[dim]{r['note']}[/dim]",
+        )
+    return table
+
+
+def print_published(report: dict[str, Any]) -> None:
+    console.print(published_table(report))
+    n = len(report["rows"])
+    console.print(
+        f"|error|: median {report['median_abs_error']:.1%}, worst {report['max_abs_error']:.1%}; "
+        f"{report['within_20pct']} of {n} rows within 20 %"
+    )

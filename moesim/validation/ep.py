@@ -1,0 +1,321 @@
+"""Predicted vs measured: the real EP layer on this machine against the simulator.
+
+For each :class:`~moesim.measure.ep_layer.EPCase` the layer runs on N local ranks
+and the same configuration is simulated as a scenario of one node with N
+"GPUs" (EP = N, the case's hidden / FFN / E / k / tokens per GPU, fp32, one MoE
+layer, forward only). The routing the simulator sees is the routing the layer
+measured (its expert ids, written as a trace), so the comparison tests the cost
+model and the engine, not the load model. The hardware is a calibrated profile
+of this machine: one given by the user, or one fitted here from a bench of the
+kernels the layer runs (and of ``all_to_all_single`` at world N).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moesim.config.hardware import HardwareProfile
+from moesim.config.scenario import Scenario
+from moesim.errors import UserError
+from moesim.measure.ep_layer import PHASES, EPCase, EPMeasurement, run_ep_cases
+
+SPLITS = ["even", "uneven"]
+
+
+# -- which configurations ------------------------------------------------------------
+
+
+def default_cases(seed: int = 0) -> list[EPCase]:
+    """A spread of E, k, tokens per rank, skew and capacity factor (hidden 256, FFN 512)."""
+    base = EPCase(num_experts=8, top_k=2, tokens=1024, hidden=256, ffn=512, seed=seed)
+    return [
+        base,
+        replace(base, tokens=512),
+        replace(base, tokens=2048),
+        replace(base, top_k=1),
+        replace(base, num_experts=16, top_k=4),
+        replace(base, skew=1.0),
+        replace(base, num_experts=16, skew=1.2, capacity_factor=1.25),
+        replace(base, skew=0.5, capacity_factor=1.0),
+    ]
+
+
+def tiny_cases(seed: int = 0) -> list[EPCase]:
+    """Two small cases for tests and smoke runs (a second each on 2 ranks)."""
+    base = EPCase(num_experts=4, top_k=2, tokens=128, hidden=64, ffn=128, seed=seed)
+    return [base, replace(base, skew=1.0, capacity_factor=1.0)]
+
+
+def check_world(world: int, cases: list[EPCase]) -> None:
+    """Raise :class:`UserError` unless ``world`` >= 1 divides every case's experts."""
+    bad = sorted({c.num_experts for c in cases if world < 1 or c.num_experts % world})
+    if world < 1 or bad:
+        raise UserError(
+            f"--ep-world = {world}: must be >= 1 and divide the experts of every case "
+            f"(E = {', '.join(map(str, bad)) or 'any'})"
+        )
+
+
+# -- calibration on this machine -------------------------------------------------------
+
+
+def bench_grids(cases: list[EPCase], world: int) -> dict[str, dict[str, list[Any]]]:
+    """Bench grids around the shapes the EP layer runs, with the layer's strategies only.
+
+    The calibration then describes exactly the kernels the layer calls: the
+    router and permute / unpermute on T tokens per rank (T/2 .. 2T), the expert
+    GEMMs as one rank runs them (about T*k rows over E/world local experts) and
+    all-to-all messages from an eighth of the smallest dispatch to past the largest.
+    """
+    Ts = sorted({t for c in cases for t in (c.tokens // 2, c.tokens, 2 * c.tokens)})
+    Ds = sorted({c.hidden for c in cases})
+    Es = sorted({c.num_experts for c in cases})
+    Ks = sorted({c.top_k for c in cases})
+    msgs = [c.tokens * c.top_k * c.hidden * 4 for c in cases]
+    lo, hi = int(np.log2(max(min(msgs) // 8, 1024))), int(np.ceil(np.log2(max(msgs) * 2)))
+    return {
+        "gating": {"T": Ts, "D": Ds, "E": Es, "K": Ks, "routers": ["softmax_topk"]},
+        "dispatch": {
+            "T": Ts, "D": Ds, "E": Es, "K": Ks, "skew": [0.0, 1.0],
+            "strategies": sorted({c.dispatch for c in cases}),
+        },
+        "experts": {
+            "T": Ts, "D": Ds, "F": sorted({c.ffn for c in cases}),
+            "E": sorted({max(1, c.num_experts // world) for c in cases}), "K": Ks,
+            "skew": [0.0, 1.2], "strategies": sorted({c.experts for c in cases}),
+        },
+        "roofline": {"copy_MiB": [4, 16], "gemm": [256, 512]},
+        "alltoall": {"msg_bytes": [2**p for p in range(lo, hi + 2, 2)], "split": SPLITS},
+    }  # fmt: skip
+
+
+def calibrate_here(
+    cases: list[EPCase],
+    world: int,
+    *,
+    out_dir: Path,
+    progress: Any = None,
+) -> tuple[HardwareProfile, Path]:
+    """Bench the layer's kernels on this device (all-to-all at ``world`` ranks), calibrate.
+
+    CPU ranks (gloo) when no GPU is present, else CUDA (NCCL, one GPU per rank).
+    Writes ``<out_dir>/<device>-ep<world>-calibrated.yaml`` next to the bench results.
+    """
+    import torch
+
+    from moesim.calibrate import calibrate, write_profile
+    from moesim.calibrate.profile import base_profile_name, peek_device
+    from moesim.config.loader import load_hardware
+    from moesim.measure.bench import run_bench
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    suites = ["roofline", "gating", "dispatch", "experts"] + (["alltoall"] if world > 1 else [])
+    results = run_bench(
+        suites,
+        device=device,
+        quick=True,
+        out_dir=out_dir,
+        grids=bench_grids(cases, world),
+        world=max(world, 2),
+        threads=1,
+        progress=progress,
+    )
+    base = load_hardware(base_profile_name(*peek_device([results])))
+    report = calibrate([results], base=base, name=f"{device}-ep{world}")
+    path = out_dir / f"{device}-ep{world}-calibrated.yaml"
+    write_profile(report.profile, path)
+    return report.profile, path
+
+
+# -- simulating a measured case ---------------------------------------------------------
+
+
+def scenario_for(case: EPCase, world: int, trace: Path, slowdown: float = 1.0) -> Scenario:
+    """The measured configuration as a one-node scenario with ``world`` GPUs.
+
+    ``slowdown`` (>= 1, see :func:`compute_slowdown`): local ranks share the
+    machine's cores, caches and memory bandwidth, so they compute slower than the
+    single-process benchmark the profile was calibrated from. It is modelled as
+    the same compute slowdown on every simulated GPU.
+    """
+    stragglers = [{"gpu": g, "compute_slowdown": slowdown} for g in range(world)]
+    return Scenario.model_validate(
+        {
+            "name": f"ep-layer {case.label()} x{world}",
+            "hardware": "calibrated",
+            "cluster": {"nodes": 1, "gpus_per_node": world},
+            "model": {
+                "hidden_size": case.hidden,
+                "moe_intermediate_size": case.ffn,
+                "num_experts": case.num_experts,
+                "top_k": case.top_k,
+                "num_moe_layers": 1,
+                "dtype": "fp32",
+            },
+            "router": case.router_spec().model_dump(exclude={"top_k"}),
+            "parallel": {"ep": world},
+            "dispatcher": "alltoall",
+            "workload": {
+                "mode": "prefill",
+                "tokens_per_gpu": case.tokens,
+                "routing": {"distribution": "trace", "trace": str(trace)},
+                "stragglers": stragglers if slowdown > 1.0 else [],
+                "seed": case.seed,
+            },
+        }
+    )
+
+
+def fit_nodes(hw: HardwareProfile, world: int) -> HardwareProfile:
+    """``hw`` with at least ``world`` GPUs per node (local ranks all share one host)."""
+    if hw.node.gpus_per_node >= world:
+        return hw
+    node = hw.node.model_copy(update={"gpus_per_node": world})
+    return hw.model_copy(update={"node": node})
+
+
+def write_trace(m: EPMeasurement, path: Path) -> Path:
+    """The measured expert ids ``[ranks * tokens, k]`` (rank r's tokens at rows r*T..)."""
+    ids = m.expert_ids_RTK.reshape(-1, m.case.top_k).numpy().astype(np.int64)
+    np.save(path, ids)
+    return path
+
+
+def compute_slowdown(m: EPMeasurement, cores: int, interference: float) -> float:
+    """How much slower the critical rank computes on this host than alone on a core.
+
+    ``interference`` is the measured co-run penalty (caches, memory bandwidth,
+    clock; :func:`moesim.measure.ep_probe.co_run_factor`). With more ranks than
+    cores, the OS shares the cores: the busiest rank (W_max rows received) cannot
+    finish before the total work over the cores, ``max(W_max, sum W / cores)``,
+    so it is stretched by ``max(1, sum W / (cores * W_max))``. Rows come from the
+    measured routing (the same the simulator is given), not from measured times.
+    """
+    rows = [max(r, 0) for r in m.recv_rows_R]
+    busiest = max(max(rows), 1)
+    return interference * max(1.0, sum(rows) / (max(cores, 1) * busiest))
+
+
+def predict(m: EPMeasurement, hw: HardwareProfile, trace: Path, slowdown: float) -> dict[str, Any]:
+    """Simulate the measured case (its routing written to ``trace``); ``SimResult.to_dict()``."""
+    from moesim.simulate import simulate
+
+    write_trace(m, trace)
+    scn = scenario_for(m.case, m.world, trace, slowdown)
+    return simulate(scn, fit_nodes(hw, m.world)).to_dict()
+
+
+# -- comparing ------------------------------------------------------------------------------
+
+
+def rel_error(predicted: float, measured: float) -> float:
+    """Signed ``(predicted - measured) / measured``."""
+    return (predicted - measured) / measured if measured > 0 else float("inf")
+
+
+def compare(m: EPMeasurement, sim: dict[str, Any]) -> dict[str, Any]:
+    """One JSON case: the configuration, end-to-end and per-phase measured vs predicted."""
+    c = m.case
+    predicted = float(sum(sim["phases_s"].get(p, 0.0) for p in PHASES))
+    phases = {
+        p: {
+            "measured_s": m.phases_s[p],
+            "predicted_s": float(sim["phases_s"].get(p, 0.0)),
+            "error": rel_error(float(sim["phases_s"].get(p, 0.0)), m.phases_s[p]),
+        }
+        for p in PHASES
+    }
+    return {
+        "world": m.world,
+        "num_experts": c.num_experts,
+        "top_k": c.top_k,
+        "tokens_per_rank": c.tokens,
+        "hidden": c.hidden,
+        "ffn": c.ffn,
+        "skew": c.skew,
+        "capacity_factor": c.capacity_factor,
+        "measured_s": m.step_s,
+        "predicted_s": predicted,
+        "error": rel_error(predicted, m.step_s),
+        "phases": phases,
+        "dispatch_counts_s": m.phases_s.get("dispatch_counts", 0.0),  # not in the model
+        "drop_fraction": float(sim.get("drop_fraction", 0.0)),
+        "cpu_share": m.cpu_share,
+        "disturbed_steps": m.disturbed_steps,
+        "step_samples_s": m.step_samples_s,
+    }
+
+
+@dataclass(frozen=True)
+class EPValidation:
+    world: int
+    cases: list[dict[str, Any]]
+    profile: str  # where the calibrated profile came from
+    interference: float = 1.0  # measured co-run penalty of the ranks (see compute_slowdown)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` contract: cases, median and max absolute end-to-end error."""
+        errs = [abs(c["error"]) for c in self.cases]
+        return {
+            "cases": self.cases,
+            "median_abs_error": float(np.median(errs)),
+            "max_abs_error": float(np.max(errs)),
+        }
+
+    def phase_errors(self) -> dict[str, float]:
+        """Median signed error per phase: which phase the model gets wrong, and how."""
+        return {p: float(np.median([c["phases"][p]["error"] for c in self.cases])) for p in PHASES}
+
+
+def validate_ep(
+    world: int,
+    hw: HardwareProfile,
+    cases: list[EPCase],
+    *,
+    profile: str,
+    steps: int = 10,
+    warmup: int = 3,
+    timeout_s: float = 300.0,
+) -> EPValidation:
+    """Probe the host's co-run factor, measure every case on ``world`` ranks, simulate, compare."""
+    check_world(world, cases)
+    interference, cores = host_sharing(world)
+    measured = run_ep_cases(cases, world, steps=steps, warmup=warmup, timeout_s=timeout_s)
+    return predict_all(measured, hw, profile=profile, cores=cores, interference=interference)
+
+
+def host_sharing(world: int) -> tuple[float, int]:
+    """Co-run interference of ``world`` local CPU ranks and the usable cores.
+
+    On GPUs (NCCL) every rank has its own device: no sharing, ``(1.0, world)``.
+    """
+    from moesim.measure.distributed import default_backend
+    from moesim.measure.ep_probe import co_run_factor
+
+    if default_backend() != "gloo":
+        return 1.0, world
+    probe = co_run_factor(world)
+    return probe.interference, probe.cores
+
+
+def predict_all(
+    measured: list[EPMeasurement],
+    hw: HardwareProfile,
+    *,
+    profile: str,
+    cores: int,
+    interference: float = 1.0,
+) -> EPValidation:
+    """Simulate every measured case on ``hw`` and compare (all of one world size)."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="moesim-ep-") as tmp:
+        for i, m in enumerate(measured):
+            slow = compute_slowdown(m, cores, interference)
+            row = compare(m, predict(m, hw, Path(tmp) / f"case{i}.npy", slow))
+            rows.append(row | {"compute_slowdown": slow})
+    return EPValidation(measured[0].world, rows, profile, interference)

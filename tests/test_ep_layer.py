@@ -1,0 +1,129 @@
+"""The expert-parallel MoE layer: tokens really travel and come back right (2 gloo ranks)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from moesim.measure.distributed import DistributedError
+from moesim.measure.ep_layer import (
+    PHASES,
+    EPCase,
+    EPMeasurement,
+    EPMismatch,
+    RankResult,
+    _check_outputs,
+    make_inputs,
+    make_weights,
+    reference_layer,
+    regroup,
+    run_ep_cases,
+    run_ep_layer,
+)
+from moesim.measure.ep_probe import CoRun, co_run_factor
+
+# name -> (case, what the splits must look like)
+CASES = {
+    # E = ranks and k = E: every token goes to every rank, all splits equal T
+    "even": EPCase(num_experts=2, top_k=2, tokens=16, hidden=8, ffn=16),
+    # Zipf-skewed popularity: rank 0 receives more than rank 1
+    "uneven": EPCase(num_experts=8, top_k=2, tokens=64, hidden=16, ffn=32, skew=1.0),
+    # one overwhelming expert: rank 1 receives nothing, most experts get no tokens
+    "empty": EPCase(num_experts=4, top_k=1, tokens=16, hidden=8, ffn=16, skew=50.0),
+    # capacity: drops happen and dropped assignments are not sent
+    "capacity": EPCase(
+        num_experts=4, top_k=2, tokens=32, hidden=8, ffn=16, skew=1.0, capacity_factor=1.0
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def measured() -> dict[str, EPMeasurement]:
+    """Every case in one launch of 2 gloo ranks (outputs checked against the reference)."""
+    names = sorted(CASES)
+    runs = run_ep_cases([CASES[n] for n in names], 2, steps=2, warmup=0, timeout_s=120)
+    return dict(zip(names, runs, strict=True))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_ep_layer_matches_reference_on_two_gloo_ranks(
+    name: str, measured: dict[str, EPMeasurement]
+) -> None:
+    case, m = CASES[name], measured[name]
+    assert m.max_abs_error <= 1e-5
+    sent_RE = m.tokens_per_source_expert_RE
+    assert m.recv_rows_R == sent_RE.view(2, 2, -1).sum((0, 2)).tolist()
+    if name == "even":
+        assert m.recv_rows_R == [2 * case.tokens, 2 * case.tokens]
+    if name == "uneven":
+        assert m.recv_rows_R[0] > m.recv_rows_R[1] > 0
+    if name == "empty":
+        assert m.recv_rows_R == [2 * case.tokens, 0]
+    if name == "capacity":
+        assert int(m.kept_RTK.sum()) < 2 * case.tokens * case.top_k
+    assert set(m.phases_s) == {*PHASES, "dispatch_counts"}
+    assert all(v > 0 for v in m.phases_s.values())
+    assert len(m.step_samples_s) == 2 and m.step_s >= max(m.phases_s.values())
+
+
+def test_failing_rank_ends_the_run_with_one_line_quickly() -> None:
+    start = time.monotonic()
+    with pytest.raises(DistributedError) as info:
+        run_ep_layer(CASES["even"], 2, steps=1, warmup=0, timeout_s=60, fail_rank=1)
+    assert time.monotonic() - start < 30
+    msg = str(info.value)
+    assert "rank 1" in msg and "injected failure" in msg and "\n" not in msg
+
+
+def test_bad_world_is_a_user_error() -> None:
+    with pytest.raises(Exception, match="must be >= 1 and divide num_experts"):
+        run_ep_layer(CASES["uneven"], 3)
+
+
+def test_reference_layer_by_hand() -> None:
+    """One token, top-1 of 2 experts with a huge bias: output = w * FFN_0(x), w = 1."""
+    case = EPCase(num_experts=2, top_k=1, tokens=1, hidden=4, ffn=4, skew=1e3)
+    w = make_weights(case)
+    x = make_inputs(case, 0)
+    h = torch.nn.functional.silu(x[0] @ w.w_gate_EDF[0]) * (x[0] @ w.w_up_EDF[0])
+    torch.testing.assert_close(reference_layer(x, w, case)[0], h @ w.w_down_EFD[0])
+
+
+def test_regroup_orders_rows_by_local_expert_then_source_and_back() -> None:
+    counts_RL = torch.tensor([[1, 2], [0, 1]])  # source 0: e0 x1, e1 x2; source 1: e1 x1
+    x = torch.arange(4.0)[:, None]  # rows: s0e0, s0e1, s0e1, s1e1
+    grouped = regroup(x, counts_RL)
+    assert grouped.flatten().tolist() == [0.0, 1.0, 2.0, 3.0]
+    counts_RL = torch.tensor([[1, 1], [1, 1]])  # rows: s0e0, s0e1, s1e0, s1e1
+    x = torch.arange(4.0)[:, None]
+    assert regroup(x, counts_RL).flatten().tolist() == [0.0, 2.0, 1.0, 3.0]
+    torch.testing.assert_close(regroup(regroup(x, counts_RL), counts_RL, inverse=True), x)
+
+
+def test_output_check_catches_a_wrong_output() -> None:
+    case = replace(CASES["uneven"], tokens=8)
+    good = reference_layer(make_inputs(case, 0), make_weights(case), case)
+    empty = torch.empty(0)
+    bad = RankResult(0, {}, [], good + 1e-2, empty, empty, 0)
+    with pytest.raises(EPMismatch, match="rank 0"):
+        _check_outputs(case, [bad])
+
+
+def test_co_run_factor_by_hand_and_on_two_ranks() -> None:
+    # 4 ranks on 2 cores, 10 % slower together: 2 x 1.1
+    assert CoRun(4, 2, 1.0, 1.1).factor == pytest.approx(2.2)
+    assert CoRun(2, 2, 1.0, 0.9).factor == 1.0  # never faster than alone
+    probe = co_run_factor(2, rows=64, hidden=32, ffn=64, reps=2)
+    assert probe.solo_s > 0 and probe.together_s > 0 and probe.factor >= 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [1, 2])
+def test_ep_layer_on_nccl_matches_reference(world: int) -> None:
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} CUDA devices")
+    m = run_ep_layer(CASES["uneven"], world, steps=2, warmup=1, backend="nccl", timeout_s=120)
+    assert m.backend == "nccl" and m.max_abs_error <= 1e-3

@@ -1,0 +1,293 @@
+"""The engine end to end: hand-checked event logs, monotonic sanity, every scenario."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_sim_support import hardware, scenario
+
+from moesim.config import load_hardware, load_pair
+from moesim.costs.model import CostModel
+from moesim.simulate import PHASES, simulate
+from moesim.simulate.plan import build_plan
+from moesim.simulate.topology import build_topology
+
+REPO = Path(__file__).resolve().parents[1]
+SCENARIOS = sorted(p.name for p in (REPO / "scenarios").glob("*.yaml"))
+BIG = {"deepseek-v3-2048xh800.yaml"}
+ROW_BYTES = 64 * 4  # hidden 64, fp32
+
+
+def _log(res, name: str) -> float:
+    return dict(res.event_log)[name]
+
+
+@pytest.mark.parametrize("slowdown", [1.0, 3.0])
+def test_a_straggler_delays_the_dispatch_and_the_combine(slowdown: float) -> None:
+    scn = scenario(f"workload.stragglers=[{{gpu: 1, compute_slowdown: {slowdown}}}]")
+    hw = hardware()
+    res = simulate(scn, hw, trace=True)
+    plan = build_plan(scn, hw, build_topology(scn, hw), scn.workload.seed)
+    c, exp = plan.compute_s, plan.work[0][0].experts_s_G
+    before = (c["gate"] + c["permute"]) * slowdown  # GPU 1 is the last one ready
+    assert _log(res, "dispatch.start") == pytest.approx(before, rel=1e-12)
+    experts_end = max(exp[0], exp[1] * slowdown)
+    expected = _log(res, "dispatch.end") + experts_end
+    assert _log(res, "combine.start") == pytest.approx(expected, rel=1e-12)
+    assert [name for name, _ in res.event_log] == [
+        "dispatch.start", "dispatch.end", "combine.start", "combine.end",
+    ]  # fmt: skip
+
+
+def _all_to_expert_zero(tmp_path: Path, *extra: str):
+    np.save(tmp_path / "ids.npy", np.zeros((16, 1), dtype=np.int64))
+    return scenario(
+        "workload.routing.distribution=trace", f"workload.routing.trace={tmp_path / 'ids.npy'}",
+        *extra,
+    )  # fmt: skip
+
+
+def test_dropless_vs_capacity_limited_layer(tmp_path: Path) -> None:
+    hw = hardware()
+    cost = CostModel(hw)
+    dropless = simulate(_all_to_expert_zero(tmp_path), hw)
+    limited = simulate(_all_to_expert_zero(tmp_path, "router.capacity_factor=1.0"), hw)
+    # every token picks expert 0 (on GPU 0); capacity ceil(8 * 1 / 4 * 1.0) = 2 per source
+    assert dropless.drop_fraction == 0.0
+    assert limited.drop_fraction == 0.75
+    # GPU 1 sends its 8 (or 2) rows to GPU 0 over 100 GB/s NVLink
+    assert dropless.dispatch_time_s == pytest.approx(8 * ROW_BYTES / 100e9, rel=1e-12)
+    assert limited.dispatch_time_s == pytest.approx(2 * ROW_BYTES / 100e9, rel=1e-12)
+    assert dropless.dispatch_bytes_per_gpu == 8 * ROW_BYTES / 2
+    e = cost.experts_s(np.array([[16.0, 0.0], [4.0, 0.0]]), 64, 128, "fp32")
+    assert dropless.phases_s["experts"] == pytest.approx(e[0], rel=1e-12)
+    assert limited.phases_s["experts"] == pytest.approx(e[1], rel=1e-12)
+    assert dropless.load_imbalance == 4.0  # all on one of four experts
+    assert dropless.gpu_load_imbalance == 2.0
+
+
+def test_padding_to_capacity_sends_and_computes_full_buffers(tmp_path: Path) -> None:
+    hw = hardware()
+    padded = simulate(
+        _all_to_expert_zero(tmp_path, "router.capacity_factor=1.0", "router.pad_to_capacity=true"),
+        hw,
+    )
+    assert padded.drop_fraction == 0.75
+    # GPU 1 sends capacity (2) rows for each of GPU 0's two experts
+    assert padded.dispatch_time_s == pytest.approx(4 * ROW_BYTES / 100e9, rel=1e-12)
+
+
+def test_same_seed_same_json_and_another_seed_other_numbers() -> None:
+    scn, hw = load_pair(REPO / "scenarios/tiny-cpu.yaml")
+    a = json.dumps(simulate(scn, hw).to_dict())
+    b = json.dumps(simulate(scn, hw).to_dict())
+    c = simulate(scn, hw, seed=1).to_dict()
+    assert a == b
+    assert c["step_time_s"] != json.loads(a)["step_time_s"]
+
+
+def _qwen(*extra: str):
+    return load_pair(
+        REPO / "scenarios/qwen3-30b-a3b-16xh100.yaml",
+        ["model.num_moe_layers=3", "workload.tokens_per_gpu=2048", *extra],
+    )
+
+
+def test_more_bandwidth_is_never_slower() -> None:
+    scn, _ = _qwen()
+    steps = []
+    for scale in (0.5, 1.0, 2.0, 8.0):
+        hw = load_hardware(
+            "h100-sxm",
+            [f"scaleout.nic_GBps={50 * scale}", f"node.scaleup.link_GBps={450 * scale}"],
+        )
+        steps.append(simulate(scn, hw).step_time_s)
+    assert steps == sorted(steps, reverse=True)
+    assert steps[0] > steps[-1]
+
+
+def test_larger_capacity_factor_never_drops_more() -> None:
+    drops = [
+        simulate(*_qwen(f"router.capacity_factor={cf}")).drop_fraction
+        for cf in (0.5, 1.0, 1.25, 2.0, "null")
+    ]
+    assert drops == sorted(drops, reverse=True)
+    assert drops[0] > 0.1 and drops[-1] == 0.0
+
+
+def test_more_skew_never_less_imbalance() -> None:
+    res = [simulate(*_qwen(f"workload.routing.zipf_exponent={a}")) for a in (0.0, 0.4, 0.8, 1.2)]
+    imb = [r.load_imbalance for r in res]
+    assert imb == sorted(imb)
+    assert [r.gpu_load_imbalance for r in res] == sorted(r.gpu_load_imbalance for r in res)
+
+
+@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather", "hierarchical", "low_latency"])
+def test_every_dispatcher_runs_on_two_nodes(dispatcher: str) -> None:
+    res = simulate(*_qwen(f"dispatcher={dispatcher}"))
+    assert res.dispatch_time_s > 0 and res.combine_time_s > 0
+
+
+def test_hierarchical_moves_fewer_network_bytes_than_flat_with_many_experts_per_node() -> None:
+    flat = simulate(*_qwen("dispatcher=alltoall"))
+    hier = simulate(*_qwen("dispatcher=hierarchical"))
+    assert hier.dispatch_time_s < flat.dispatch_time_s
+
+
+def test_fp8_dispatch_about_halves_dispatch_bytes() -> None:
+    bf16 = simulate(*_qwen())
+    fp8 = simulate(*_qwen("model.dispatch_dtype=fp8"))
+    # fp8 rows carry one fp32 scale per 128 elements: (2048 + 16 * 4) / (2 * 2048)
+    ratio = (2048 + 64) / 4096
+    assert fp8.dispatch_bytes_per_gpu == pytest.approx(bf16.dispatch_bytes_per_gpu * ratio)
+    assert fp8.combine_time_s == pytest.approx(bf16.combine_time_s)
+
+
+def test_overlapping_two_micro_batches_hides_communication() -> None:
+    serial = simulate(*_qwen("workload.micro_batches=2"))
+    overlap = simulate(*_qwen("workload.micro_batches=2", "workload.overlap_micro_batches=true"))
+    assert overlap.step_time_s < serial.step_time_s
+
+
+def test_pipeline_and_tensor_parallel_scenario_runs() -> None:
+    scn, hw = load_pair(
+        REPO / "scenarios/qwen3-30b-a3b-16xh100.yaml",
+        ["parallel.ep=4", "parallel.pp=2", "parallel.tp=2", "model.num_moe_layers=4",
+         "workload.tokens_per_gpu=1024", "workload.micro_batches=4"],
+    )  # fmt: skip
+    res = simulate(scn, hw)
+    assert res.details["moe_layers_per_stage"] == 2
+    assert res.details["pipeline_bubble"] == pytest.approx(5 / 4)
+
+
+@pytest.mark.parametrize("distribution", ["lognormal", "dirichlet", "router"])
+def test_other_load_sources_run(distribution: str) -> None:
+    scn, hw = load_pair(
+        REPO / "scenarios/tiny-cpu.yaml",
+        [f"workload.routing.distribution={distribution}", "workload.routing.source_skew=0.5",
+         "router.capacity_factor=1.0"],
+    )  # fmt: skip
+    res = simulate(scn, hw)
+    assert 0 < res.drop_fraction < 1 and res.load_imbalance > 1
+
+
+@pytest.mark.parametrize(
+    "name", [n if n not in BIG else pytest.param(n, marks=pytest.mark.slow) for n in SCENARIOS]
+)
+def test_every_shipped_scenario_simulates(name: str) -> None:
+    scn, hw = load_pair(REPO / "scenarios" / name)
+    d = simulate(scn, hw).to_dict()
+    for key in ("step_time_s", "throughput_tokens_per_s", "dispatch_time_s", "combine_time_s",
+                "alltoall_fraction", "dispatch_bytes_per_gpu", "drop_fraction",
+                "load_imbalance", "gpu_load_imbalance"):  # fmt: skip
+        assert np.isfinite(d[key]) and d[key] >= 0, key
+    assert d["step_time_s"] > 0 and 0 <= d["alltoall_fraction"] <= 1
+    assert set(PHASES) <= set(d["phases_s"])
+    json.dumps(d)
+
+
+def test_calibrated_alltoall_fit_prices_a_lone_coflow_as_the_fit(tmp_path: Path) -> None:
+    from moesim.config.hardware import Calibration, CalibrationSource, CommFit, Curve
+
+    fit = CommFit(latency_us=2.0, bandwidth_GBps=Curve(x=[1.0, 1e6], y=[1.0, 1.0]))
+    cal = Calibration(
+        source=CalibrationSource(results=[], device="test", created="now"),
+        alltoall={"scaleup": fit},
+    )
+    hw = hardware().model_copy(update={"calibration": cal})
+    res = simulate(_all_to_expert_zero(tmp_path), hw)
+    # GPU 1 sends 8 rows (2048 B) to GPU 0: 2 us + 2048 B / 1 GB/s on the busiest link
+    assert res.dispatch_time_s == pytest.approx(2e-6 + 8 * ROW_BYTES / 1e9, rel=1e-12)
+
+
+def test_decode_with_low_latency_dispatch_and_no_expert_parallelism() -> None:
+    decode = simulate(*_qwen("workload.mode=decode", "workload.tokens_per_gpu=64",
+                             "dispatcher=low_latency"))  # fmt: skip
+    assert decode.backward_phases_s == {} and decode.phases_s["grad_allreduce"] == 0.0
+    assert decode.dispatch_time_s > 5e-6  # latency-bound: at least one NIC latency
+    no_ep = simulate(*_qwen("parallel.ep=1", "parallel.dp=16"))
+    assert no_ep.dispatch_time_s == 0.0 and no_ep.step_time_s > 0
+
+
+@pytest.mark.parametrize(("per", "drop"), [("batch", 0.0), ("sequence", 0.5)])
+def test_capacity_per_sequence_counts_each_sequence_separately(tmp_path, per, drop) -> None:
+    # 8 tokens per GPU: the first sequence of 4 all to expert 0, the second all to expert 1
+    np.save(tmp_path / "ids.npy", np.array([[0]] * 4 + [[1]] * 4, dtype=np.int64))
+    scn = scenario(
+        "model.num_experts=2", "workload.routing.distribution=trace",
+        f"workload.routing.trace={tmp_path / 'ids.npy'}", "router.capacity_factor=1.0",
+        "router.drop_policy=position", f"router.capacity_per={per}", "router.sequence_length=4",
+    )  # fmt: skip
+    assert simulate(scn, hardware()).drop_fraction == drop
+
+
+def test_per_token_ids_in_chunks_of_gpus_give_the_same_loads(monkeypatch) -> None:
+    from moesim.simulate import loads
+
+    scn, hw = load_pair(
+        REPO / "scenarios/tiny-cpu.yaml",
+        ["workload.routing.distribution=router", "router.capacity_factor=1.0"],
+    )
+    whole = simulate(scn, hw).to_dict()
+    monkeypatch.setattr(loads, "IDS_PER_CHUNK", scn.workload.tokens_per_gpu * 2)  # 1 GPU each
+    chunked = simulate(scn, hw).to_dict()
+    assert chunked == whole
+
+
+def test_ep_groups_that_straddle_nodes_are_refused() -> None:
+    from moesim.errors import ConfigError
+
+    scn = scenario("cluster.nodes=3", "cluster.gpus_per_node=2", "parallel.ep=3",
+                   "parallel.dp=2", "model.num_experts=6")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"parallel\.ep = 3: must be a multiple or a divisor"):
+        simulate(scn, hardware())
+
+
+def test_one_layer_event_log_worked_out_on_paper(tmp_path: Path) -> None:
+    """fp32, D=64, F=128, E=4, 8 tokens per GPU all routed to expert 0 (on GPU 0).
+
+    Roofline at 1 TFLOP/s and 100 GB/s, no launch cost, NVLink 100 GB/s:
+    gate   3552 B (x, W, scores, ids)        -> 35.52 ns
+    permute 4160 B                          -> 41.60 ns
+    dispatch: GPU 1 sends 8 rows of 256 B   -> 20.48 ns
+    experts on GPU 0: 16 rows; weights 98304 B + activations 24576 B -> 1228.8 ns
+    combine: 8 rows back                    -> 20.48 ns
+    unpermute 4192 B                        -> 41.92 ns
+    """
+    res = simulate(_all_to_expert_zero(tmp_path), hardware(), trace=True)
+    ns = [(name, round(t * 1e9, 6)) for name, t in res.event_log]
+    assert ns == [
+        ("dispatch.start", 77.12),
+        ("dispatch.end", 97.6),
+        ("combine.start", 1326.4),
+        ("combine.end", 1346.88),
+    ]
+    assert res.step_time_s == pytest.approx(1388.8e-9, rel=1e-12)
+
+
+def test_every_scenario_dispatcher_has_a_traffic_model() -> None:
+    from moesim.config.scenario import DISPATCHERS
+    from moesim.simulate.plan import DISPATCH_ROWS
+    from moesim.simulate.routing import DISTRIBUTIONS
+
+    assert tuple(DISPATCH_ROWS) == DISPATCHERS
+    synthetic = {"uniform", "zipf", "lognormal", "dirichlet"}
+    assert set(DISTRIBUTIONS) == synthetic  # plus "trace" and "router", read per token
+
+
+def test_fp8_models_price_the_attention_core_in_bf16() -> None:
+    from moesim.costs import work
+
+    scn, hw = _qwen("model.dtype=fp8")
+    plan = build_plan(scn, hw, build_topology(scn, hw), 0)
+    d, T, cost = scn.model.dense, scn.workload.tokens_per_gpu, CostModel(hw)
+    assert d is not None
+    shape = (2048, d.num_attention_heads, d.num_key_value_heads, d.head_dim)
+    total = work.attention_flops(T, *shape, d.seq_length)
+    proj = work.attention_flops(T, *shape, 0)
+    nbytes = work.attention_bytes(T, *shape, 1.0)
+    expected = cost.dense_s(proj, nbytes, "fp8") + cost.dense_s(total - proj, 0.0, "bf16")
+    assert plan.compute_s["dense"] == pytest.approx(float(expected), rel=1e-12)

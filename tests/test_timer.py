@@ -1,0 +1,77 @@
+"""The timer: sane statistics on a known sleep and a known copy, exact percentiles."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from moesim.measure.timer import Timing, time_fn
+
+
+def test_sleep_is_timed_within_its_duration() -> None:
+    t = time_fn(lambda: time.sleep(0.004), budget_s=0.05, warmup_s=0.0)
+    assert 0.004 <= t.median_s < 0.02
+    assert t.p20_s <= t.median_s <= t.p80_s
+    assert t.n_samples >= 4 and len(t.samples_s) == t.n_samples
+    assert t.method == "torch.utils.benchmark"
+
+
+def test_known_copy_gives_a_plausible_bandwidth() -> None:
+    src = torch.ones(4 * 2**20)  # 16 MiB
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), budget_s=0.05, warmup_s=0.01, threads=1)
+    gbps = 2 * src.numel() * 4 / t.median_s / 1e9
+    assert 0.2 < gbps < 1000
+    assert torch.equal(dst, src)
+    assert t.threads == 1
+
+
+def test_more_work_takes_longer() -> None:
+    small, big = torch.ones(2**16), torch.ones(2**22)
+    t_small = time_fn(lambda: small.mul(2.0), budget_s=0.03, warmup_s=0.0, threads=1)
+    t_big = time_fn(lambda: big.mul(2.0), budget_s=0.03, warmup_s=0.0, threads=1)
+    assert t_big.median_s > 4 * t_small.median_s
+
+
+def test_flushed_loop_keeps_one_sample_per_call() -> None:
+    calls = []
+    t = time_fn(lambda: calls.append(1), budget_s=1e-4, warmup_s=0.0, flush_cache=True)
+    assert t.method == "perf_counter+flush"
+    assert t.n_samples >= 3
+    assert len(calls) == t.n_samples + 1  # plus the warm-up call
+
+
+def test_thread_count_is_fixed_then_restored() -> None:
+    before = torch.get_num_threads()
+    seen = []
+    t = time_fn(lambda: seen.append(torch.get_num_threads()), budget_s=0.01, threads=1)
+    assert set(seen) == {1} and t.threads == 1
+    assert torch.get_num_threads() == before
+
+
+def test_percentiles_of_known_samples() -> None:
+    t = Timing.from_samples([5.0, 1.0, 3.0, 2.0, 4.0], threads=1, method="x")
+    assert (t.median_s, t.p20_s, t.p80_s) == (3.0, 1.8, 4.2)
+    with pytest.raises(ValueError, match="no timing samples"):
+        Timing.from_samples([], threads=1, method="x")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"budget_s": 0}, "budget_s"), ({"device": "tpu"}, "allowed: cpu, cuda")],
+)
+def test_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        time_fn(lambda: None, **kwargs)
+
+
+@pytest.mark.gpu
+def test_cuda_events_time_a_known_copy() -> None:
+    src = torch.ones(64 * 2**20, device="cuda")
+    dst = torch.empty_like(src)
+    for flush in (False, True):
+        t = time_fn(lambda: dst.copy_(src), device="cuda", budget_s=0.05, flush_cache=flush)
+        gbps = 2 * src.numel() * 4 / t.median_s / 1e9
+        assert 50 < gbps < 10_000 and t.n_samples >= 5

@@ -1,0 +1,138 @@
+"""``moesim validate``: the EP-layer comparison and the published-figures table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moesim.cli import main
+from moesim.config.loader import load_hardware
+from moesim.measure.ep_layer import PHASES, EPCase, EPMeasurement
+from moesim.validation import ep
+from moesim.validation.published import (
+    METRICS,
+    expected_remote_nodes,
+    load_published,
+    model_flops_per_token,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_validate_tiny_ep_run_prints_the_json_contract(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bench + calibrate here, run the real layer on 2 gloo ranks, simulate, compare."""
+    argv = ["validate", "--ep-world", "2", "--tiny", "--steps", "2", "--warmup", "1"]
+    assert main([*argv, "--out", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"cases", "median_abs_error", "max_abs_error"}
+    assert len(out["cases"]) == len(ep.tiny_cases())
+    for case in out["cases"]:
+        assert case["world"] == 2 and case["measured_s"] > 0 and case["predicted_s"] > 0
+        want = (case["predicted_s"] - case["measured_s"]) / case["measured_s"]
+        assert case["error"] == pytest.approx(want)
+        assert set(case["phases"]) == set(PHASES)
+    errs = sorted(abs(c["error"]) for c in out["cases"])
+    assert out["max_abs_error"] == pytest.approx(errs[-1])
+    assert out["median_abs_error"] == pytest.approx(sum(errs) / len(errs))
+    saved = list(tmp_path.glob("ep-world2-*.json"))
+    assert len(saved) == 1 and "context" in json.loads(saved[0].read_text())
+    profile = tmp_path / "cpu-ep2-calibrated.yaml"
+    assert load_hardware(str(profile)).calibration is not None
+
+
+def test_compare_reads_phases_and_end_to_end_off_the_simulation() -> None:
+    case = EPCase(num_experts=4, top_k=2, tokens=8, hidden=4, ffn=8)
+    ids = torch.zeros(2, 8, 2, dtype=torch.long)
+    m = EPMeasurement(
+        case, 2, "gloo", dict.fromkeys(PHASES, 1e-3), 8e-3, [8e-3], 0.0, ids,
+        torch.ones_like(ids, dtype=torch.bool), [32, 0],
+    )  # fmt: skip
+    sim = {"phases_s": dict.fromkeys(PHASES, 1.5e-3) | {"dense": 5.0}, "drop_fraction": 0.0}
+    row = ep.compare(m, sim)
+    assert row["predicted_s"] == pytest.approx(9e-3)  # the six MoE phases, not "dense"
+    assert row["error"] == pytest.approx(9e-3 / 8e-3 - 1)
+    assert row["phases"]["experts"]["error"] == pytest.approx(0.5)
+
+
+def test_scenario_for_a_measured_case_matches_it(tmp_path: Path) -> None:
+    case = EPCase(num_experts=8, top_k=2, tokens=64, hidden=16, ffn=32, capacity_factor=1.25)
+    scn = ep.scenario_for(case, 4, tmp_path / "t.npy", slowdown=2.0)
+    assert (scn.cluster.num_gpus, scn.parallel.ep, scn.model.num_experts) == (4, 4, 8)
+    assert scn.router.capacity_factor == 1.25 and scn.router.normalize
+    assert scn.workload.routing.distribution == "trace" and scn.model.dtype == "fp32"
+    # a co-run factor of 2 (say 4 ranks on 2 cores): every rank computes at half speed
+    assert [s.compute_slowdown for s in scn.workload.stragglers] == [2.0] * 4
+    assert ep.scenario_for(case, 2, tmp_path / "t.npy").workload.stragglers == []
+
+
+@pytest.mark.parametrize(
+    ("rows", "cores", "want"),
+    [
+        ([100, 100, 100, 100], 2, 2.0),  # balanced, 4 ranks on 2 cores: half a core each
+        ([300, 50, 50, 0], 2, 1.0),  # the busiest rank's own work dominates
+        ([200, 100, 100, 100], 2, 1.25),  # total / cores = 250 rows of time for 200
+        ([100, 100], 2, 1.0),  # a core per rank
+    ],
+)
+def test_compute_slowdown_is_processor_sharing(rows: list[int], cores: int, want: float) -> None:
+    case = EPCase(num_experts=4, top_k=1, tokens=8, hidden=4, ffn=8)
+    ids = torch.zeros(len(rows), 8, 1, dtype=torch.long)
+    m = EPMeasurement(
+        case, len(rows), "gloo", dict.fromkeys(PHASES, 1e-3), 1e-2, [1e-2], 0.0, ids,
+        torch.ones_like(ids, dtype=torch.bool), rows,
+    )  # fmt: skip
+    assert ep.compute_slowdown(m, cores, 1.0) == pytest.approx(want)
+    assert ep.compute_slowdown(m, cores, 1.1) == pytest.approx(1.1 * want)
+
+
+def test_bad_world_exits_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", "--ep-world", "3", "--tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--ep-world = 3" in err and "\n" not in err
+    assert main(["validate", "--ep-world", "x"]) == 2
+
+
+def test_published_table_is_cited_and_loads() -> None:
+    table = load_published()
+    ids = [r.id for r in table.rows]
+    assert len(ids) == len(set(ids)) >= 15
+    for row in table.rows:
+        assert row.url.startswith("https://") and row.source and row.note
+        assert row.metric in METRICS
+
+
+def test_expected_remote_nodes_by_hand() -> None:
+    """2 nodes, both picked, top-8 of 256: the other node is missed w.p. C(128,8)/C(256,8)."""
+    row = next(r for r in load_published().rows if r.id == "deepep-normal-internode-ep16-dispatch")
+    want = 1.0 - math.comb(128, 8) / math.comb(256, 8)
+    assert expected_remote_nodes(row.scenario) == pytest.approx(want)
+    intranode = next(r for r in load_published().rows if "intranode" in r.id)
+    assert expected_remote_nodes(intranode.scenario) == 0.0
+
+
+def test_model_flops_per_token_of_mixtral() -> None:
+    """Mixtral 8x7B: about 6 x 12.9 B active parameters plus attention, ~79 GFLOP/token."""
+    row = next(r for r in load_published().rows if "mixtral" in r.id)
+    assert model_flops_per_token(row.scenario) == pytest.approx(7.9e10, rel=0.02)
+
+
+def test_validate_published_prints_every_row(tmp_path: Path) -> None:
+    env = dict(os.environ, COLUMNS="400")
+    cmd = [sys.executable, "-m", "moesim", "validate", "--published", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for row in load_published().rows:
+        assert row.id in done.stdout
+    report = json.loads(next(tmp_path.glob("published-*.json")).read_text())
+    assert len(report["rows"]) == len(load_published().rows)
+    assert all(math.isfinite(r["predicted"]) and r["predicted"] > 0 for r in report["rows"])
+    assert "within 20 %" in done.stdout
