@@ -19,6 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = sorted(p.name for p in (REPO / "scenarios").glob("*.yaml"))
 BIG = {"deepseek-v3-2048xh800.yaml"}
 ROW_BYTES = 64 * 4  # hidden 64, fp32
+#: split-size exchange before an alltoall dispatch: E/P = 2 int64 counts to the one peer
+EXCHANGE_BYTES = 2 * 8
+EXCHANGE_S = EXCHANGE_BYTES / 100e9  # over 100 GB/s NVLink, no latency
 
 
 def _log(res, name: str) -> float:
@@ -59,8 +62,8 @@ def test_dropless_vs_capacity_limited_layer(tmp_path: Path) -> None:
     assert dropless.drop_fraction == 0.0
     assert limited.drop_fraction == 0.75
     # GPU 1 sends its 8 (or 2) rows to GPU 0 over 100 GB/s NVLink
-    assert dropless.dispatch_time_s == pytest.approx(8 * ROW_BYTES / 100e9, rel=1e-12)
-    assert limited.dispatch_time_s == pytest.approx(2 * ROW_BYTES / 100e9, rel=1e-12)
+    assert dropless.dispatch_time_s == pytest.approx(EXCHANGE_S + 8 * ROW_BYTES / 100e9, rel=1e-12)
+    assert limited.dispatch_time_s == pytest.approx(EXCHANGE_S + 2 * ROW_BYTES / 100e9, rel=1e-12)
     assert dropless.dispatch_bytes_per_gpu == 8 * ROW_BYTES / 2
     e = cost.experts_s(np.array([[16.0, 0.0], [4.0, 0.0]]), 64, 128, "fp32")
     assert dropless.phases_s["experts"] == pytest.approx(e[0], rel=1e-12)
@@ -77,7 +80,7 @@ def test_padding_to_capacity_sends_and_computes_full_buffers(tmp_path: Path) -> 
     )
     assert padded.drop_fraction == 0.75
     # GPU 1 sends capacity (2) rows for each of GPU 0's two experts
-    assert padded.dispatch_time_s == pytest.approx(4 * ROW_BYTES / 100e9, rel=1e-12)
+    assert padded.dispatch_time_s == pytest.approx(EXCHANGE_S + 4 * ROW_BYTES / 100e9, rel=1e-12)
 
 
 def test_same_seed_same_json_and_another_seed_other_numbers() -> None:
@@ -199,8 +202,10 @@ def test_calibrated_alltoall_fit_prices_a_lone_coflow_as_the_fit(tmp_path: Path)
     )
     hw = hardware().model_copy(update={"calibration": cal})
     res = simulate(_all_to_expert_zero(tmp_path), hw)
-    # GPU 1 sends 8 rows (2048 B) to GPU 0: 2 us + 2048 B / 1 GB/s on the busiest link
-    assert res.dispatch_time_s == pytest.approx(2e-6 + 8 * ROW_BYTES / 1e9, rel=1e-12)
+    # counts first (2 us + 16 B / 1 GB/s), then GPU 1 sends 8 rows (2048 B) to GPU 0:
+    # 2 us + 2048 B / 1 GB/s on the busiest link
+    exchange = 2e-6 + EXCHANGE_BYTES / 1e9
+    assert res.dispatch_time_s == pytest.approx(exchange + 2e-6 + 8 * ROW_BYTES / 1e9, rel=1e-12)
 
 
 def test_decode_with_low_latency_dispatch_and_no_expert_parallelism() -> None:
@@ -252,20 +257,21 @@ def test_one_layer_event_log_worked_out_on_paper(tmp_path: Path) -> None:
     Roofline at 1 TFLOP/s and 100 GB/s, no launch cost, NVLink 100 GB/s:
     gate   3552 B (x, W, scores, ids)        -> 35.52 ns
     permute 4160 B                          -> 41.60 ns
-    dispatch: GPU 1 sends 8 rows of 256 B   -> 20.48 ns
+    dispatch: counts, 2 x 8 B to the peer    -> 0.16 ns
+              then GPU 1 sends 8 rows of 256 B -> 20.48 ns
     experts on GPU 0: 16 rows; weights 98304 B + activations 24576 B -> 1228.8 ns
-    combine: 8 rows back                    -> 20.48 ns
+    combine: 8 rows back (splits known)     -> 20.48 ns
     unpermute 4192 B                        -> 41.92 ns
     """
     res = simulate(_all_to_expert_zero(tmp_path), hardware(), trace=True)
     ns = [(name, round(t * 1e9, 6)) for name, t in res.event_log]
     assert ns == [
         ("dispatch.start", 77.12),
-        ("dispatch.end", 97.6),
-        ("combine.start", 1326.4),
-        ("combine.end", 1346.88),
+        ("dispatch.end", 97.76),
+        ("combine.start", 1326.56),
+        ("combine.end", 1347.04),
     ]
-    assert res.step_time_s == pytest.approx(1388.8e-9, rel=1e-12)
+    assert res.step_time_s == pytest.approx(1388.96e-9, rel=1e-12)
 
 
 def test_every_scenario_dispatcher_has_a_traffic_model() -> None:
@@ -291,3 +297,33 @@ def test_fp8_models_price_the_attention_core_in_bf16() -> None:
     nbytes = work.attention_bytes(T, *shape, 1.0)
     expected = cost.dense_s(proj, nbytes, "fp8") + cost.dense_s(total - proj, 0.0, "bf16")
     assert plan.compute_s["dense"] == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_split_exchange_by_hand_on_two_nodes() -> None:
+    """EP4 on 2 nodes x 2 GPUs, E = 8: every rank sends 2 int64 counts (16 B) to each peer.
+
+    Same-node peer: 16 B over 100 GB/s NVLink (0.16 ns); two remote peers: 32 B
+    through one 10 GB/s NIC (3.2 ns), after the 5 us NIC latency.
+    """
+    from moesim.simulate.plan import CommPricer, split_exchange_s
+
+    hw = hardware("scaleout.latency_us=5.0")
+    for dispatcher, want in [("alltoall", 5e-6 + 3.2e-9), ("hierarchical", 5e-6 + 3.2e-9),
+                             ("low_latency", 0.0), ("allgather", 0.0)]:  # fmt: skip
+        scn = scenario("cluster.nodes=2", "parallel.ep=4", "model.num_experts=8",
+                       f"dispatcher={dispatcher}")  # fmt: skip
+        topo = build_topology(scn, hw)
+        got = split_exchange_s(scn, topo, CommPricer(hw, CostModel(hw), topo))
+        assert got == pytest.approx([want], rel=1e-12), dispatcher
+        plan = build_plan(scn, hw, topo, 0)
+        w = plan.work[0][0]
+        assert w.dispatch.latency_X[0] == pytest.approx(w.combine.latency_X[0] + want, rel=1e-12)
+        res = simulate(scn, hw).to_dict()
+        assert res["details"]["split_exchange_s"] == pytest.approx(want, rel=1e-12)
+
+
+def test_low_latency_dispatch_inside_a_node_goes_over_nvlink(tmp_path: Path) -> None:
+    """DeepEP LL on one node: GPU 1's 8 rows reach GPU 0 over 100 GB/s NVLink, no exchange."""
+    res = simulate(_all_to_expert_zero(tmp_path, "dispatcher=low_latency"), hardware())
+    assert res.dispatch_time_s == pytest.approx(8 * ROW_BYTES / 100e9, rel=1e-12)
+    assert res.combine_time_s == pytest.approx(8 * ROW_BYTES / 100e9, rel=1e-12)

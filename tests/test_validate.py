@@ -18,7 +18,7 @@ from moesim.measure.ep_layer import PHASES, EPCase, EPMeasurement
 from moesim.validation import ep
 from moesim.validation.published import (
     METRICS,
-    expected_remote_nodes,
+    expected_rdma_nodes,
     load_published,
     model_flops_per_token,
 )
@@ -110,13 +110,18 @@ def test_published_table_is_cited_and_loads() -> None:
         assert row.metric in METRICS
 
 
-def test_expected_remote_nodes_by_hand() -> None:
-    """2 nodes, both picked, top-8 of 256: the other node is missed w.p. C(128,8)/C(256,8)."""
-    row = next(r for r in load_published().rows if r.id == "deepep-normal-internode-ep16-dispatch")
-    want = 1.0 - math.comb(128, 8) / math.comb(256, 8)
-    assert expected_remote_nodes(row.scenario) == pytest.approx(want)
-    intranode = next(r for r in load_published().rows if "intranode" in r.id)
-    assert expected_remote_nodes(intranode.scenario) == 0.0
+def test_expected_rdma_nodes_by_hand() -> None:
+    """DeepEP counts the own node: 2 nodes, both picked, top-8 of 256, each node is
+    missed w.p. C(128,8)/C(256,8); EP64 picks 4 of 8 nodes, top-8 of their 128 experts."""
+    rows = {r.id: r for r in load_published().rows}
+    ep16 = rows["deepep-normal-internode-ep16-dispatch"].scenario
+    want16 = 2 * (1 - math.comb(128, 8) / math.comb(256, 8))
+    assert expected_rdma_nodes(ep16) == pytest.approx(want16)
+    ep64 = rows["deepep-normal-internode-ep64-dispatch"].scenario
+    want64 = 4 * (1 - math.comb(96, 8) / math.comb(128, 8))
+    assert expected_rdma_nodes(ep64) == pytest.approx(want64)
+    intranode = rows["deepep-normal-intranode-ep8-dispatch"].scenario
+    assert expected_rdma_nodes(intranode) == 0.0
 
 
 def test_model_flops_per_token_of_mixtral() -> None:
@@ -136,3 +141,28 @@ def test_validate_published_prints_every_row(tmp_path: Path) -> None:
     assert len(report["rows"]) == len(load_published().rows)
     assert all(math.isfinite(r["predicted"]) and r["predicted"] > 0 for r in report["rows"])
     assert "within 20 %" in done.stdout
+
+
+def test_kernel_benchmark_metrics_leave_out_the_split_exchange() -> None:
+    """nccl-tests and DeepEP time the transfer alone: the exchange prefix is taken off.
+
+    2 x 8 H100, 32768 tokens x top-1 x 4096 bf16 = S = 256 MiB per rank; half of it
+    crosses the NIC. With 3 ms of dispatch of which 1 ms exchange, the NIC moved
+    S/2 in 2 ms; busbw = S / 2 ms * 15/16.
+    """
+    rows = {r.id: r for r in load_published().rows}
+    scn = rows["nccl-alltoall-2x8xh100-nic"].scenario
+    res = {"dispatch_time_s": 3e-3, "details": {"split_exchange_s": 1e-3}}
+    S = 32768 * 4096 * 2
+    assert METRICS["alltoall_nic_GBps"](scn, res) == pytest.approx(S / 2 / 2e-3 / 1e9)
+    assert METRICS["alltoall_busbw_GBps"](scn, res) == pytest.approx(S / 2e-3 * 15 / 16 / 1e9)
+    assert METRICS["dispatch_us"](scn, res) == pytest.approx(2000.0)
+    one_node = rows["nccl-alltoall-8xh100-busbw"].scenario
+    with pytest.raises(Exception, match="at least 2 nodes"):
+        METRICS["alltoall_nic_GBps"](one_node, res)
+
+
+def test_bench_grid_covers_the_split_size_exchange() -> None:
+    """E = 8 and 16 experts: the count exchange sends 64 and 128 B per rank; both are benched."""
+    sizes = ep.bench_grids(ep.default_cases(), 2)["alltoall"]["msg_bytes"]
+    assert sizes[:2] == [64, 128] and sizes == sorted(sizes)

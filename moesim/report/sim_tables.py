@@ -35,6 +35,7 @@ def summary_table(r: Any) -> Table:
         ("step time", _time(r.step_time_s)),
         ("throughput", f"{r.throughput_tokens_per_s:,.0f} tok/s"),
         ("dispatch (one layer, one micro-batch)", _time(r.dispatch_time_s)),
+        ("  of which split-size exchange", _time(d.get("split_exchange_s", 0.0))),
         ("combine (one layer, one micro-batch)", _time(r.combine_time_s)),
         ("all-to-all share of step (exposed)", f"{100 * r.alltoall_fraction:.1f} %"),
         ("dispatch bytes per GPU", _bytes(r.dispatch_bytes_per_gpu)),

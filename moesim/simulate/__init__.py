@@ -21,6 +21,11 @@ Modelling choices worth knowing (each module says more):
 - EP groups are contiguous blocks of GPUs and never share a link, so each is
   its own network domain; ``ep`` must be a multiple or divisor of
   ``gpus_per_node`` on multi-node clusters;
+- every forward dispatch with variable splits (``alltoall``, ``hierarchical``)
+  starts with the split-size exchange, a latency-bound all-to-all of per-expert
+  counts (``details.split_exchange_s``); ``low_latency`` (fixed-size buffers)
+  and ``allgather`` have none, and DeepEP low-latency reaches same-node peers
+  over NVLink;
 - backward = 2x forward GEMMs, 1x memory-bound ops, both all-to-alls again in
   the combine dtype; the DP gradient all-reduce is a ring at the end of the step;
 - tensor parallelism divides dense work by ``tp`` (its collectives are not

@@ -148,6 +148,8 @@ def _details(
         "dispatch_dtype": scn.dispatch_dtype,
         "combine_dtype": scn.combine_dtype,
         "alltoall_s_per_step": float(eng.comm_X[int(np.argmax(eng.group_finish_X))]),
+        # part of every forward dispatch (mean over groups): the per-expert count exchange
+        "split_exchange_s": float(plan.split_exchange_X.mean()),
         "sim_events": eng.events,
         "compute_s": dict(plan.compute_s),
     }

@@ -12,6 +12,16 @@ weight gradients) and ``1x`` the memory-bound ops (gate, permute, unpermute).
 Tensor parallelism divides the dense work by ``tp`` (its all-reduces are not
 modelled); pipeline parallelism gives each stage ``ceil(layers / pp)`` MoE
 layers and the step a 1F1B bubble ``(m + pp - 1) / m``.
+
+Split-size exchange: a receiver of an uneven dispatch must know how many rows
+arrive, so dispatchers with variable splits first send every peer their
+per-expert counts (``E / P`` int64 to each rank): Megatron-Core's all-to-all
+dispatcher, the real EP layer of :mod:`moesim.measure.ep_layer` and DeepEP's
+``notify_dispatch``. :func:`split_exchange_s` prices it as a small flat
+all-to-all on the same links (latency-bound) and the forward dispatch waits for
+it (:meth:`Coflows.delayed`). The combine and the backward all-to-alls reuse
+the known splits, and low-latency (fixed-size buffers) and all-gather
+(fixed ``T`` rows) dispatchers need none.
 """
 
 from __future__ import annotations
@@ -79,6 +89,7 @@ class StepPlan:
     grad_allreduce_s: float
     bubble: float
     capacity: int | None  # rows per expert per capacity domain, None = dropless
+    split_exchange_X: F64  # seconds of each group's split-size exchange (0: none)
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,10 @@ class Coflows:
     demand_XL: F64  # bytes per link
     latency_X: F64  # seconds before the bytes flow
     solo_X: F64  # seconds the bytes take with no other coflow: max_l demand / capacity
+
+    def delayed(self, seconds_X: F64) -> Coflows:
+        """The same coflows started ``seconds_X`` later (a step that must finish first)."""
+        return Coflows(self.demand_XL, self.latency_X + seconds_X, self.solo_X)
 
 
 class CommPricer:
@@ -130,9 +145,10 @@ def build_plan(scn: Scenario, hw: HardwareProfile, topo: Topology, seed: int) ->
     stats = LoadStats()
     training = scn.workload.mode == "training"
     pricer = CommPricer(hw, cost, topo)
+    exchange = split_exchange_s(scn, topo, pricer)
     works = [
         [
-            _layer_work(scn, topo, cost, pricer, loads.load(i, m), stats, training)
+            _layer_work(scn, topo, cost, pricer, loads.load(i, m), stats, training, exchange)
             for m in range(mbs)
         ]
         for i in range(layers)
@@ -151,7 +167,29 @@ def build_plan(scn: Scenario, hw: HardwareProfile, topo: Topology, seed: int) ->
         grad_allreduce_s=grad_allreduce_s(scn, hw, layers) if training else 0.0,
         bubble=(mbs + pp - 1) / mbs,
         capacity=loads.capacity_per_domain,
+        split_exchange_X=exchange,
     )
+
+
+#: dispatchers whose splits vary per step, so that counts are exchanged before the rows
+SPLIT_EXCHANGE = frozenset({"alltoall", "hierarchical"})
+#: bytes of one exchanged count (int64)
+COUNT_BYTES = 8.0
+
+
+def split_exchange_s(scn: Scenario, topo: Topology, pricer: CommPricer) -> F64:
+    """Seconds ``[X]`` of the per-expert count exchange before every forward dispatch.
+
+    Every rank sends ``E / P`` int64 counts to each other rank of its group (NVLink
+    inside a node, NIC across nodes): latency plus bytes, alone on the links.
+    Zero for dispatchers that need no exchange (see :data:`SPLIT_EXCHANGE`).
+    """
+    X, P = topo.num_groups, topo.ep
+    if scn.dispatcher not in SPLIT_EXCHANGE or P == 1:
+        return np.zeros(X)
+    counts = np.full((X, P, P), float(scn.model.num_experts // P))
+    cf = pricer.price(flat_links(counts, topo), COUNT_BYTES)
+    return cf.latency_X + cf.solo_X
 
 
 def _slowdowns(scn: Scenario) -> F64:
@@ -169,6 +207,7 @@ def _layer_work(
     load: Load,
     st: LoadStats,
     training: bool,
+    exchange_X: F64,
 ) -> LayerWork:
     X, P = topo.num_groups, topo.ep
     E, D = scn.model.num_experts, scn.model.hidden_size
@@ -182,6 +221,7 @@ def _layer_work(
     dispatch = pricer.price(rows_XL, row_bytes(D, scn.dispatch_dtype))
     combine = pricer.price(rows_XL[:, topo.swap_L], comb_bytes)
     grad = pricer.price(rows_XL, comb_bytes) if training else dispatch
+    dispatch = dispatch.delayed(exchange_X)  # only the forward dispatch learns new splits
     return LayerWork(np.asarray(experts_s, dtype=np.float64), dispatch, combine, grad)
 
 
@@ -218,7 +258,8 @@ def _hierarchical_rows(scn: Scenario, topo: Topology, load: Load) -> F64:
 
 
 def _low_latency_rows(scn: Scenario, topo: Topology, load: Load) -> F64:
-    return flat_links(_per_rank_XPP(scn, topo, load), topo, nic_only=True)
+    """DeepEP low-latency: one message per (token, expert) copy; same-node peers over NVLink."""
+    return flat_links(_per_rank_XPP(scn, topo, load), topo)
 
 
 #: dispatcher name -> rows per link ``[X, L]`` of one dispatch (see :mod:`.traffic`)

@@ -15,8 +15,12 @@ Dispatchers (registered in :data:`moesim.simulate.plan.DISPATCH_ROWS`):
 - ``hierarchical`` (DeepEP normal): a token crosses the network once per
   target *node*, to the GPU with the sender's local rank there, which forwards
   it over NVLink once per target GPU of that node.
-- ``low_latency`` (DeepEP low-latency): every copy is an RDMA send through the
-  NICs, also inside a node; cost is dominated by per-message latency.
+- ``low_latency`` (DeepEP low-latency): one message per (token, expert) copy,
+  like ``alltoall``: to a peer of the same node it is a warp copy over NVLink
+  (``nvshmemi_get_p2p_ptr`` non-null: DeepEP's default
+  ``allow_nvlink_for_low_latency_mode=True``), to other nodes an IBGDA RDMA
+  put. It differs from ``alltoall`` in needing no split-size exchange
+  (fixed-size receive buffers; see :mod:`moesim.simulate.plan`).
 """
 
 from __future__ import annotations
@@ -34,13 +38,17 @@ def node_onehot_PN(topo: Topology) -> F64:
     return (topo.node_of_P[:, None] == np.arange(topo.nodes_per_group)[None, :]).astype(float)
 
 
-def flat_links(rows_XPP: F64, topo: Topology, *, nic_only: bool = False) -> F64:
-    """Link rows ``[X, L]`` when rank ``s`` sends ``rows_XPP[x, s, d]`` rows to rank ``d``."""
+def flat_links(rows_XPP: F64, topo: Topology) -> F64:
+    """Link rows ``[X, L]`` when rank ``s`` sends ``rows_XPP[x, s, d]`` rows to rank ``d``.
+
+    Same-node rows take NVLink, other rows the NICs (and uplinks); a rank's rows
+    to itself stay in its memory.
+    """
     same = topo.same_node_PP()
     off = ~np.eye(topo.ep, dtype=bool)
     cross = rows_XPP * ~same
-    nvl = np.zeros_like(rows_XPP) if nic_only else rows_XPP * (same & off)
-    nic = rows_XPP * off if nic_only else cross
+    nvl = rows_XPP * (same & off)
+    nic = cross
     M = node_onehot_PN(topo)
     up_out = cross.sum(-1) @ M
     up_in = cross.sum(-2) @ M

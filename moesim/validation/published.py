@@ -28,11 +28,14 @@ PUBLISHED_PATH = Path(__file__).with_name("published.yaml")
 Metric = Literal[
     "dispatch_GBps",
     "combine_GBps",
+    "dispatch_nvl_GBps",
+    "combine_nvl_GBps",
     "dispatch_rdma_GBps",
     "combine_rdma_GBps",
     "dispatch_us",
     "combine_us",
     "alltoall_busbw_GBps",
+    "alltoall_nic_GBps",
     "tokens_per_s_per_gpu",
     "model_tflops_per_gpu",
 ]
@@ -90,12 +93,45 @@ def load_published(path: str | Path = PUBLISHED_PATH) -> PublishedTable:
 # -- reading a metric off a simulation ----------------------------------------------
 
 
-def _busbw(scn: Scenario, res: Mapping[str, Any]) -> float:
-    """nccl-tests: algbw = S / t with S = bytes per rank (every copy, self included)."""
+def transfer_s(res: Mapping[str, Any]) -> float:
+    """Dispatch seconds without the split-size exchange (``details.split_exchange_s``).
+
+    Kernel benchmarks time the transfer alone: nccl-tests' all-to-all has fixed
+    splits, and DeepEP's tests time ``dispatch`` with a cached ``handle``, which
+    skips ``notify_dispatch``. The engine adds the exchange as a prefix of every
+    forward dispatch, so removing it leaves the transfer exactly.
+    """
+    return float(res["dispatch_time_s"]) - float(res["details"].get("split_exchange_s", 0.0))
+
+
+def _alltoall_bytes(scn: Scenario) -> float:
+    """nccl-tests ``S``: bytes per rank, every copy (self included)."""
     m = scn.model
-    size = scn.workload.tokens_per_gpu * m.top_k * m.hidden_size * DTYPE_BYTES[scn.dispatch_dtype]
+    return scn.workload.tokens_per_gpu * m.top_k * m.hidden_size * DTYPE_BYTES[scn.dispatch_dtype]
+
+
+def _busbw(scn: Scenario, res: Mapping[str, Any]) -> float:
+    """nccl-tests all-to-all: ``busbw = S / t * (n-1)/n`` (src/alltoall.cu ``AlltoAllGetBw``)."""
     n = scn.parallel.ep
-    return size / res["dispatch_time_s"] * (n - 1) / n / 1e9
+    return _alltoall_bytes(scn) / transfer_s(res) * (n - 1) / n / 1e9
+
+
+def _nic_GBps(scn: Scenario, res: Mapping[str, Any]) -> float:
+    """Rate of one GPU's NIC in an all-to-all over ``N`` nodes: ``S (N-1)/N / t``.
+
+    With even splits ``(N-1)/N`` of a rank's ``S`` bytes leave its node and set
+    the time (NCCL maintainers, nccl-tests issue 130: on ``N`` nodes all-to-all
+    busbw is about ``N/(N-1)`` times the per-GPU network bandwidth). Equals
+    ``busbw * n/(n-1) * (N-1)/N`` for ``n`` ranks.
+    """
+    nodes = scn.parallel.ep // scn.cluster.gpus_per_node
+    if nodes < 2:
+        raise ConfigError(
+            "alltoall_nic_GBps needs an EP group over at least 2 nodes",
+            field="parallel.ep",
+            value=scn.parallel.ep,
+        )
+    return _alltoall_bytes(scn) * (nodes - 1) / nodes / transfer_s(res) / 1e9
 
 
 def _combine_bytes(scn: Scenario, res: Mapping[str, Any]) -> float:
@@ -103,33 +139,63 @@ def _combine_bytes(scn: Scenario, res: Mapping[str, Any]) -> float:
     return float(res["dispatch_bytes_per_gpu"]) * ratio
 
 
-def expected_remote_nodes(scn: Scenario) -> float:
-    """Mean number of *other* nodes a token's top-k experts live on (uniform routing).
+def expected_rdma_nodes(scn: Scenario) -> float:
+    """Mean distinct nodes (the token's own included) a token's top-k experts live on.
 
-    With node-limited routing (``n_group`` = nodes of the EP group) a token picks
-    ``topk_group`` nodes, then its k experts uniformly among their experts; a picked
-    node may still end up with none of the k. Without it, experts are uniform over all.
+    This is DeepEP's RDMA count: ``tests/test_internode.py`` sums
+    ``num_rdma_token_sent``, the distinct (token, node) pairs with the sender's own
+    node counted, so its "RDMA bandwidth" is a logical one (DeepEP's V2 README says
+    so). Under uniform routing with node-limited groups (``n_group`` = nodes of the
+    EP group) a token picks ``topk_group`` nodes, then its k experts uniformly among
+    their experts; a picked node may still get none of the k. 0 on one node.
     """
-    m, r = scn.model, scn.router
-    nodes = max(1, scn.parallel.ep // scn.cluster.gpus_per_node)
+    m = scn.model
+    nodes, g = _groups(scn)
+    if nodes == 1:
+        return 0.0
     per_node = m.num_experts // nodes
-    g = r.topk_group if (r.n_group == nodes and r.topk_group) else nodes
     empty = math.comb((g - 1) * per_node, m.top_k) / math.comb(g * per_node, m.top_k)
-    return (nodes - 1) * (g / nodes) * (1.0 - empty)
+    return g * (1.0 - empty)
+
+
+def _groups(scn: Scenario) -> tuple[int, int]:
+    """``(nodes of the EP group, nodes a token may pick)`` under node-limited routing."""
+    r = scn.router
+    nodes = max(1, scn.parallel.ep // scn.cluster.gpus_per_node)
+    return nodes, r.topk_group if (r.n_group == nodes and r.topk_group) else nodes
+
+
+def expected_ranks(scn: Scenario) -> float:
+    """Mean distinct EP ranks (its own included) a token's top-k experts live on.
+
+    A token picks its nodes, then k experts uniformly among theirs; each of the
+    picked nodes' ranks holds ``E / ep`` of them and is missed with probability
+    ``C(pool - E/ep, k) / C(pool, k)``. DeepEP sends a token once per such rank.
+    """
+    m = scn.model
+    nodes, g = _groups(scn)
+    ranks = g * scn.parallel.ep // nodes
+    pool, local = g * m.num_experts // nodes, m.num_experts // scn.parallel.ep
+    return ranks * (1.0 - math.comb(pool - local, m.top_k) / math.comb(pool, m.top_k))
+
+
+def _row_bytes(scn: Scenario, dtype: str) -> float:
+    """Bytes of one token as DeepEP's tests count them: FP8 with one fp32 scale per 128."""
+    per_elem = DTYPE_BYTES[dtype] * (1.0 + 4.0 / 128.0 if dtype == "fp8" else 1.0)
+    return scn.model.hidden_size * per_elem
+
+
+def _nvl_bytes(scn: Scenario, dtype: str) -> float:
+    """DeepEP intranode: bytes a rank receives (``recv_x``), its own tokens included."""
+    return scn.workload.tokens_per_gpu * expected_ranks(scn) * _row_bytes(scn, dtype)
 
 
 def _rdma_bytes(scn: Scenario, dtype: str) -> float:
-    """Bytes a GPU sends over RDMA: one copy per remote node per token (DeepEP's count).
+    """DeepEP's RDMA bytes of one GPU: one copy per token per node it goes to (own included).
 
     FP8 rows carry one fp32 scale per 128 elements, as DeepEP counts them.
     """
-    m = scn.model
-    per_elem = DTYPE_BYTES[dtype] * (1.0 + 4.0 / 128.0 if dtype == "fp8" else 1.0)
-    return scn.workload.tokens_per_gpu * expected_remote_nodes(scn) * m.hidden_size * per_elem
-
-
-def _rdma_GBps(scn: Scenario, dtype: str, seconds: float) -> float:
-    return _rdma_bytes(scn, dtype) / seconds / 1e9
+    return scn.workload.tokens_per_gpu * expected_rdma_nodes(scn) * _row_bytes(scn, dtype)
 
 
 def model_flops_per_token(scn: Scenario) -> float:
@@ -163,15 +229,16 @@ def _tokens_per_gpu(scn: Scenario, res: Mapping[str, Any]) -> float:
 
 #: metric -> ``(scenario, simulate JSON) -> predicted value in the row's unit``
 METRICS: dict[str, Callable[[Scenario, Mapping[str, Any]], float]] = {
-    "dispatch_GBps": lambda s, r: r["dispatch_bytes_per_gpu"] / r["dispatch_time_s"] / 1e9,
+    "dispatch_GBps": lambda s, r: r["dispatch_bytes_per_gpu"] / transfer_s(r) / 1e9,
     "combine_GBps": lambda s, r: _combine_bytes(s, r) / r["combine_time_s"] / 1e9,
-    "dispatch_rdma_GBps": lambda s, r: (
-        _rdma_bytes(s, s.dispatch_dtype) / r["dispatch_time_s"] / 1e9
-    ),
+    "dispatch_nvl_GBps": lambda s, r: _nvl_bytes(s, s.dispatch_dtype) / transfer_s(r) / 1e9,
+    "combine_nvl_GBps": lambda s, r: _nvl_bytes(s, s.combine_dtype) / r["combine_time_s"] / 1e9,
+    "dispatch_rdma_GBps": lambda s, r: _rdma_bytes(s, s.dispatch_dtype) / transfer_s(r) / 1e9,
     "combine_rdma_GBps": lambda s, r: _rdma_bytes(s, s.combine_dtype) / r["combine_time_s"] / 1e9,
-    "dispatch_us": lambda s, r: r["dispatch_time_s"] * 1e6,
+    "dispatch_us": lambda s, r: transfer_s(r) * 1e6,
     "combine_us": lambda s, r: r["combine_time_s"] * 1e6,
     "alltoall_busbw_GBps": _busbw,
+    "alltoall_nic_GBps": _nic_GBps,
     "tokens_per_s_per_gpu": _tokens_per_gpu,
     "model_tflops_per_gpu": lambda s, r: _tokens_per_gpu(s, r) * model_flops_per_token(s) / 1e12,
 }
