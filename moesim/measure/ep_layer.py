@@ -32,7 +32,7 @@ from moesim.kernels.dispatch import permute, unpermute
 from moesim.kernels.experts import experts_forward
 from moesim.kernels.gating import Routing, route, router_logits
 from moesim.measure.distributed import default_backend, launch
-from moesim.measure.ep_probe import pin_rank, usable_cores
+from moesim.measure.ep_probe import keep_freed_memory, pin_rank, usable_cores
 
 PHASES = ("gate", "permute", "dispatch", "experts", "combine", "unpermute")
 COMPUTE_PHASES = ("gate", "permute", "experts", "unpermute")
@@ -287,6 +287,7 @@ def run_rank(
     cores = usable_cores()  # before pinning narrows this process to one core
     if device.type == "cpu":
         pin_rank(rank)
+        keep_freed_memory()  # as the calibration bench: no fresh pages per step
     w = make_weights(case)
     w = EPWeights(**{k: v.to(device) for k, v in asdict(w).items()})
     local = w.local(rank, world)

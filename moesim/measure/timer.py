@@ -14,8 +14,9 @@ Every path first warms up for a time budget (at least one call).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,23 @@ import torch.utils.benchmark as tbench
 FLUSH_BYTES = 256 * 2**20
 CPU_FLUSH_BYTES = 64 * 2**20
 MAX_CUDA_SAMPLES = 2000
+#: a flushed CPU timing also stops once flushes and calls together took this many budgets
+CPU_FLUSH_WALL_BUDGETS = 4.0
+_cpu_flush_default = [False]
+
+
+@contextlib.contextmanager
+def cpu_flush_by_default(on: bool = True) -> Iterator[None]:
+    """Within the block, CPU :func:`time_fn` calls with ``flush_cache=None`` flush caches.
+
+    For measuring kernels as a real layer runs them: once per step on data that the
+    other phases have evicted, not in a hot loop. Explicit ``flush_cache`` wins.
+    """
+    previous, _cpu_flush_default[0] = _cpu_flush_default[0], on
+    try:
+        yield
+    finally:
+        _cpu_flush_default[0] = previous
 
 
 @dataclass(frozen=True)
@@ -68,7 +86,7 @@ def time_fn(
     ``threads`` fixes torch's intra-op thread count for the measurement (default:
     the current count), recorded in the result. ``flush_cache`` defaults to
     True on CUDA and False on CPU (CPU suites use sizes beyond the caches where
-    bandwidth matters).
+    bandwidth matters; :func:`cpu_flush_by_default` makes it True on CPU).
     """
     if budget_s <= 0 or warmup_s < 0:
         raise ValueError(f"budget_s must be > 0 and warmup_s >= 0, got {budget_s}, {warmup_s}")
@@ -78,6 +96,8 @@ def time_fn(
         return _time_cuda(fn, budget_s, warmup_s, flush, threads)
     if device != "cpu":
         raise ValueError(f"device = {device!r}: allowed: cpu, cuda")
+    if flush_cache is None:
+        flush_cache = _cpu_flush_default[0]
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -113,7 +133,8 @@ def _time_cpu_flushed(fn: Callable[[], Any], budget_s: float, threads: int) -> T
     scratch = torch.empty(CPU_FLUSH_BYTES // 4, dtype=torch.float32)
     samples: list[float] = []
     spent = 0.0
-    while len(samples) < 3 or spent < budget_s:
+    wall_end = time.perf_counter() + CPU_FLUSH_WALL_BUDGETS * budget_s
+    while len(samples) < 3 or (spent < budget_s and time.perf_counter() < wall_end):
         scratch.fill_(len(samples))
         start = time.perf_counter()
         fn()

@@ -118,19 +118,25 @@ def calibrate_here(
     from moesim.calibrate.profile import base_profile_name, peek_device
     from moesim.config.loader import load_hardware
     from moesim.measure.bench import run_bench
+    from moesim.measure.ep_probe import keep_freed_memory
+    from moesim.measure.timer import cpu_flush_by_default
 
+    keep_freed_memory()  # the layer's ranks run so too: kernels timed on reused pages
     device = "cuda" if torch.cuda.is_available() else "cpu"
     suites = ["roofline", "gating", "dispatch", "experts"] + (["alltoall"] if world > 1 else [])
-    results = run_bench(
-        suites,
-        device=device,
-        quick=True,
-        out_dir=out_dir,
-        grids=bench_grids(cases, world),
-        world=max(world, 2),
-        threads=1,
-        progress=progress,
-    )
+    # the layer runs each kernel once per step on data the other phases evicted from
+    # the caches: time them so (a hot loop under-prices gate / unpermute by ~40 %)
+    with cpu_flush_by_default():
+        results = run_bench(
+            suites,
+            device=device,
+            quick=True,
+            out_dir=out_dir,
+            grids=bench_grids(cases, world),
+            world=max(world, 2),
+            threads=1,
+            progress=progress,
+        )
     base = load_hardware(base_profile_name(*peek_device([results])))
     report = calibrate([results], base=base, name=f"{device}-ep{world}")
     path = out_dir / f"{device}-ep{world}-calibrated.yaml"
@@ -197,14 +203,22 @@ def compute_slowdown(m: EPMeasurement, cores: int, interference: float) -> float
 
     ``interference`` is the measured co-run penalty (caches, memory bandwidth,
     clock; :func:`moesim.measure.ep_probe.co_run_factor`). With more ranks than
-    cores, the OS shares the cores: the busiest rank (W_max rows received) cannot
-    finish before the total work over the cores, ``max(W_max, sum W / cores)``,
-    so it is stretched by ``max(1, sum W / (cores * W_max))``. Rows come from the
-    measured routing (the same the simulator is given), not from measured times.
+    cores, ranks share cores, and each is pinned (rank r on core ``r % cores``,
+    :func:`moesim.measure.ep_probe.pin_rank`), so a rank shares only with the
+    ranks on its own core: fairly shared, rank r (W_r rows received) finishes
+    after ``W_r + sum over its core-mates m of min(W_r, W_m)`` row-times. The
+    slowest of those over the busiest rank's own ``W_max`` is the stretch (a
+    skewed load whose busiest rank shares a core with an idle one is barely
+    slowed; one sharing with a busy one is). Rows come from the measured routing
+    (the same the simulator is given), not from measured times.
     """
     rows = [max(r, 0) for r in m.recv_rows_R]
-    busiest = max(max(rows), 1)
-    return interference * max(1.0, sum(rows) / (max(cores, 1) * busiest))
+    n = max(cores, 1)
+    finish = [
+        w + sum(min(w, v) for j, v in enumerate(rows) if j != r and j % n == r % n)
+        for r, w in enumerate(rows)
+    ]
+    return interference * max(1.0, max(finish) / max(max(rows), 1))
 
 
 def predict(m: EPMeasurement, hw: HardwareProfile, trace: Path, slowdown: float) -> dict[str, Any]:
