@@ -6,7 +6,10 @@ its one-line message on stderr and exits 2. Anything else is a bug: exit 1.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+V = TypeVar("V")
 
 
 class UserError(Exception):
@@ -54,3 +57,12 @@ class ConfigError(UserError):
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def lookup(registry: Mapping[str, V], name: str, *, field: str, what: str) -> V:
+    """``registry[name]``, or a ConfigError naming the field, the value and the valid names."""
+    try:
+        return registry[name]
+    except KeyError:
+        allowed = ", ".join(registry)
+        raise ConfigError(f"unknown {what}; allowed: {allowed}", field=field, value=name) from None

@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from moesim.errors import ConfigError
+from moesim.errors import lookup
 from moesim.kernels.gating import Routing
 
 __all__ = ["DISPATCH_STRATEGIES", "DispatchState", "Dispatcher", "permute", "unpermute"]
@@ -228,12 +228,7 @@ DISPATCH_STRATEGIES: dict[str, Dispatcher] = {
 
 
 def _strategy(name: str) -> Dispatcher:
-    if name not in DISPATCH_STRATEGIES:
-        allowed = ", ".join(DISPATCH_STRATEGIES)
-        raise ConfigError(
-            f"unknown dispatch strategy; allowed: {allowed}", field="strategy", value=name
-        )
-    return DISPATCH_STRATEGIES[name]
+    return lookup(DISPATCH_STRATEGIES, name, field="strategy", what="dispatch strategy")
 
 
 def permute(

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moesim.errors import ConfigError
+from moesim.errors import ConfigError, lookup
 from moesim.kernels.dispatch import permute, unpermute
 from moesim.kernels.gating import RouterSpec, Routing, route, router_logits
 
@@ -152,12 +152,7 @@ EXPERT_STRATEGIES: dict[str, GroupedMatmul] = {
 
 
 def _strategy(name: str) -> GroupedMatmul:
-    if name not in EXPERT_STRATEGIES:
-        allowed = ", ".join(EXPERT_STRATEGIES)
-        raise ConfigError(
-            f"unknown expert strategy; allowed: {allowed}", field="strategy", value=name
-        )
-    return EXPERT_STRATEGIES[name]
+    return lookup(EXPERT_STRATEGIES, name, field="strategy", what="expert strategy")
 
 
 def _check_activation(name: str) -> None:

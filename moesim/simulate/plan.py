@@ -39,7 +39,7 @@ from moesim.config.scenario import Scenario
 from moesim.costs import work
 from moesim.costs.curves import eval_curve
 from moesim.costs.model import CostModel
-from moesim.errors import ConfigError
+from moesim.errors import lookup
 from moesim.simulate.loads import Load, LoadModel
 from moesim.simulate.topology import Topology, spec_bandwidths
 from moesim.simulate.traffic import flat_links, hierarchical_links
@@ -273,14 +273,7 @@ DISPATCH_ROWS: dict[str, Callable[[Scenario, Topology, Load], F64]] = {
 
 def dispatch_rows(scn: Scenario, topo: Topology, load: Load) -> F64:
     """Rows per link ``[X, L]`` of one dispatch, for the scenario's dispatcher."""
-    try:
-        rows = DISPATCH_ROWS[scn.dispatcher]
-    except KeyError:
-        raise ConfigError(
-            f"unknown dispatcher; allowed: {', '.join(DISPATCH_ROWS)}",
-            field="dispatcher",
-            value=scn.dispatcher,
-        ) from None
+    rows = lookup(DISPATCH_ROWS, scn.dispatcher, field="dispatcher", what="dispatcher")
     return rows(scn, topo, load)
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from moesim.config.scenario import RoutingConfig
-from moesim.errors import ConfigError
+from moesim.errors import ConfigError, lookup
 
 F64 = NDArray[np.float64]
 F32 = NDArray[np.float32]
@@ -68,14 +68,12 @@ DISTRIBUTIONS: dict[str, Callable[[RoutingConfig, int, np.random.Generator], F64
 
 def popularity(cfg: RoutingConfig, E: int, rng: np.random.Generator) -> F64:
     """Base expert popularity ``p_E`` (sums to 1) for a synthetic distribution."""
-    try:
-        sampler = DISTRIBUTIONS[cfg.distribution]
-    except KeyError:
-        raise ConfigError(
-            f"not a synthetic distribution; allowed: {', '.join(DISTRIBUTIONS)}",
-            field="workload.routing.distribution",
-            value=cfg.distribution,
-        ) from None
+    sampler = lookup(
+        DISTRIBUTIONS,
+        cfg.distribution,
+        field="workload.routing.distribution",
+        what="synthetic distribution",
+    )
     return sampler(cfg, E, rng)
 
 
