@@ -57,6 +57,7 @@ def truth_profile() -> HardwareProfile:
             "gating.sigmoid_topk": _mem(55.0, (0.4, 2.5, 5.0, 4.0)),
             "permute": _mem(20.0, (1.0, 5.0, 8.0, 5.0)),
             "unpermute": _mem(25.0, (1.0, 4.0, 7.0, 5.0)),
+            "regroup": _mem(15.0, (1.5, 6.0, 9.0, 6.0)),
             "copy": _mem(5.0, (1.0, 8.0, 12.0, 10.0)),
         },
         gemm={"fp32": GemmFit(latency_us=20.0, per_expert_us=8.0, tflops=_tf((0.01, 0.04, 0.06)))},
@@ -99,6 +100,10 @@ def true_rows(cm: CostModel, suites: tuple[str, ...] = SUITES) -> list[dict[str,
                 t = float(cm.memory_s(op, nbytes))
                 for strat, slow in (("sort", 1.0), ("scatter", 1.25)):
                     rows.append(_row("dispatch", op, t * slow, strategy=strat, T=T, D=D, E=8, K=2))
+        for T in Ts:  # T*K rows received from 2 ranks, sorted over 4 local experts
+            t = float(cm.regroup_s(T * 2, D, "fp32"))
+            kw = dict(strategy="sort_chunks", T=T, D=D, E=8, K=2, world=2)
+            rows.append(_row("dispatch", "regroup", t, **kw))
     if "roofline" in suites:
         for nbytes in np.geomspace(1e3, 1e9, 13):
             t = float(cm.memory_s("copy", nbytes))
@@ -290,6 +295,7 @@ def test_synthetic_calibration_meets_error_target(report: Any) -> None:
         "gating",
         "permute",
         "unpermute",
+        "regroup",
         "copy",
         "experts",
         "gemm",
@@ -307,6 +313,9 @@ def test_calibrated_profile_prices_close_to_the_truth(report: Any, results_file:
     for op in ("permute", "unpermute"):
         b = getattr(work, f"{op}_bytes")(T, D, 2, 4.0)
         assert fitted.memory_s(op, b) == pytest.approx(truth.memory_s(op, b), rel=0.06)
+    assert fitted.regroup_s(2 * T, D, "fp32") == pytest.approx(
+        truth.regroup_s(2 * T, D, "fp32"), rel=0.06
+    )
     m = np.array([zipf_tokens(600, 8, 1.2), [75] * 8])
     assert fitted.experts_s(m, D, F, "fp32") == pytest.approx(
         truth.experts_s(m, D, F, "fp32"), rel=0.06
@@ -353,7 +362,7 @@ def test_missing_suites_fall_back_and_say_so(tmp_path: Path) -> None:
     cal = rep.profile.calibration
     assert set(rep.families) == {"copy", "experts", "gemm"}
     missing = sorted(f.split(":")[0] for f in cal.fallbacks)
-    assert missing == ["alltoall", "gating", "permute", "unpermute"]
+    assert missing == ["alltoall", "gating", "permute", "regroup", "unpermute"]
     assert "copy fit" in next(f for f in cal.fallbacks if f.startswith("permute"))
     cm = CostModel(rep.profile)  # still prices every op
     assert cm.memory_s("permute", 1e6) == cm.memory_s("copy", 1e6)

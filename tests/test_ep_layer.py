@@ -11,6 +11,7 @@ import torch
 from moesim.measure.distributed import DistributedError
 from moesim.measure.ep_layer import (
     PHASES,
+    SUB_PHASES,
     EPCase,
     EPMeasurement,
     EPMismatch,
@@ -19,7 +20,6 @@ from moesim.measure.ep_layer import (
     make_inputs,
     make_weights,
     reference_layer,
-    regroup,
     run_ep_cases,
     run_ep_layer,
 )
@@ -64,7 +64,7 @@ def test_ep_layer_matches_reference_on_two_gloo_ranks(
         assert m.recv_rows_R == [2 * case.tokens, 0]
     if name == "capacity":
         assert int(m.kept_RTK.sum()) < 2 * case.tokens * case.top_k
-    assert set(m.phases_s) == {*PHASES, "dispatch_counts"}
+    assert set(m.phases_s) == {*PHASES, *SUB_PHASES}
     assert all(v > 0 for v in m.phases_s.values())
     assert len(m.step_samples_s) == 2 and m.step_s >= max(m.phases_s.values())
 
@@ -92,17 +92,6 @@ def test_reference_layer_by_hand() -> None:
     torch.testing.assert_close(reference_layer(x, w, case)[0], h @ w.w_down_EFD[0])
 
 
-def test_regroup_orders_rows_by_local_expert_then_source_and_back() -> None:
-    counts_RL = torch.tensor([[1, 2], [0, 1]])  # source 0: e0 x1, e1 x2; source 1: e1 x1
-    x = torch.arange(4.0)[:, None]  # rows: s0e0, s0e1, s0e1, s1e1
-    grouped = regroup(x, counts_RL)
-    assert grouped.flatten().tolist() == [0.0, 1.0, 2.0, 3.0]
-    counts_RL = torch.tensor([[1, 1], [1, 1]])  # rows: s0e0, s0e1, s1e0, s1e1
-    x = torch.arange(4.0)[:, None]
-    assert regroup(x, counts_RL).flatten().tolist() == [0.0, 2.0, 1.0, 3.0]
-    torch.testing.assert_close(regroup(regroup(x, counts_RL), counts_RL, inverse=True), x)
-
-
 def test_output_check_catches_a_wrong_output() -> None:
     case = replace(CASES["uneven"], tokens=8)
     good = reference_layer(make_inputs(case, 0), make_weights(case), case)
@@ -127,3 +116,28 @@ def test_ep_layer_on_nccl_matches_reference(world: int) -> None:
         pytest.skip(f"needs {world} CUDA devices")
     m = run_ep_layer(CASES["uneven"], world, steps=2, warmup=1, backend="nccl", timeout_s=120)
     assert m.backend == "nccl" and m.max_abs_error <= 1e-3
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    kids = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in kids.read_text().split()] if kids.exists() else []
+
+
+def test_keep_cores_awake_spins_at_idle_priority_one_per_core_and_cleans_up() -> None:
+    import os
+
+    from moesim.measure.ep_probe import keep_cores_awake, usable_cores
+
+    if not hasattr(os, "SCHED_IDLE") or not os.path.exists(f"/proc/{os.getpid()}/task"):
+        pytest.skip("SCHED_IDLE and /proc are Linux's")
+    before = set(_children(os.getpid()))
+    with keep_cores_awake() as n:
+        spinners = [p for p in _children(os.getpid()) if p not in before]
+        assert n == usable_cores() == len(spinners)
+        assert all(os.sched_getscheduler(p) == os.SCHED_IDLE for p in spinners)
+        assert sorted(next(iter(os.sched_getaffinity(p))) for p in spinners) == sorted(
+            os.sched_getaffinity(0)
+        )
+    assert not set(_children(os.getpid())) - before

@@ -7,7 +7,7 @@ import torch
 
 from moesim.errors import ConfigError
 from moesim.kernels import reference as ref
-from moesim.kernels.dispatch import DISPATCH_STRATEGIES, permute, unpermute
+from moesim.kernels.dispatch import DISPATCH_STRATEGIES, permute, sort_chunks, unpermute
 from moesim.kernels.experts import (
     EXPERT_STRATEGIES,
     ExpertWeights,
@@ -410,3 +410,31 @@ def test_biased_gpt_oss_experts_match_a_per_row_loop(dispatch, experts):
         row = _gpt_oss_row(x[t], gate[e], up[e], w.w_down_EFD[e], bg[e], bu[e], bd[e])
         want[t] += routing.weights_TK[t, j] * row
     torch.testing.assert_close(unpermute(y_ND, state, dispatch), want, atol=1e-4, rtol=1e-5)
+
+
+# (sources R, local experts L, counts or None for random): what the chunks look like
+SORT_CHUNKS_CASES = {
+    "hand": (2, 2, [[1, 2], [0, 1]]),  # rows s0e0, s0e1, s0e1, s1e1 -> e0: s0; e1: s0 s0 s1
+    "interleaved": (2, 2, [[1, 1], [1, 1]]),  # s0e0 s0e1 s1e0 s1e1 -> s0e0 s1e0 s0e1 s1e1
+    "one_source": (1, 3, None),
+    "one_expert": (4, 1, None),  # the identity, no copy
+    "random_4x3": (4, 3, None),
+    "all_empty_but_one": (3, 2, [[0, 0], [0, 5], [0, 0]]),
+    "nothing": (2, 3, [[0, 0, 0], [0, 0, 0]]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SORT_CHUNKS_CASES))
+def test_sort_chunks_matches_chunk_by_chunk_reference(name: str) -> None:
+    R, L, counts = SORT_CHUNKS_CASES[name]
+    g = torch.Generator().manual_seed(len(name))
+    counts_RL = torch.randint(0, 4, (R, L), generator=g) if counts is None else torch.tensor(counts)
+    x_MD = torch.randn(int(counts_RL.sum()), 3, generator=g)
+    grouped_MD = sort_chunks(x_MD, counts_RL)
+    torch.testing.assert_close(grouped_MD, ref.ref_sort_chunks(x_MD, counts_RL))
+    torch.testing.assert_close(sort_chunks(grouped_MD, counts_RL, inverse=True), x_MD)
+
+
+def test_sort_chunks_hand_case_order() -> None:
+    x_MD = torch.arange(4.0)[:, None]
+    assert sort_chunks(x_MD, torch.tensor([[1, 1], [1, 1]])).flatten().tolist() == [0, 2, 1, 3]

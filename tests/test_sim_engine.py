@@ -34,7 +34,8 @@ def test_a_straggler_delays_the_dispatch_and_the_combine(slowdown: float) -> Non
     hw = hardware()
     res = simulate(scn, hw, trace=True)
     plan = build_plan(scn, hw, build_topology(scn, hw), scn.workload.seed)
-    c, exp = plan.compute_s, plan.work[0][0].experts_s_G
+    w = plan.work[0][0]
+    c, exp = plan.compute_s, w.experts_s_G + w.regroup_s_G
     before = (c["gate"] + c["permute"]) * slowdown  # GPU 1 is the last one ready
     assert _log(res, "dispatch.start") == pytest.approx(before, rel=1e-12)
     experts_end = max(exp[0], exp[1] * slowdown)
@@ -66,10 +67,36 @@ def test_dropless_vs_capacity_limited_layer(tmp_path: Path) -> None:
     assert limited.dispatch_time_s == pytest.approx(EXCHANGE_S + 2 * ROW_BYTES / 100e9, rel=1e-12)
     assert dropless.dispatch_bytes_per_gpu == 8 * ROW_BYTES / 2
     e = cost.experts_s(np.array([[16.0, 0.0], [4.0, 0.0]]), 64, 128, "fp32")
-    assert dropless.phases_s["experts"] == pytest.approx(e[0], rel=1e-12)
-    assert limited.phases_s["experts"] == pytest.approx(e[1], rel=1e-12)
+    # GPU 0 sorts its 16 (or 4) received rows by local expert and back: two gathers,
+    # each reading and writing 256 B rows plus an 8 B index, at 100 GB/s
+    regroup = [2 * (2 * m * ROW_BYTES + 8 * m) / 100e9 for m in (16, 4)]
+    assert dropless.phases_s["experts"] == pytest.approx(e[0] + regroup[0], rel=1e-12)
+    assert limited.phases_s["experts"] == pytest.approx(e[1] + regroup[1], rel=1e-12)
+    assert dropless.details["regroup_s"] == pytest.approx(regroup[0] / 2, rel=1e-12)
     assert dropless.load_imbalance == 4.0  # all on one of four experts
     assert dropless.gpu_load_imbalance == 2.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "regrouped"),
+    [
+        ((), True),
+        (("dispatcher=low_latency",), False),  # DeepEP LL delivers rows expert-major
+        (("model.num_experts=2",), False),  # one expert per rank: nothing to sort
+    ],
+)
+def test_regroup_only_for_alltoall_with_several_local_experts(
+    overrides: tuple[str, ...], regrouped: bool
+) -> None:
+    hw = hardware()
+    scn = scenario(*overrides)
+    plan = build_plan(scn, hw, build_topology(scn, hw), scn.workload.seed)
+    w = plan.work[0][0]
+    assert bool((w.regroup_s_G > 0).all()) is regrouped
+    assert bool((w.regroup_s_G == 0).all()) is not regrouped
+    res = simulate(scn, hw)
+    gemm = float(np.max(w.experts_s_G))
+    assert (res.phases_s["experts"] > gemm) is regrouped
 
 
 def test_padding_to_capacity_sends_and_computes_full_buffers(tmp_path: Path) -> None:
@@ -260,6 +287,8 @@ def test_one_layer_event_log_worked_out_on_paper(tmp_path: Path) -> None:
     dispatch: counts, 2 x 8 B to the peer    -> 0.16 ns
               then GPU 1 sends 8 rows of 256 B -> 20.48 ns
     experts on GPU 0: 16 rows; weights 98304 B + activations 24576 B -> 1228.8 ns
+      + regroup of the 16 received rows (2 local experts), there and back:
+        2 x (16 x 256 B read + written + 16 x 8 B index) = 16640 B -> 166.4 ns
     combine: 8 rows back (splits known)     -> 20.48 ns
     unpermute 4192 B                        -> 41.92 ns
     """
@@ -268,10 +297,10 @@ def test_one_layer_event_log_worked_out_on_paper(tmp_path: Path) -> None:
     assert ns == [
         ("dispatch.start", 77.12),
         ("dispatch.end", 97.76),
-        ("combine.start", 1326.56),
-        ("combine.end", 1347.04),
+        ("combine.start", 1492.96),
+        ("combine.end", 1513.44),
     ]
-    assert res.step_time_s == pytest.approx(1388.96e-9, rel=1e-12)
+    assert res.step_time_s == pytest.approx(1555.36e-9, rel=1e-12)
 
 
 def test_every_scenario_dispatcher_has_a_traffic_model() -> None:

@@ -75,3 +75,16 @@ def test_cuda_events_time_a_known_copy() -> None:
         t = time_fn(lambda: dst.copy_(src), device="cuda", budget_s=0.05, flush_cache=flush)
         gbps = 2 * src.numel() * 4 / t.median_s / 1e9
         assert 50 < gbps < 10_000 and t.n_samples >= 5
+
+
+def test_prime_runs_untimed_before_every_flushed_sample() -> None:
+    calls = []
+
+    def prime() -> None:
+        calls.append(1)
+        time.sleep(2e-3)  # would dominate the samples if it were timed
+
+    t = time_fn(lambda: None, budget_s=1e-3, warmup_s=0.0, flush_cache=True, prime=prime)
+    assert t.method == "perf_counter+flush+prime"
+    assert len(calls) == len(t.samples_s) >= 3
+    assert max(t.samples_s) < 1e-3

@@ -185,17 +185,18 @@ def test_cpu_flush_by_default_flushes_inside_the_block_only() -> None:
 
 
 _FAULTS = """
-import resource, torch
+import resource, sys, torch
 from moesim.measure.ep_probe import keep_freed_memory
 torch.set_num_threads(1)
-assert keep_freed_memory()
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
 
 
 def step(i):
-    a = torch.zeros(2**20 + 4096 * (i % 3))
-    b = torch.zeros(2**21)
-    a[:5].add_(1), b[:5].add_(1)
-    del a
+    held = [torch.zeros(2**20 + 1024 * (i % 3)) for _ in range(8)]  # 8 x 4 MiB
+    for t in held:
+        t[:5].add_(1)
+    del held
     torch.zeros(2**19)[:5].add_(1)
 
 
@@ -213,7 +214,15 @@ def test_keep_freed_memory_reuses_pages_step_after_step() -> None:
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
-    cmd = [sys.executable, "-c", _FAULTS]
-    faults = int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-    # 10 steps allocate 140 MiB (~36,000 pages); warm, kept memory faults in none anew
-    assert faults < 500
+
+    def faults(mode: str) -> int:
+        cmd = [sys.executable, "-c", _FAULTS, mode]
+        return int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+
+    # A step holds 32 MiB (8,192 pages) at once and frees it. With glibc's defaults
+    # the freed heap top exceeds the dynamic trim threshold and goes back to the OS:
+    # at least one step in ten (seen: 8,208 or 81,192 faults) faults it in anew.
+    # Kept memory is reused warm; only a stray few hundred faults may remain.
+    default, kept = faults("default"), faults("keep")
+    assert default > 4096
+    assert kept < 2048

@@ -9,8 +9,8 @@ the held-out errors are computed through that same CostModel.
 Families (see :mod:`moesim.calibrate.families`):
 
 * ``gating`` (per router kind, ``gating.<kind>``), ``permute``, ``unpermute``,
-  ``copy``: ``latency + bytes / bandwidth(bytes)``; gating adds the router
-  GEMM's FLOPs at a fitted rate (``MemoryOpFit.tflops``).
+  ``regroup`` (EP chunk sort), ``copy``: ``latency + bytes / bandwidth(bytes)``;
+  gating adds the router GEMM's FLOPs at a fitted rate (``MemoryOpFit.tflops``).
 * ``experts``: ``latency + sum over experts with tokens of (per_expert +
   flops_e / tflops(flops_e))``, so skew, padding and empty experts are priced
   from any tokens-per-expert vector; ``gemm`` (dense, roofline suite):

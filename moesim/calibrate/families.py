@@ -122,11 +122,22 @@ def gate_bytes(rows: pd.DataFrame) -> F64:
     )
 
 
+def _regroup_bytes(T: int, D: int, K: int, b: float) -> F64:
+    return work.regroup_bytes(T * K, D, b)  # a rank receives T*K rows
+
+
+#: dispatch-suite op -> bytes of one call from (T, D, K, element bytes)
+DISPATCH_BYTES: dict[str, Callable[[int, int, int, float], F64]] = {
+    "permute": work.permute_bytes,
+    "unpermute": work.unpermute_bytes,
+    "regroup": _regroup_bytes,
+}
+
+
 def dispatch_bytes(rows: pd.DataFrame) -> F64:
-    fn = {"permute": work.permute_bytes, "unpermute": work.unpermute_bytes}
     return np.array(
         [
-            float(fn[r["op"]](r["T"], r["D"], r["K"], DTYPE_BYTES[r["dtype"]]))
+            float(DISPATCH_BYTES[r["op"]](r["T"], r["D"], r["K"], DTYPE_BYTES[r["dtype"]]))
             for r in _records(rows)
         ]
     )
@@ -189,7 +200,12 @@ def _dispatch_family(op: str) -> Family:
         return Parts(memory={op: memory_fit(line)})
 
     def predict(cm: CostModel, rows: pd.DataFrame, base: HardwareProfile) -> F64:
-        price = cm.permute_s if op == "permute" else cm.unpermute_s
+        prices: dict[str, Callable[[int, int, int, str], F64]] = {
+            "permute": cm.permute_s,
+            "unpermute": cm.unpermute_s,
+            "regroup": lambda T, D, K, dt: cm.regroup_s(T * K, D, dt),
+        }
+        price = prices[op]
         return np.array([float(price(r["T"], r["D"], r["K"], r["dtype"])) for r in _records(rows)])
 
     return Family(op, "dispatch", (op,), fit, predict, positive=("T", "D", "K"))
@@ -341,6 +357,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     _dispatch_family("permute"),
     _dispatch_family("unpermute"),
+    _dispatch_family("regroup"),
     Family(
         "copy",
         "roofline",
@@ -375,6 +392,7 @@ FALLBACK = {
     "gating": "the copy fit if calibrated, else the spec roofline",
     "permute": "the copy fit if calibrated, else the spec roofline",
     "unpermute": "the copy fit if calibrated, else the spec roofline",
+    "regroup": "the copy fit if calibrated, else the spec roofline",
     "copy": "the spec roofline (hbm_GBps x memory_efficiency)",
     "experts": "the spec roofline (peak_tflops x gemm_efficiency)",
     "gemm": "the experts GEMM fit if calibrated, else the spec roofline",

@@ -110,7 +110,11 @@ def _run_ep(args: argparse.Namespace, worlds: list[int]) -> dict[str, Any]:
         context = {"cores": usable_cores(), "loadavg_before": _load()}
         v = ep.validate_ep(world, hw, cases, profile=profile, steps=args.steps, warmup=args.warmup)
         result = v.to_dict()
-        context |= {"loadavg_after": _load(), "interference": v.interference}
+        context |= {
+            "loadavg_after": _load(),
+            "interference": v.interference,
+            "cores_kept_awake": v.cores_kept_awake,
+        }
         _save(args.out / f"ep-world{world}-{_stamp()}.json", result | {"context": context})
         if not args.json:
             from moesim.report.validate_tables import print_ep

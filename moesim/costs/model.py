@@ -46,7 +46,7 @@ class CostModel:
 
     # -- memory-bound ops -------------------------------------------------
     def memory_s(self, op: str, nbytes: ArrayLike) -> F64:
-        """Time of a memory-bound op (``gating``, ``permute``, ``unpermute``, ``copy``).
+        """Time of a memory-bound op: ``gating``, ``(un)permute``, ``regroup`` or ``copy``.
 
         ``op`` may name a variant (``gating.sigmoid_topk``): its own fit is used
         when calibrated, else the op's (``gating``), else ``copy``, else the spec.
@@ -86,6 +86,10 @@ class CostModel:
 
     def unpermute_s(self, T: ArrayLike, D: int, K: int, dtype: str) -> F64:
         return self.memory_s("unpermute", work.unpermute_bytes(T, D, K, DTYPE_BYTES[dtype]))
+
+    def regroup_s(self, M: ArrayLike, D: int, dtype: str) -> F64:
+        """Received rows sorted by local expert before the expert GEMMs and back after."""
+        return self.memory_s("regroup", work.regroup_bytes(M, D, DTYPE_BYTES[dtype]))
 
     # -- GEMMs -------------------------------------------------------------
     def experts_s(self, tokens_XE: ArrayLike, D: int, F: int, dtype: str) -> F64:

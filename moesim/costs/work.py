@@ -36,6 +36,12 @@ def unpermute_bytes(T: ArrayLike, D: int, K: int, b: float) -> NDArray[np.float6
     return t * K * (D * b + SCORE_BYTES + INDEX_BYTES) + t * D * b
 
 
+def regroup_bytes(M: ArrayLike, D: int, b: float) -> NDArray[np.float64]:
+    """Sort M received rows expert-major and back (two gathers): read + write each, twice."""
+    rows = np.asarray(M, dtype=np.float64)
+    return 2.0 * (2.0 * rows * D * b + rows * INDEX_BYTES)
+
+
 def expert_flops(tokens: ArrayLike, D: int, F: int, swiglu: bool = True) -> NDArray[np.float64]:
     """FLOPs of one expert FFN on ``tokens`` rows: gate+up (2 or 1 GEMMs) and down."""
     mats = 3.0 if swiglu else 2.0

@@ -26,6 +26,11 @@ Strategies (:data:`DISPATCH_STRATEGIES`):
   routings use C = the largest expert load.
 - ``index_add`` a Python loop over experts with ``torch.where`` and
   ``index_add_`` (Hugging Face eager MoE blocks).
+
+Under expert parallelism a rank receives its rows grouped by source rank, then by
+local expert. :func:`sort_chunks` regroups them expert-major before the expert
+GEMMs and back after (Megatron-Core's ``sort_chunks_by_idxs``, needed when a rank
+holds more than one expert).
 """
 
 from __future__ import annotations
@@ -39,7 +44,14 @@ from torch import Tensor
 from moesim.errors import lookup
 from moesim.kernels.gating import Routing
 
-__all__ = ["DISPATCH_STRATEGIES", "DispatchState", "Dispatcher", "permute", "unpermute"]
+__all__ = [
+    "DISPATCH_STRATEGIES",
+    "DispatchState",
+    "Dispatcher",
+    "permute",
+    "sort_chunks",
+    "unpermute",
+]
 
 
 @dataclass(frozen=True)
@@ -253,3 +265,31 @@ def permute(
 def unpermute(y_ND: Tensor, state: DispatchState, strategy: str = "sort") -> Tensor:
     """Weighted sum of expert rows back into token order: y_TD[t] = Σ w · y_ND[row of t]."""
     return _strategy(strategy).unpermute(y_ND, state)
+
+
+def sort_chunks(x_MD: Tensor, counts_RL: Tensor, *, inverse: bool = False) -> Tensor:
+    """Rows in (source, local expert) chunks -> (local expert, source) order.
+
+    ``counts_RL[r, l]`` rows came from source rank ``r`` for local expert ``l``, in
+    that order in ``x_MD``. Rows of one chunk keep their order; ``inverse=True``
+    undoes the reordering. One local expert (``L == 1``): the identity, no copy.
+    """
+    if counts_RL.shape[1] == 1:
+        return x_MD
+    idx_M = _sort_chunks_index(counts_RL.to(torch.int64).cpu()).to(x_MD.device)
+    if not inverse:
+        return x_MD.index_select(0, idx_M)
+    out_MD = torch.empty_like(x_MD)
+    out_MD[idx_M] = x_MD
+    return out_MD
+
+
+def _sort_chunks_index(counts_RL: Tensor) -> Tensor:
+    """Source row of every output row when the (source, expert) chunks go expert-major."""
+    flat = counts_RL.flatten()
+    starts_RL = (torch.cumsum(flat, 0) - flat).view_as(counts_RL)
+    counts_C, starts_C = counts_RL.t().flatten(), starts_RL.t().flatten()  # chunks, new order
+    lands_C = torch.cumsum(counts_C, 0) - counts_C  # where each chunk lands
+    M = int(flat.sum())
+    shift_M = torch.repeat_interleave(starts_C - lands_C, counts_C, output_size=M)
+    return torch.arange(M, dtype=torch.int64) + shift_M

@@ -251,3 +251,14 @@ def ref_moe(
             else:
                 y[t] += (w * ref_ffn(x_TD[t], gate, w_up_EDF[e], w_down_EFD[e], act)).double()
     return y.to(x_TD.dtype)
+
+
+def ref_sort_chunks(x_MD: Tensor, counts_RL: Tensor) -> Tensor:
+    """Split into (source, expert) chunks and concatenate them expert-major, one by one."""
+    R, L = counts_RL.shape
+    chunks, start = {}, 0
+    for r in range(R):
+        for e in range(L):
+            n = int(counts_RL[r, e])
+            chunks[r, e], start = x_MD[start : start + n], start + n
+    return torch.cat([chunks[r, e] for e in range(L) for r in range(R)])

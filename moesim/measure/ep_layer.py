@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from moesim.config.router import RouterSpec
 from moesim.errors import UserError
-from moesim.kernels.dispatch import permute, unpermute
+from moesim.kernels.dispatch import permute, sort_chunks, unpermute
 from moesim.kernels.experts import experts_forward
 from moesim.kernels.gating import Routing, route, router_logits
 from moesim.measure.distributed import default_backend, launch
@@ -36,8 +36,9 @@ from moesim.measure.ep_probe import keep_freed_memory, pin_rank, usable_cores
 
 PHASES = ("gate", "permute", "dispatch", "experts", "combine", "unpermute")
 COMPUTE_PHASES = ("gate", "permute", "experts", "unpermute")
-#: parts of a phase also reported: the split-size exchange at the start of dispatch
-SUB_PHASES = ("dispatch_counts",)
+#: parts of a phase also reported: the split-size exchange at the start of dispatch and
+#: the regroup of received rows by local expert (and back) inside the experts phase
+SUB_PHASES = ("dispatch_counts", "experts_regroup")
 #: std of one router logit: Gaussian logits this wide pick top-1 experts with almost
 #: the frequencies of Gumbel noise (std pi/sqrt(6)), so a logit bias of
 #: ``-skew*log(e+1)`` makes expert popularity close to Zipf(skew)
@@ -106,6 +107,7 @@ class RankResult:
     recv_rows: int
     cpu_s: dict[str, list[float]] = field(default_factory=dict)  # thread CPU time per phase
     disturbed: int = 0  # steps re-run because other processes took the cores
+    start_s: list[float] = field(default_factory=list)  # perf_counter at each step's start
 
 
 def make_weights(case: EPCase) -> EPWeights:
@@ -162,6 +164,10 @@ class _Clock:
         self.t, self.c = self._now(), time.thread_time()
         self.cpu: dict[str, float] = {}
 
+    def now(self) -> float:
+        """Wall seconds now, after the device's queued work (no CPU-time bookkeeping)."""
+        return self._now()
+
     def _now(self) -> float:
         if self.cuda:
             torch.cuda.synchronize()
@@ -197,27 +203,6 @@ def exchange_counts(tokens_per_expert_E: torch.Tensor, world: int) -> torch.Tens
     return recv.view(world, -1)
 
 
-def regroup(x_MD: torch.Tensor, counts_RL: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
-    """Reorder received rows from (source, local expert) order to (local expert, source) order.
-
-    ``inverse=True`` undoes it. Rows of one (source, expert) chunk stay in order.
-    """
-    R, L = counts_RL.shape
-    starts = torch.cumsum(counts_RL.flatten(), 0) - counts_RL.flatten()
-    order = [(s, e) for e in range(L) for s in range(R)]
-    chunks = [
-        torch.arange(int(starts[s * L + e]), int(starts[s * L + e] + counts_RL[s, e]))
-        for s, e in order
-    ]
-    idx = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.int64)
-    idx = idx.to(x_MD.device)
-    if not inverse:
-        return x_MD.index_select(0, idx)
-    out = torch.empty_like(x_MD)
-    out[idx] = x_MD
-    return out
-
-
 def ep_step(
     x_TD: torch.Tensor,
     w: EPWeights,
@@ -245,10 +230,13 @@ def ep_step(
     dist.all_to_all_single(x_MD, x_ND.contiguous(), recv_R, send_R)
     t["dispatch"] = clock.lap("dispatch")
     w_gate, w_up, w_down = local
-    y_MD = experts_forward(
-        regroup(x_MD, recv_RL), recv_RL.sum(0), w_gate, w_up, w_down, strategy=case.experts
-    )
-    y_MD = regroup(y_MD, recv_RL, inverse=True)
+    t0 = clock.now()
+    x_MD = sort_chunks(x_MD, recv_RL)
+    t1 = clock.now()
+    y_MD = experts_forward(x_MD, recv_RL.sum(0), w_gate, w_up, w_down, strategy=case.experts)
+    t2 = clock.now()
+    y_MD = sort_chunks(y_MD, recv_RL, inverse=True)
+    t["experts_regroup"] = (t1 - t0) + (clock.now() - t2)
     t["experts"] = clock.lap("experts")
     y_ND = bufs.rows("combine", x_ND.shape[0], y_MD)
     dist.all_to_all_single(y_ND, y_MD, send_R, recv_R)
@@ -303,7 +291,7 @@ def run_rank(
         dist.barrier()
         t0 = time.perf_counter()
         out_TD, t, c, routing, m = ep_step(x_TD, w, local, case, world, spec, bufs)
-        step = _Step(time.perf_counter() - t0, t, c)
+        step = _Step(time.perf_counter() - t0, t, c, t0)
         if i < warmup:
             continue
         ok = device.type == "cuda" or _min_share(step.share, device) >= CLEAN_SHARE * expected
@@ -320,6 +308,7 @@ def run_rank(
         m,
         {p: [s.cpu[p] for s in kept] for p in PHASES},
         disturbed=len(disturbed),
+        start_s=[s.start for s in kept],
     )
 
 
@@ -328,6 +317,7 @@ class _Step:
     total: float
     wall: dict[str, float]
     cpu: dict[str, float]
+    start: float
 
     @property
     def share(self) -> float:

@@ -80,6 +80,7 @@ def time_fn(
     warmup_s: float = 0.05,
     flush_cache: bool | None = None,
     threads: int | None = None,
+    prime: Callable[[], Any] | None = None,
 ) -> Timing:
     """Time ``fn()`` (no arguments) on ``device`` ("cpu" or "cuda") for about ``budget_s``.
 
@@ -87,13 +88,16 @@ def time_fn(
     the current count), recorded in the result. ``flush_cache`` defaults to
     True on CUDA and False on CPU (CPU suites use sizes beyond the caches where
     bandwidth matters; :func:`cpu_flush_by_default` makes it True on CPU).
+    ``prime``, run untimed after each flush, leaves ``fn``'s input in the caches
+    as the op before it in a layer does (the router reads the rows ``permute``
+    then gathers; the combine writes the rows ``unpermute`` reads).
     """
     if budget_s <= 0 or warmup_s < 0:
         raise ValueError(f"budget_s must be > 0 and warmup_s >= 0, got {budget_s}, {warmup_s}")
     threads = threads or torch.get_num_threads()
     if device.startswith("cuda"):
         flush = True if flush_cache is None else flush_cache
-        return _time_cuda(fn, budget_s, warmup_s, flush, threads)
+        return _time_cuda(fn, budget_s, warmup_s, flush, threads, prime)
     if device != "cpu":
         raise ValueError(f"device = {device!r}: allowed: cpu, cuda")
     if flush_cache is None:
@@ -103,7 +107,7 @@ def time_fn(
     try:
         _warm_up(fn, warmup_s, sync=None)
         if flush_cache:
-            return _time_cpu_flushed(fn, budget_s, threads)
+            return _time_cpu_flushed(fn, budget_s, threads, prime)
         return _time_cpu(fn, budget_s, threads)
     finally:
         torch.set_num_threads(previous)
@@ -129,32 +133,43 @@ def _time_cpu(fn: Callable[[], Any], budget_s: float, threads: int) -> Timing:
     return Timing.from_samples(list(measurement.times), threads, "torch.utils.benchmark")
 
 
-def _time_cpu_flushed(fn: Callable[[], Any], budget_s: float, threads: int) -> Timing:
+def _time_cpu_flushed(
+    fn: Callable[[], Any], budget_s: float, threads: int, prime: Callable[[], Any] | None
+) -> Timing:
     scratch = torch.empty(CPU_FLUSH_BYTES // 4, dtype=torch.float32)
     samples: list[float] = []
     spent = 0.0
     wall_end = time.perf_counter() + CPU_FLUSH_WALL_BUDGETS * budget_s
     while len(samples) < 3 or (spent < budget_s and time.perf_counter() < wall_end):
         scratch.fill_(len(samples))
+        if prime is not None:
+            prime()
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
         spent += samples[-1]
-    return Timing.from_samples(samples, threads, "perf_counter+flush")
+    method = "perf_counter+flush" + ("+prime" if prime is not None else "")
+    return Timing.from_samples(samples, threads, method)
 
 
 # ------------------------------------------------------------------------- CUDA
 
 
 def _time_cuda(
-    fn: Callable[[], Any], budget_s: float, warmup_s: float, flush: bool, threads: int
+    fn: Callable[[], Any],
+    budget_s: float,
+    warmup_s: float,
+    flush: bool,
+    threads: int,
+    prime: Callable[[], Any] | None = None,
 ) -> Timing:
     _warm_up(fn, warmup_s, sync=torch.cuda.synchronize)
-    if flush:
+    if flush and prime is None:  # do_bench cannot run anything between flush and call
         samples = _triton_samples(fn, budget_s, warmup_s)
         if samples is not None:
             return Timing.from_samples(samples, threads, "triton.do_bench")
-    return Timing.from_samples(_event_samples(fn, budget_s, flush), threads, "cuda-events")
+    samples = _event_samples(fn, budget_s, flush, prime if flush else None)
+    return Timing.from_samples(samples, threads, "cuda-events")
 
 
 def _triton_samples(fn: Callable[[], Any], budget_s: float, warmup_s: float) -> list[float] | None:
@@ -175,18 +190,24 @@ def _triton_samples(fn: Callable[[], Any], budget_s: float, warmup_s: float) -> 
     return [float(t) / 1e3 for t in ms]
 
 
-def _event_samples(fn: Callable[[], Any], budget_s: float, flush: bool) -> list[float]:
-    """CUDA events around each call, cache overwritten before each; one sync at the end."""
+def _event_samples(
+    fn: Callable[[], Any], budget_s: float, flush: bool, prime: Callable[[], Any] | None = None
+) -> list[float]:
+    """CUDA events around each call, cache overwritten (then primed) before each; one sync."""
     scratch = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda") if flush else None
     per_call = _estimate_cuda_call(fn)
     if scratch is not None:  # the flush is not timed but does take budget
         per_call += _estimate_cuda_call(scratch.zero_)
+    if prime is not None:
+        per_call += _estimate_cuda_call(prime)
     reps = int(min(MAX_CUDA_SAMPLES, max(5, budget_s / max(per_call, 1e-7))))
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for start, end in zip(starts, ends, strict=True):
         if scratch is not None:
             scratch.zero_()
+        if prime is not None:
+            prime()
         start.record()
         fn()
         end.record()

@@ -96,6 +96,12 @@ def print_ep(result: dict[str, Any], world: int, *, profile: str, context: dict[
         f"dispatch includes the split-size exchange (all-to-all of per-expert counts): "
         f"median {_ms(counts)} ms measured, {_ms(model)} ms predicted"
     )
+    regroup = _median([c.get("experts_regroup_s", 0.0) for c in result["cases"]])
+    model = _median([c.get("experts_regroup_predicted_s", 0.0) for c in result["cases"]])
+    console.print(
+        f"experts include sorting received rows by local expert and back: median "
+        f"{_ms(regroup)} ms measured, {_ms(model)} ms predicted (mean over ranks)"
+    )
     share = _median([c["cpu_share"] for c in result["cases"]])
     if share < 0.9 * min(1.0, context.get("cores", world) / world):
         console.print(
@@ -115,6 +121,11 @@ def print_ep(result: dict[str, Any], world: int, *, profile: str, context: dict[
         f"x{min(slow):.2f}..x{max(slow):.2f}; load average {_load(load[0])} before / "
         f"{_load(load[1])} after the run"
     )
+    if context.get("cores_kept_awake"):
+        console.print(
+            f"cores kept awake while measuring: {context['cores_kept_awake']} idle-priority "
+            "spinners, so a rank waiting in gloo wakes without a halted vCPU's delay"
+        )
 
 
 def _load(v: Any) -> str:

@@ -26,6 +26,8 @@ Modelling choices worth knowing (each module says more):
   counts (``details.split_exchange_s``); ``low_latency`` (fixed-size buffers)
   and ``allgather`` have none, and DeepEP low-latency reaches same-node peers
   over NVLink;
+- with ``alltoall`` and more than one expert per rank, the experts phase includes
+  sorting the received rows by local expert and back (``details.regroup_s``);
 - backward = 2x forward GEMMs, 1x memory-bound ops, both all-to-alls again in
   the combine dtype; the DP gradient all-reduce is a ring at the end of the step;
 - tensor parallelism divides dense work by ``tp`` (its collectives are not

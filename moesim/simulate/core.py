@@ -150,6 +150,8 @@ def _details(
         "alltoall_s_per_step": float(eng.comm_X[int(np.argmax(eng.group_finish_X))]),
         # part of every forward dispatch (mean over groups): the per-expert count exchange
         "split_exchange_s": float(plan.split_exchange_X.mean()),
+        # part of the experts phase (mean over GPUs, layers and micro-batches, forward)
+        "regroup_s": float(np.mean([w.regroup_s_G.mean() for ws in plan.work for w in ws])),
         "sim_events": eng.events,
         "compute_s": dict(plan.compute_s),
     }

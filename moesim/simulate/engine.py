@@ -163,7 +163,8 @@ class GroupSim:
             t = self.compute(t, c[op], op, layer)
         shared = self.compute(t, c["shared_experts"], "shared_experts", layer)
         t = yield from self.collective(t, "dispatch", layer, w.dispatch, mb)
-        t = self.compute(np.maximum(t, shared), w.experts_s_G[self.gpus], "experts", layer)
+        experts = w.experts_s_G[self.gpus] + w.regroup_s_G[self.gpus]
+        t = self.compute(np.maximum(t, shared), experts, "experts", layer)
         t = yield from self.collective(t, "combine", layer, w.combine, mb)
         return self.compute(t, c["unpermute"], "unpermute", layer)
 
@@ -172,7 +173,8 @@ class GroupSim:
         t = self.compute(t, c["unpermute"], "unpermute_bwd", layer)
         shared = self.compute(t, 2 * c["shared_experts"], "shared_experts_bwd", layer)
         t = yield from self.collective(t, "combine_bwd", layer, w.grad_dispatch, mb)
-        t = self.compute(t, 2 * w.experts_s_G[self.gpus], "experts_bwd", layer)
+        experts = 2 * w.experts_s_G[self.gpus] + w.regroup_s_G[self.gpus]
+        t = self.compute(t, experts, "experts_bwd", layer)
         t = yield from self.collective(t, "dispatch_bwd", layer, w.combine, mb)
         t = self.compute(np.maximum(t, shared), c["permute"], "permute_bwd", layer)
         t = self.compute(t, c["gate"], "gate_bwd", layer)

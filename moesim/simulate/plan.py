@@ -22,6 +22,15 @@ all-to-all on the same links (latency-bound) and the forward dispatch waits for
 it (:meth:`Coflows.delayed`). The combine and the backward all-to-alls reuse
 the known splits, and low-latency (fixed-size buffers) and all-gather
 (fixed ``T`` rows) dispatchers need none.
+
+Regroup: an all-to-all delivers a rank's rows grouped by source, then by local
+expert; with more than one local expert they are sorted expert-major before the
+grouped GEMM and back after (Megatron-Core's ``sort_chunks_by_idxs``, the real EP
+layer's :func:`~moesim.kernels.dispatch.sort_chunks`), priced per GPU from the
+rows it receives (:meth:`CostModel.regroup_s`) and part of its experts phase,
+forward and backward. The other dispatchers are priced without it: DeepEP's
+low-latency mode delivers rows expert-major, and the hierarchical and all-gather
+paths sort received rows once by local expert, which the permute phase stands for.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ class LayerWork:
     """One MoE layer, one micro-batch: what differs between GPUs."""
 
     experts_s_G: F64  # forward expert GEMM seconds on each GPU
+    regroup_s_G: F64  # forward seconds of sorting received rows by local expert and back
     dispatch: Coflows  # forward dispatch (dispatch dtype)
     combine: Coflows  # forward combine and backward dispatch (combine dtype, reversed)
     grad_dispatch: Coflows  # backward combine: gradients in the dispatch direction
@@ -173,6 +183,8 @@ def build_plan(scn: Scenario, hw: HardwareProfile, topo: Topology, seed: int) ->
 
 #: dispatchers whose splits vary per step, so that counts are exchanged before the rows
 SPLIT_EXCHANGE = frozenset({"alltoall", "hierarchical"})
+#: dispatchers that deliver rows source-major, sorted by local expert on arrival
+REGROUP = frozenset({"alltoall"})
 #: bytes of one exchanged count (int64)
 COUNT_BYTES = 8.0
 
@@ -222,7 +234,17 @@ def _layer_work(
     combine = pricer.price(rows_XL[:, topo.swap_L], comb_bytes)
     grad = pricer.price(rows_XL, comb_bytes) if training else dispatch
     dispatch = dispatch.delayed(exchange_X)  # only the forward dispatch learns new splits
-    return LayerWork(np.asarray(experts_s, dtype=np.float64), dispatch, combine, grad)
+    regroup_s = np.zeros(X * P)
+    if scn.dispatcher in REGROUP and P > 1 and E // P > 1:
+        rows_G = recv_XE.reshape(X * P, E // P).sum(-1)
+        regroup_s = cost.regroup_s(rows_G, D, scn.model.dtype)
+    return LayerWork(
+        np.asarray(experts_s, dtype=np.float64),
+        np.asarray(regroup_s, dtype=np.float64),
+        dispatch,
+        combine,
+        grad,
+    )
 
 
 #: fp8 rows travel with one fp32 scale per 128 elements (DeepEP, Transformer Engine blocks)

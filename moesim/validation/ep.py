@@ -12,7 +12,9 @@ kernels the layer runs (and of ``all_to_all_single`` at world N).
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -84,7 +86,7 @@ def bench_grids(cases: list[EPCase], world: int) -> dict[str, dict[str, list[Any
         "gating": {"T": Ts, "D": Ds, "E": Es, "K": Ks, "routers": ["softmax_topk"]},
         "dispatch": {
             "T": Ts, "D": Ds, "E": Es, "K": Ks, "skew": [0.0, 1.0],
-            "strategies": sorted({c.dispatch for c in cases}),
+            "strategies": [*sorted({c.dispatch for c in cases}), "sort_chunks"],
         },
         "experts": {
             "T": Ts, "D": Ds, "F": sorted({c.ffn for c in cases}),
@@ -126,7 +128,7 @@ def calibrate_here(
     suites = ["roofline", "gating", "dispatch", "experts"] + (["alltoall"] if world > 1 else [])
     # the layer runs each kernel once per step on data the other phases evicted from
     # the caches: time them so (a hot loop under-prices gate / unpermute by ~40 %)
-    with cpu_flush_by_default():
+    with cpu_flush_by_default(), _awake(device):
         results = run_bench(
             suites,
             device=device,
@@ -266,6 +268,9 @@ def compare(m: EPMeasurement, sim: dict[str, Any]) -> dict[str, Any]:
         # the split-size exchange at the start of dispatch: measured, and the model's part
         "dispatch_counts_s": m.phases_s.get("dispatch_counts", 0.0),
         "dispatch_counts_predicted_s": float(sim.get("details", {}).get("split_exchange_s", 0.0)),
+        # the regroup of received rows by local expert, part of the experts phase
+        "experts_regroup_s": m.phases_s.get("experts_regroup", 0.0),
+        "experts_regroup_predicted_s": float(sim.get("details", {}).get("regroup_s", 0.0)),
         "drop_fraction": float(sim.get("drop_fraction", 0.0)),
         "cpu_share": m.cpu_share,
         "disturbed_steps": m.disturbed_steps,
@@ -279,6 +284,7 @@ class EPValidation:
     cases: list[dict[str, Any]]
     profile: str  # where the calibrated profile came from
     interference: float = 1.0  # measured co-run penalty of the ranks (see compute_slowdown)
+    cores_kept_awake: int = 0  # idle-priority spinners while measuring (CPU ranks)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` contract: cases, median and max absolute end-to-end error."""
@@ -305,10 +311,26 @@ def validate_ep(
     timeout_s: float = 300.0,
 ) -> EPValidation:
     """Probe the host's co-run factor, measure every case on ``world`` ranks, simulate, compare."""
+    from moesim.measure.distributed import default_backend
+
     check_world(world, cases)
-    interference, cores = host_sharing(world)
-    measured = run_ep_cases(cases, world, steps=steps, warmup=warmup, timeout_s=timeout_s)
-    return predict_all(measured, hw, profile=profile, cores=cores, interference=interference)
+    with _awake("cpu" if default_backend() == "gloo" else "cuda") as spinners:
+        interference, cores = host_sharing(world)
+        measured = run_ep_cases(cases, world, steps=steps, warmup=warmup, timeout_s=timeout_s)
+    v = predict_all(measured, hw, profile=profile, cores=cores, interference=interference)
+    return replace(v, cores_kept_awake=spinners)
+
+
+@contextlib.contextmanager
+def _awake(device: str) -> Iterator[int]:
+    """CPU ranks: keep the cores awake (:func:`~moesim.measure.ep_probe.keep_cores_awake`)."""
+    from moesim.measure.ep_probe import keep_cores_awake
+
+    if device != "cpu":
+        yield 0
+        return
+    with keep_cores_awake() as n:
+        yield n
 
 
 def host_sharing(world: int) -> tuple[float, int]:

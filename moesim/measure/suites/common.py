@@ -42,8 +42,13 @@ class BenchContext:
     timeout_s: float = 300.0
     mem_limit_bytes: float = 2 * 2**30
 
-    def time(self, fn: Callable[[], Any], flush_cache: bool | None = None) -> Timing:
-        """Time ``fn`` with this context's device, budget and threads."""
+    def time(
+        self,
+        fn: Callable[[], Any],
+        flush_cache: bool | None = None,
+        prime: Callable[[], Any] | None = None,
+    ) -> Timing:
+        """Time ``fn`` with this context's device, budget and threads (``prime``: see time_fn)."""
         return time_fn(
             fn,
             device=self.device,
@@ -51,6 +56,7 @@ class BenchContext:
             warmup_s=self.warmup_s,
             flush_cache=flush_cache,
             threads=self.threads,
+            prime=prime,
         )
 
     def generator(self, salt: int = 0) -> torch.Generator:
