@@ -5,7 +5,7 @@ of its axes (skipping invalid combinations such as K > E). Axes:
 
 ========== ==============================================================
 gating     T, D, E, K (routers: all of ``ROUTERS`` unless ``routers`` given)
-dispatch   T, D, E, K, skew (``strategies``: default all + ``sort_padded``)
+dispatch   T, D, E, K, skew (``strategies``: default all + ``sort_padded`` + ``sort_chunks``)
 experts    T, D, F, E, K, skew (``strategies``: default all + ``dense``)
 roofline   copy_MiB (buffer size), gemm (square M = N = K sizes)
 alltoall   msg_bytes (sent per rank), split (even | uneven)

@@ -124,7 +124,8 @@ def print_ep(result: dict[str, Any], world: int, *, profile: str, context: dict[
     if context.get("cores_kept_awake"):
         console.print(
             f"cores kept awake while measuring: {context['cores_kept_awake']} idle-priority "
-            "spinners, so a rank waiting in gloo wakes without a halted vCPU's delay"
+            "spinners, so a rank waiting in gloo wakes without a halted vCPU's delay (they "
+            "count in the load average)"
         )
 
 

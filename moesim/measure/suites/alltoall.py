@@ -8,19 +8,24 @@ destination, position), so wrong data fail the case instead of being timed.
 
 Timing follows nccl-tests: a fixed number of iterations agreed by all ranks;
 each sample is the slowest rank's time (all-reduce MAX); algbw = msg_bytes /
-time, busbw = algbw · (n - 1) / n.
+time, busbw = algbw · (n - 1) / n. Gloo ranks run with the cores kept awake
+(:func:`moesim.measure.ep_probe.keep_cores_awake`): on a virtual machine a rank
+waiting for data otherwise pays its halted vCPU's wake-up, milliseconds at times.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from moesim.measure.distributed import launch
+from moesim.measure.ep_probe import keep_cores_awake
 from moesim.measure.grids import Grid
 from moesim.measure.loads import even_splits, uneven_splits
 from moesim.measure.suites.common import (
@@ -34,7 +39,9 @@ from moesim.measure.suites.common import (
 from moesim.measure.timer import Timing
 
 UNEVEN_SKEW = 1.0
-MIN_ITERS, MAX_ITERS, WARMUP_ITERS = 5, 200, 3
+MIN_ITERS, MAX_ITERS, WARMUP_ITERS = 6, 200, 3
+#: passes over all cases that share each case's timed iterations
+PASSES = 3
 
 
 def cases(grid: Grid, dtypes: list[str], ctx: BenchContext) -> list[Case]:
@@ -73,14 +80,16 @@ def measure_many(cases_: list[Case], ctx: BenchContext) -> list[Row]:
     """Measure every case in one launch of ``ctx.world`` ranks; rows in case order."""
     if not cases_:
         return []
-    per_rank = launch(
-        _rank_main,
-        ctx.world,
-        args=(cases_, ctx),
-        backend=backend(ctx),
-        timeout_s=ctx.timeout_s,
-        threads_per_rank=1,
-    )
+    awake = keep_cores_awake() if backend(ctx) == "gloo" else contextlib.nullcontext(0)
+    with awake:
+        per_rank = launch(
+            _rank_main,
+            ctx.world,
+            args=(cases_, ctx),
+            backend=backend(ctx),
+            timeout_s=ctx.timeout_s,
+            threads_per_rank=1,
+        )
     samples = per_rank[0]
     return [_row(case, ctx, s) for case, s in zip(cases_, samples, strict=True)]
 
@@ -100,15 +109,25 @@ def _row(case: Case, ctx: BenchContext, samples: list[float] | None) -> Row:
 
 def _rank_main(cases_: list[Case], ctx: BenchContext) -> list[list[float] | None]:
     """Runs on each rank: verify then time every case; per-case samples (max over ranks),
-    None for a case that some rank has no memory for (all ranks agree, so none waits)."""
+    None for a case that some rank has no memory for (all ranks agree, so none waits).
+
+    The timed iterations of all cases are interleaved over :data:`PASSES` passes, so
+    a slow drift of the machine (other tenants, clocks) spreads over every message
+    size instead of bending the measured curve where it happened to fall.
+    """
     device = _rank_device(ctx)
-    out: list[list[float] | None] = []
+    iters: list[int | None] = []
     for case in cases_:
         if not _all_ranks_fit(case, ctx, device):
-            out.append(None)
+            iters.append(None)
             continue
         check_exchange(splits(case), device)
-        out.append(_time_case(case, ctx, device))
+        iters.append(_agree_iterations(_caller(case, device), ctx, device))
+    out: list[list[float] | None] = [None if n is None else [] for n in iters]
+    for _ in range(PASSES):
+        for case, n, samples in zip(cases_, iters, out, strict=True):
+            if n is not None and samples is not None:
+                samples += _time_calls(_caller(case, device), -(-n // PASSES), device)
     return out
 
 
@@ -152,7 +171,8 @@ def _pattern(src: int, dst: int, n: int) -> torch.Tensor:
     return torch.arange(n, dtype=torch.int64) + (src << 48) + (dst << 32)
 
 
-def _time_case(case: Case, ctx: BenchContext, device: torch.device) -> list[float]:
+def _caller(case: Case, device: torch.device) -> Callable[[], None]:
+    """The case's ``all_to_all_single`` on fresh buffers, as a no-argument call."""
     rank, world = dist.get_rank(), dist.get_world_size()
     S = splits(case)
     send = torch.ones(sum(S[rank]), dtype=TORCH_DTYPES[case.dtype], device=device)
@@ -162,7 +182,13 @@ def _time_case(case: Case, ctx: BenchContext, device: torch.device) -> list[floa
     def call() -> None:
         dist.all_to_all_single(recv, send, output_split_sizes=out_splits, input_split_sizes=S[rank])
 
-    iters = _agree_iterations(call, ctx, device)
+    return call
+
+
+def _time_calls(call: Callable[[], None], iters: int, device: torch.device) -> list[float]:
+    """Warm up, then ``iters`` timed calls; each sample is the slowest rank's time."""
+    for _ in range(WARMUP_ITERS):
+        call()
     samples = _cuda_samples(call, iters) if device.type == "cuda" else _cpu_samples(call, iters)
     worst = torch.tensor(samples, dtype=torch.float64, device=device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
