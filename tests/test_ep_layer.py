@@ -130,8 +130,9 @@ def test_keep_cores_awake_spins_at_idle_priority_one_per_core_and_cleans_up() ->
 
     from moesim.measure.ep_probe import keep_cores_awake, usable_cores
 
-    if not hasattr(os, "SCHED_IDLE") or not os.path.exists(f"/proc/{os.getpid()}/task"):
-        pytest.skip("SCHED_IDLE and /proc are Linux's")
+    pid = os.getpid()
+    if not hasattr(os, "SCHED_IDLE") or not os.path.exists(f"/proc/{pid}/task/{pid}/children"):
+        pytest.skip("needs Linux: SCHED_IDLE and /proc/<pid>/task/<tid>/children")
     before = set(_children(os.getpid()))
     with keep_cores_awake() as n:
         spinners = [p for p in _children(os.getpid()) if p not in before]
