@@ -170,7 +170,7 @@ while os.getppid() == parent:
 
 
 @contextlib.contextmanager
-def keep_cores_awake() -> Iterator[int]:
+def keep_cores_awake(enabled: bool = True) -> Iterator[int]:
     """Within the block, keep every usable core busy at idle priority (Linux ``SCHED_IDLE``).
 
     A local rank waiting in a gloo collective sleeps; on a virtual machine its idle
@@ -180,10 +180,11 @@ def keep_cores_awake() -> Iterator[int]:
     at the lowest CPU priority, takes the core only when nothing else wants it (the
     kernel preempts it at once for any normal thread), so a waiting rank wakes as on
     bare metal: the ``idle=poll`` of latency benchmarking, for the duration of a run.
-    Yields the number of spinners (0 where ``SCHED_IDLE`` is unavailable).
+    Yields the number of spinners (0 when not ``enabled``, e.g. for GPU ranks, or
+    where ``SCHED_IDLE`` is unavailable).
     """
-    if not hasattr(os, "SCHED_IDLE") or not hasattr(os, "sched_setaffinity"):
-        yield 0  # pragma: no cover - not Linux
+    if not enabled or not hasattr(os, "SCHED_IDLE") or not hasattr(os, "sched_setaffinity"):
+        yield 0
         return
     cmd = [sys.executable, "-c", _SPINNER]
     procs = [

@@ -224,9 +224,8 @@ def _layer_work(
     X, P = topo.num_groups, topo.ep
     E, D = scn.model.num_experts, scn.model.hidden_size
     recv_XE = load.sent_GE.reshape(X, P, E).sum(1, dtype=np.float64)  # rows each expert runs
-    experts_s = cost.experts_s(
-        recv_XE.reshape(X * P, E // P), D, scn.model.moe_intermediate_size, scn.model.dtype
-    )
+    recv_GL = recv_XE.reshape(X * P, E // P)  # by GPU and local expert
+    experts_s = cost.experts_s(recv_GL, D, scn.model.moe_intermediate_size, scn.model.dtype)
     rows_XL = dispatch_rows(scn, topo, load)
     _add_stats(st, load, X, P, E, rows_XL)
     comb_bytes = row_bytes(D, scn.combine_dtype)
@@ -236,8 +235,7 @@ def _layer_work(
     dispatch = dispatch.delayed(exchange_X)  # only the forward dispatch learns new splits
     regroup_s = np.zeros(X * P)
     if scn.dispatcher in REGROUP and P > 1 and E // P > 1:
-        rows_G = recv_XE.reshape(X * P, E // P).sum(-1)
-        regroup_s = cost.regroup_s(rows_G, D, scn.model.dtype)
+        regroup_s = cost.regroup_s(recv_GL.sum(-1), D, scn.model.dtype)
     return LayerWork(
         np.asarray(experts_s, dtype=np.float64),
         np.asarray(regroup_s, dtype=np.float64),

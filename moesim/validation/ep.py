@@ -12,9 +12,7 @@ kernels the layer runs (and of ``all_to_all_single`` at world N).
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -128,7 +126,7 @@ def calibrate_here(
     suites = ["roofline", "gating", "dispatch", "experts"] + (["alltoall"] if world > 1 else [])
     # the layer runs each kernel once per step on data the other phases evicted from
     # the caches: time them so (a hot loop under-prices gate / unpermute by ~40 %)
-    with cpu_flush_by_default(), _awake(device):
+    with cpu_flush_by_default():  # (the all-to-all suite keeps gloo ranks' cores awake itself)
         results = run_bench(
             suites,
             device=device,
@@ -312,25 +310,14 @@ def validate_ep(
 ) -> EPValidation:
     """Probe the host's co-run factor, measure every case on ``world`` ranks, simulate, compare."""
     from moesim.measure.distributed import default_backend
+    from moesim.measure.ep_probe import keep_cores_awake
 
     check_world(world, cases)
-    with _awake("cpu" if default_backend() == "gloo" else "cuda") as spinners:
+    with keep_cores_awake(enabled=default_backend() == "gloo") as spinners:
         interference, cores = host_sharing(world)
         measured = run_ep_cases(cases, world, steps=steps, warmup=warmup, timeout_s=timeout_s)
     v = predict_all(measured, hw, profile=profile, cores=cores, interference=interference)
     return replace(v, cores_kept_awake=spinners)
-
-
-@contextlib.contextmanager
-def _awake(device: str) -> Iterator[int]:
-    """CPU ranks: keep the cores awake (:func:`~moesim.measure.ep_probe.keep_cores_awake`)."""
-    from moesim.measure.ep_probe import keep_cores_awake
-
-    if device != "cpu":
-        yield 0
-        return
-    with keep_cores_awake() as n:
-        yield n
 
 
 def host_sharing(world: int) -> tuple[float, int]:

@@ -15,7 +15,6 @@ waiting for data otherwise pays its halted vCPU's wake-up, milliseconds at times
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import time
 from collections.abc import Callable
@@ -80,8 +79,7 @@ def measure_many(cases_: list[Case], ctx: BenchContext) -> list[Row]:
     """Measure every case in one launch of ``ctx.world`` ranks; rows in case order."""
     if not cases_:
         return []
-    awake = keep_cores_awake() if backend(ctx) == "gloo" else contextlib.nullcontext(0)
-    with awake:
+    with keep_cores_awake(enabled=backend(ctx) == "gloo"):
         per_rank = launch(
             _rank_main,
             ctx.world,
