@@ -9,6 +9,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Record the oracle and runtime versions the run was checked against."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for pkg in ("torch", "transformers", "numpy", "simpy", "pandas", "aiconfigurator-core"):
+        try:
+            found.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            found.append(f"{pkg} (not installed)")
+    return ["moesim oracles and runtime: " + ", ".join(found)]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip ``gpu``-marked tests when no CUDA device is present."""
     try:

@@ -1,8 +1,10 @@
 """Our routers and MoE layer against Hugging Face transformers as the oracle.
 
-Semantics were read from, and these tests run against, **transformers 5.23.0**
-(``models/{mixtral,qwen2_moe,qwen3_moe,olmoe,deepseek_v3,switch_transformers,
-gpt_oss,llama4,granitemoe,dbrx,jetmoe}/modeling_*.py``). Tiny randomly initialised
+Semantics were first read from **transformers 5.23.0**; the tests run against the
+installed release, whose version pytest prints in its header (``conftest.py``), and the
+CI constraints file pins it (``constraints/ci.txt``). Modules read:
+``models/{mixtral,qwen2_moe,qwen3_moe,olmoe,deepseek_v3,switch_transformers,
+gpt_oss,llama4,granitemoe,dbrx,jetmoe}/modeling_*.py``. Tiny randomly initialised
 blocks are built from configs on CPU (no hub downloads); for each we check
 that ``route`` picks the same expert sets with the same weights (1e-6), the
 same Mixtral/Qwen/Switch aux loss and Switch z-loss, and that ``moe_forward``
@@ -26,12 +28,7 @@ from moesim.kernels.gating import RouterSpec, route  # noqa: E402
 
 torch.set_num_threads(1)
 
-HF_VERSION = "5.23.0"
 D, F, B, S = 16, 24, 2, 12  # hidden, expert FFN, batch, sequence
-
-
-def test_transformers_version_is_the_one_semantics_were_read_from():
-    assert transformers.__version__ == HF_VERSION
 
 
 # ------------------------------------------------------------------ helpers

@@ -110,7 +110,7 @@ def dropped_tokens(rows: pd.DataFrame) -> NDArray[np.bool_]:
 
 
 def _records(rows: pd.DataFrame) -> list[dict[str, Any]]:
-    return rows.to_dict("records")  # type: ignore[return-value]
+    return [{str(k): v for k, v in r.items()} for r in rows.to_dict("records")]
 
 
 def gate_bytes(rows: pd.DataFrame) -> F64:
