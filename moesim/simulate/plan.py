@@ -10,8 +10,10 @@ work (attention, shared experts, leading dense layers) is the same on every
 GPU and priced once. Backward compute is ``2x`` the forward GEMMs (data and
 weight gradients) and ``1x`` the memory-bound ops (gate, permute, unpermute).
 Tensor parallelism divides the dense work by ``tp`` (its all-reduces are not
-modelled); pipeline parallelism gives each stage ``ceil(layers / pp)`` MoE
-layers and the step a 1F1B bubble ``(m + pp - 1) / m``.
+modelled here). Loads are drawn for the most MoE layers one pipeline rank
+holds (:func:`~moesim.simulate.schedules.moe_layers_per_rank`); each EP group
+reads its own GPUs' rows, so every rank's layers have their own loads.
+:meth:`StepPlan.pp_send` prices a pipeline send between two ranks' groups.
 
 Split-size exchange: a receiver of an uneven dispatch must know how many rows
 arrive, so dispatchers with variable splits first send every peer their
@@ -50,6 +52,7 @@ from moesim.costs.curves import eval_curve
 from moesim.costs.model import CostModel
 from moesim.errors import lookup
 from moesim.simulate.loads import Load, LoadModel
+from moesim.simulate.schedules import layout_for, moe_layers_per_rank
 from moesim.simulate.topology import Topology, spec_bandwidths
 from moesim.simulate.traffic import flat_links, hierarchical_links
 
@@ -76,10 +79,44 @@ class LoadStats:
     expert_imbalance: list[float] = field(default_factory=list)
     gpu_imbalance: list[float] = field(default_factory=list)
     sent_rows_per_gpu: list[float] = field(default_factory=list)
-    layer_expert_imbalance: list[float] = field(default_factory=list)  # [layer * mbs + mb]
+    layer_expert_imbalance: dict[int, list[float]] = field(default_factory=dict)  # by layer
 
-    def layer_expert_imbalance_mean(self, layer: int, mbs: int) -> float:
-        return float(np.mean(self.layer_expert_imbalance[layer * mbs : (layer + 1) * mbs]))
+    def layer_expert_imbalance_mean(self, layer: int, mbs: int = 0) -> float:
+        vals = self.layer_expert_imbalance.get(layer)
+        return float(np.mean(vals)) if vals else 0.0
+
+
+class WorkTable:
+    """``work[layer][mb]``: a layer's :class:`LayerWork`, priced the first time it is read.
+
+    Schedules that never run a (layer, micro-batch) pair on a rank (DualPipe runs half
+    the micro-batches through each of a rank's two chunks) never pay for its loads.
+    """
+
+    def __init__(self, make: Callable[[int, int], LayerWork], layers: int, mbs: int) -> None:
+        self._make, self.layers, self.mbs = make, layers, mbs
+        self._done: dict[tuple[int, int], LayerWork] = {}
+
+    def get(self, layer: int, mb: int) -> LayerWork:
+        hit = self._done.get((layer, mb))
+        if hit is None:
+            hit = self._done[layer, mb] = self._make(layer, mb)
+        return hit
+
+    def __getitem__(self, layer: int) -> _WorkRow:
+        return _WorkRow(self, layer)
+
+    def computed(self) -> list[LayerWork]:
+        return list(self._done.values())
+
+
+@dataclass(frozen=True)
+class _WorkRow:
+    table: WorkTable
+    layer: int
+
+    def __getitem__(self, mb: int) -> LayerWork:
+        return self.table.get(self.layer, mb)
 
 
 @dataclass
@@ -92,27 +129,62 @@ class StepPlan:
     micro_batches: int
     training: bool
     compute_s: dict[str, float]  # forward seconds of the per-layer ops equal on all GPUs
-    work: list[list[LayerWork]]  # [layer][micro-batch]
+    work: WorkTable  # [layer][micro-batch]
     stats: LoadStats
     dispatch_row_bytes: float
     slowdown_G: F64
-    grad_allreduce_s: float
-    bubble: float
     capacity: int | None  # rows per expert per capacity domain, None = dropless
     split_exchange_X: F64  # seconds of each group's split-size exchange (0: none)
+    pricer: CommPricer
+    cost: CostModel
+    pp: int = 1
+    _sends: dict[tuple[int, int], tuple[Coflows, Coflows]] = field(default_factory=dict)
+
+    @property
+    def groups_per_stage(self) -> int:
+        return self.topo.num_groups // self.pp
+
+    def pp_send(self, src: int, dst: int) -> tuple[Coflows, Coflows]:
+        """Egress (sender's links) and ingress (receiver's links) of one activation send.
+
+        Every GPU of the sending rank's EP group sends its micro-batch's hidden states
+        (``T`` rows in the model dtype) to the GPU of the same position on rank ``dst``:
+        over NVLink when both groups sit in one node, else over the NICs and uplinks.
+        """
+        hit = self._sends.get((src, dst))
+        if hit is None:
+            hit = self._sends[src, dst] = self._price_send(src, dst)
+        return hit
+
+    def _price_send(self, src: int, dst: int) -> tuple[Coflows, Coflows]:
+        gpn, ep, gps = self.topo.gpus_per_node, self.topo.ep, self.groups_per_stage
+        same_node = (src * gps * ep) // gpn == (dst * gps * ep) // gpn
+        nbytes = self.scn.workload.tokens_per_gpu * row_bytes(
+            self.scn.model.hidden_size, self.scn.model.dtype
+        )
+        X, P = self.topo.num_groups, ep
+        per = np.full((X, P), float(nbytes))
+        zero = np.zeros((X, P))
+        su, net = (per, zero) if same_node else (zero, per)
+        return self.pricer.per_gpu(su, net, egress=True), self.pricer.per_gpu(su, net, egress=False)
 
 
 @dataclass(frozen=True)
 class Coflows:
-    """One collective in every group: bytes per link, latency and time alone on the links."""
+    """One collective in every group: bytes per link, latency and time alone on the links.
+
+    ``sent_XT``: bytes one GPU of the group sends on average, per tier (scale-up,
+    network), as the collective moves them (before any calibration scaling).
+    """
 
     demand_XL: F64  # bytes per link
     latency_X: F64  # seconds before the bytes flow
     solo_X: F64  # seconds the bytes take with no other coflow: max_l demand / capacity
+    sent_XT: F64 | None = None
 
     def delayed(self, seconds_X: F64) -> Coflows:
         """The same coflows started ``seconds_X`` later (a step that must finish first)."""
-        return Coflows(self.demand_XL, self.latency_X + seconds_X, self.solo_X)
+        return Coflows(self.demand_XL, self.latency_X + seconds_X, self.solo_X, self.sent_XT)
 
 
 class CommPricer:
@@ -132,6 +204,7 @@ class CommPricer:
         """The coflows of ``rows_XL`` rows of ``row_bytes`` each, one per group."""
         demand = rows_XL * row_bytes
         P = self.topo.ep
+        sent = np.stack([demand[:, :P].sum(-1), demand[:, 2 * P : 3 * P].sum(-1)], -1) / P
         latency = np.zeros(len(demand))
         for tier, sl in self.topo.tier_slices().items():
             per_rank = demand[:, sl][:, :P].sum(-1) / P  # egress ports of the tier
@@ -142,27 +215,69 @@ class CommPricer:
                 bw = eval_curve(fit.bandwidth_GBps, np.maximum(per_rank, 1.0)) * 1e9
                 demand[:, sl] *= (self.spec[tier] / bw)[:, None]
         solo = (demand / self.topo.cap_L).max(-1)
-        return Coflows(demand, latency, solo)
+        return Coflows(demand, latency, solo, sent)
+
+    def per_gpu(
+        self,
+        scaleup_B_XP: F64,
+        network_B_XP: F64,
+        *,
+        egress: bool | None = None,
+        steps_XT: F64 | None = None,
+    ) -> Coflows:
+        """A collective from per-GPU byte demands: each GPU sends and receives them.
+
+        ``scaleup_B_XP`` / ``network_B_XP``: bytes each GPU of each group moves over
+        NVLink / its NIC (and its node's uplinks); ``egress`` True (False) puts only
+        the sending (receiving) side on the links, None both. ``steps_XT``: latency
+        steps per tier (ring hops), default one per tier that carries bytes.
+        """
+        X, P, N = self.topo.num_groups, self.topo.ep, self.topo.nodes_per_group
+        zero = np.zeros((X, P))
+        out_su, in_su = (scaleup_B_XP, scaleup_B_XP)
+        out_net, in_net = (network_B_XP, network_B_XP)
+        if egress is True:
+            in_su, in_net = zero, zero
+        elif egress is False:
+            out_su, out_net = zero, zero
+        M = (self.topo.node_of_P[:, None] == np.arange(N)[None, :]).astype(float)
+        parts = [out_su, in_su, out_net, in_net, out_net @ M, in_net @ M]
+        rows = np.concatenate(parts, axis=-1)
+        lat = np.zeros(X)
+        for t, (tier, B) in enumerate((("scaleup", scaleup_B_XP), ("scaleout", network_B_XP))):
+            per = B.max(-1)
+            steps = np.ones(X) if steps_XT is None else steps_XT[:, t]
+            link_lat = self.cost.link(tier, float(per.max())).latency_s  # type: ignore[arg-type]
+            lat = lat + np.where(per > 0, steps * link_lat, 0.0)
+        cf = self.price(rows, 1.0)  # calibrated fits scale the demand as for an all-to-all
+        sent = np.stack([out_su.mean(-1), out_net.mean(-1)], -1)
+        return Coflows(cf.demand_XL, lat, cf.solo_X, sent)
 
 
-def build_plan(scn: Scenario, hw: HardwareProfile, topo: Topology, seed: int) -> StepPlan:
-    """Price every op of one step of ``scn`` on ``hw`` (see module docstring)."""
+def build_plan(
+    scn: Scenario, hw: HardwareProfile, topo: Topology, seed: int, layers: int | None = None
+) -> StepPlan:
+    """Price every op of one step of ``scn`` on ``hw`` (see module docstring).
+
+    ``layers``: MoE layers per pipeline rank to draw loads for (default: from the
+    scenario's schedule and layer split).
+    """
     cost = CostModel(hw)
     pp = scn.parallel.pp
-    layers = math.ceil(scn.model.num_moe_layers / pp)
+    if layers is None:
+        layers = moe_layers_per_rank(*layout_for(scn))
     mbs = scn.workload.micro_batches
     loads = LoadModel(scn, topo, seed, layers)
     stats = LoadStats()
     training = scn.workload.mode == "training"
     pricer = CommPricer(hw, cost, topo)
     exchange = split_exchange_s(scn, topo, pricer)
-    works = [
-        [
-            _layer_work(scn, topo, cost, pricer, loads.load(i, m), stats, training, exchange)
-            for m in range(mbs)
-        ]
-        for i in range(layers)
-    ]
+
+    def make(i: int, m: int) -> LayerWork:
+        load = loads.load(i, m)
+        return _layer_work(scn, topo, cost, pricer, load, stats, training, exchange, i)
+
+    works = WorkTable(make, layers, mbs)
     return StepPlan(
         scn=scn,
         topo=topo,
@@ -174,10 +289,11 @@ def build_plan(scn: Scenario, hw: HardwareProfile, topo: Topology, seed: int) ->
         stats=stats,
         dispatch_row_bytes=row_bytes(scn.model.hidden_size, scn.dispatch_dtype),
         slowdown_G=_slowdowns(scn),
-        grad_allreduce_s=grad_allreduce_s(scn, hw, layers) if training else 0.0,
-        bubble=(mbs + pp - 1) / mbs,
         capacity=loads.capacity_per_domain,
         split_exchange_X=exchange,
+        pricer=pricer,
+        cost=cost,
+        pp=pp,
     )
 
 
@@ -220,6 +336,7 @@ def _layer_work(
     st: LoadStats,
     training: bool,
     exchange_X: F64,
+    layer: int = 0,
 ) -> LayerWork:
     X, P = topo.num_groups, topo.ep
     E, D = scn.model.num_experts, scn.model.hidden_size
@@ -227,7 +344,7 @@ def _layer_work(
     recv_GL = recv_XE.reshape(X * P, E // P)  # by GPU and local expert
     experts_s = cost.experts_s(recv_GL, D, scn.model.moe_intermediate_size, scn.model.dtype)
     rows_XL = dispatch_rows(scn, topo, load)
-    _add_stats(st, load, X, P, E, rows_XL)
+    _add_stats(st, load, X, P, E, rows_XL, layer)
     comb_bytes = row_bytes(D, scn.combine_dtype)
     dispatch = pricer.price(rows_XL, row_bytes(D, scn.dispatch_dtype))
     combine = pricer.price(rows_XL[:, topo.swap_L], comb_bytes)
@@ -297,14 +414,14 @@ def dispatch_rows(scn: Scenario, topo: Topology, load: Load) -> F64:
     return rows(scn, topo, load)
 
 
-def _add_stats(st: LoadStats, load: Load, X: int, P: int, E: int, rows_XL: F64) -> None:
+def _add_stats(st: LoadStats, load: Load, X: int, P: int, E: int, rows_XL: F64, layer: int) -> None:
     per_expert = load.routed_GE.reshape(X, P, E).sum(1, dtype=np.float64)
     kept_XE = load.kept_GE.reshape(X, P, E).sum(1, dtype=np.float64)
     st.routed += float(per_expert.sum())
     st.kept += float(kept_XE.sum())
     imb = per_expert.max(-1) / np.maximum(per_expert.mean(-1), 1e-12)
     st.expert_imbalance.extend(imb.tolist())
-    st.layer_expert_imbalance.append(float(imb.mean()))
+    st.layer_expert_imbalance.setdefault(layer, []).append(float(imb.mean()))
     per_gpu = kept_XE.reshape(X, P, E // P).sum(-1)
     st.gpu_imbalance.extend((per_gpu.max(-1) / np.maximum(per_gpu.mean(-1), 1e-12)).tolist())
     egress = rows_XL[:, :P].sum(-1) + rows_XL[:, 2 * P : 3 * P].sum(-1)
@@ -323,7 +440,7 @@ def _dense_costs(scn: Scenario, cost: CostModel) -> dict[str, float]:
         flops = work.expert_flops(T, D, F_sh) * m.num_shared_experts
         nbytes = work.expert_bytes(T, D, F_sh, DTYPE_BYTES[dt]) * m.num_shared_experts
         shared = float(cost.dense_s(flops / tp, nbytes / tp, dt))
-    dense_layers = 0.0
+    dense_layer = 0.0
     if m.dense is not None and m.dense.num_dense_layers:
         F_d = m.dense.dense_intermediate_size or m.moe_intermediate_size
         ffn = float(
@@ -333,14 +450,14 @@ def _dense_costs(scn: Scenario, cost: CostModel) -> dict[str, float]:
                 dt,
             )
         )
-        dense_layers = m.dense.num_dense_layers * (attn + ffn) / scn.parallel.pp
+        dense_layer = attn + ffn
     return {
         "dense": attn,
         "gate": float(cost.gate_s(T, D, E, K, dt, kind=scn.router.kind)),
         "permute": float(cost.permute_s(T, D, K, dt)),
         "unpermute": float(cost.unpermute_s(T, D, K, dt)),
         "shared_experts": shared,
-        "dense_layers": dense_layers,
+        "dense_layer": dense_layer,
     }
 
 
@@ -365,31 +482,6 @@ def _attention_s(scn: Scenario, cost: CostModel) -> float:
         return float(cost.dense_s(flops, nbytes, dt))
     proj = float(work.attention_flops(T, *shape, 0, causal=causal))
     return float(cost.dense_s(proj, nbytes, dt) + cost.dense_s(flops - proj, 0.0, "bf16"))
-
-
-def grad_allreduce_s(scn: Scenario, hw: HardwareProfile, layers: int) -> float:
-    """Ring all-reduce of the step's gradients: experts over DP, the rest over EP x DP.
-
-    ``2 (n-1)/n · bytes / bw + 2 (n-1) · latency`` per all-reduce, on NVLink
-    when the ranks share a node and on the NICs otherwise.
-    """
-    m, par = scn.model, scn.parallel
-    b = DTYPE_BYTES[m.dtype]
-    D, E, ep, dp = m.hidden_size, m.num_experts, par.ep, par.dp
-    expert_B = layers * (E // ep) * 3 * D * m.moe_intermediate_size * b / par.tp
-    other_B = (layers * _non_expert_params(scn) + _dense_layer_params(scn) / par.pp) * b / par.tp
-    gpn = scn.cluster.gpus_per_node
-    cost = CostModel(hw)
-    t = _ring_s(cost, dp, expert_B, spans_nodes=ep * dp > gpn and dp > 1)
-    return t + _ring_s(cost, ep * dp, other_B, spans_nodes=ep * dp > gpn)
-
-
-def _ring_s(cost: CostModel, n: int, nbytes: float, spans_nodes: bool) -> float:
-    if n <= 1 or nbytes <= 0:
-        return 0.0
-    moved = 2.0 * (n - 1) / n * nbytes
-    link = cost.link("scaleout" if spans_nodes else "scaleup", moved)
-    return moved / link.bandwidth_Bps + 2 * (n - 1) * link.latency_s
 
 
 def _dense_layer_params(scn: Scenario) -> float:
