@@ -141,6 +141,7 @@ class GroupSim:
         self.rank, self.replica = divmod(x, plan.groups_per_stage)
         self.gpus = plan.topo.group_gpus(x)
         P = len(self.gpus)
+        self.sl = slice(int(self.gpus[0]), int(self.gpus[0]) + P)  # groups are contiguous
         self.free_P = np.zeros(P)
         self.busy_P = np.zeros(P)
         self.sm_extra_P = np.zeros(P)  # compute seconds added by comm kernels' SMs
@@ -158,7 +159,7 @@ class GroupSim:
     # -- exposure ---------------------------------------------------------------
     def _charge(self, ready: Ready, start_P: F64) -> None:
         gap = start_P - self.free_P
-        if not np.any(gap > 0):
+        if gap.max() <= 0:
             return
         kind = ready.reason or "bubble"
         if kind == "pp" and np.isfinite(ready.since):
@@ -175,19 +176,21 @@ class GroupSim:
             if sec <= 0:
                 return ready
             dur = sec * self.slow_P
+            crit = sec * self.slow_max
         else:
-            dur = sec[self.gpus] * self.slow_P
+            dur = sec[self.sl] * self.slow_P
+            crit = -1.0
         name = op.name
         start = np.maximum(ready.t_P, self.free_P)
         if self.sim.frac > 0 and self._comm_at(float(start.max())):
             slowed = dur / (1.0 - self.sim.frac)
             self.sm_extra_P += slowed - dur
-            dur, name = slowed, op.name + SM_MARK
+            dur, name, crit = slowed, op.name + SM_MARK, -1.0
         self._charge(ready, start)
         end = start + dur
         self.free_P = end
         self.busy_P += dur
-        self.rec.phase(op.name, op.layer, float(dur.max()))
+        self.rec.phase(op.name, op.layer, crit if crit >= 0 else float(dur.max()))
         if self.rec.tracing(self.x):
             self.rec.span(self.gpus, COMPUTE_TID, name, start, end)
         return Ready(end)
