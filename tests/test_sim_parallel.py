@@ -159,3 +159,24 @@ def test_etp_groups_must_own_whole_nodes() -> None:
                    "model.num_experts=6", "parallel.etp=1")  # fmt: skip
     with pytest.raises(ConfigError, match=r"parallel\.ep = 3: must be a multiple"):
         simulate(scn, hardware())
+
+
+def test_compare_tp_on_fixed_gpus_costs_only_its_collectives(capsys) -> None:
+    """`compare --vary parallel.tp=1,2` on tiny-cpu's 4 GPUs: same tokens, same compute;
+    the step grows by what the TP collectives expose (issue 13: TP used to be charged
+    all T tokens per GPU and throughput counted them once per TP group)."""
+    import json
+
+    from moesim.cli import main
+
+    argv = ["compare", "scenarios/tiny-cpu.yaml", "--vary", "parallel.tp=1,2",
+            "--set", "workload.mode=prefill", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    one, two = (v["result"] for v in json.loads(capsys.readouterr().out)["variants"])
+    assert one["details"]["tokens_per_step"] == two["details"]["tokens_per_step"]
+    c1, c2 = (r["step_breakdown_s"]["critical_gpu"] for r in (one, two))
+    assert c2["compute"] == pytest.approx(c1["compute"], rel=1e-12)
+    assert c1["exposed_tp"] == 0 < c2["exposed_tp"]
+    exposed = (c2["exposed_tp"] + c2["exposed_ep"]) - (c1["exposed_tp"] + c1["exposed_ep"])
+    assert two["step_time_s"] - one["step_time_s"] == pytest.approx(exposed, rel=1e-9)
+    assert two["throughput_tokens_per_s"] < one["throughput_tokens_per_s"]

@@ -58,10 +58,12 @@ def summary_table(r: Any) -> Table:
 STEP_PARTS = {
     "compute": "compute (incl. comm SM share)",
     "exposed_ep": "exposed EP all-to-all",
-    "exposed_tp": "exposed TP",
+    "exposed_tp": "exposed TP (and expert TP)",
+    "exposed_cp": "exposed CP ring",
     "exposed_dp": "exposed DP (gradient sync)",
     "exposed_pp": "exposed PP sends",
     "bubble": "pipeline bubble",
+    "optimizer": "optimizer step",
 }
 
 

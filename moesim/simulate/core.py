@@ -89,7 +89,7 @@ def _result(
     tflops = per_gpu * model_flops_per_token(scn) / 1e12
     st = plan.stats
     crit = int(np.argmax(eng.busy_G))
-    crit_parts = breakdown(eng, crit)
+    crit_parts = breakdown(eng, crit) | {"optimizer": optimizer}
     util = eng.busy_G / max(step, 1e-300)
     return SimResult(
         scenario=scn.name,
@@ -111,7 +111,10 @@ def _result(
         layers=_layers(rec, plan),
         gpu_utilization=_utilization(util),
         details=_details(scn, plan, pipe, eng, tokens),
-        step_breakdown_s={"critical_gpu": crit_parts, "mean": breakdown(eng, None)},
+        step_breakdown_s={
+            "critical_gpu": crit_parts,
+            "mean": breakdown(eng, None) | {"optimizer": optimizer},
+        },
         bubble_fraction=float(eng.exposed_KG["bubble"].mean()) / step if step > 0 else 0.0,
         bytes_per_gpu=_bytes(eng),
         provenance=_provenance(),
