@@ -137,6 +137,7 @@ class StepPlan:
     split_exchange_X: F64  # seconds of each group's split-size exchange (0: none)
     pricer: CommPricer
     cost: CostModel
+    loads: LoadModel
     pp: int = 1
     _sends: dict[tuple[int, int], tuple[Coflows, Coflows]] = field(default_factory=dict)
 
@@ -293,6 +294,7 @@ def build_plan(
         split_exchange_X=exchange,
         pricer=pricer,
         cost=cost,
+        loads=loads,
         pp=pp,
     )
 
