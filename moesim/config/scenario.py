@@ -108,6 +108,34 @@ class WorkloadConfig(Frozen):
 DISPATCHERS = ("alltoall", "allgather", "hierarchical", "low_latency")
 
 
+class MemoryConfig(Frozen):
+    """What a GPU keeps besides the work: state dtypes, sharding, recompute, reserve.
+
+    Defaults follow Megatron-Core mixed precision: bf16 weights (``param_dtype``
+    null = ``model.dtype``), fp32 main gradients, fp32 master weights and Adam
+    moments, the distributed optimizer sharding master weights and moments over
+    the data-parallel group (DP x EP for non-expert, expert-DP for expert weights).
+    """
+
+    reserve_GiB: float = Field(default=0.0, ge=0)  # allocator / framework / NCCL reserve
+    recompute: Literal["none", "selective", "full"] = "selective"
+    pp_schedule: Literal["1f1b", "interleaved", "dualpipe", "gpipe"] = "1f1b"
+    vpp: int = Field(default=1, ge=1)  # model chunks per stage (interleaved)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    param_dtype: str | None = None  # None = model.dtype
+    grad_dtype: str = "fp32"
+    optimizer_dtype: str = "fp32"  # master weights and moments
+    distributed_optimizer: bool = True
+    kv_cache_dtype: str | None = None  # None = model.dtype
+    dropout: bool = False  # Megatron-style dropout masks (Korthikanti et al.)
+    fused_activation: bool = True  # fused SwiGLU saves 3F per row; unfused (torch eager) 4F
+
+    @field_validator("param_dtype", "grad_dtype", "optimizer_dtype", "kv_cache_dtype")
+    @classmethod
+    def _dtypes(cls, value: str | None) -> str | None:
+        return None if value is None else check_dtype("", value)
+
+
 class Scenario(Frozen):
     name: str
     hardware: str = "h100-sxm"  # a name in hardware_profiles/ or a path
@@ -117,6 +145,7 @@ class Scenario(Frozen):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     dispatcher: Literal["alltoall", "allgather", "hierarchical", "low_latency"] = "alltoall"
     workload: WorkloadConfig = Field(default_factory=WorkloadConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
 
     @model_validator(mode="after")
     def _cross(self) -> Scenario:

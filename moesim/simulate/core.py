@@ -12,6 +12,7 @@ from moesim.config.scenario import Scenario
 from moesim.errors import ConfigError
 from moesim.io import provenance
 from moesim.simulate.engine import THREADS, EngineResult, Recorder, run_engine
+from moesim.simulate.memory import memory_report
 from moesim.simulate.plan import StepPlan, build_plan
 from moesim.simulate.result import PHASES, SimResult
 from moesim.simulate.topology import build_topology
@@ -75,6 +76,7 @@ def _result(
     gpus = plan.topo.group_gpus(last)
     exposed = eng.group_finish_X[last] - float(eng.busy_G[gpus].max())
     util = eng.busy_G / max(eng.stage_time_s, 1e-300)
+    mem = memory_report(scn, hw, plan)
     return SimResult(
         scenario=scn.name,
         hardware=hw.name,
@@ -96,6 +98,8 @@ def _result(
         gpu_utilization=_utilization(util),
         details=_details(scn, plan, eng, stage, tokens),
         provenance=_provenance(),
+        memory=mem.to_dict(scn),
+        fits=mem.fits,
         trace_events=_chrome(rec, plan) if trace else None,
         event_log=list(rec.log),
     )

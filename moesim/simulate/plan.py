@@ -65,6 +65,8 @@ class LayerWork:
     dispatch: Coflows  # forward dispatch (dispatch dtype)
     combine: Coflows  # forward combine and backward dispatch (combine dtype, reversed)
     grad_dispatch: Coflows  # backward combine: gradients in the dispatch direction
+    recv_rows_G: F64  # rows each GPU's experts run (received, with padding): memory
+    sent_rows_G: F64  # rows each GPU puts in its dispatch send buffer: memory
 
 
 @dataclass
@@ -242,6 +244,8 @@ def _layer_work(
         dispatch,
         combine,
         grad,
+        recv_GL.sum(-1),
+        load.sent_GE.sum(-1, dtype=np.float64),
     )
 
 

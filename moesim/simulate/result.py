@@ -49,6 +49,8 @@ class SimResult:
     gpu_utilization: dict[str, Any]
     details: dict[str, Any]
     provenance: dict[str, Any]
+    memory: dict[str, Any] = field(default_factory=dict)  # per-GPU peak, see simulate.memory
+    fits: bool = True  # the peak GPU's memory <= its HBM
     trace_events: list[dict[str, Any]] | None = field(default=None, repr=False)
     event_log: list[tuple[str, float]] = field(default_factory=list, repr=False)
 
@@ -58,6 +60,7 @@ class SimResult:
             "scenario", "hardware", "seed", "step_time_s", "throughput_tokens_per_s",
             "dispatch_time_s", "combine_time_s", "alltoall_fraction", "dispatch_bytes_per_gpu",
             "drop_fraction", "load_imbalance", "gpu_load_imbalance", "phases_s",
-            "backward_phases_s", "layers", "gpu_utilization", "details", "provenance",
+            "backward_phases_s", "layers", "gpu_utilization", "details", "memory", "fits",
+            "provenance",
         ]  # fmt: skip
         return {k: getattr(self, k) for k in keys}
