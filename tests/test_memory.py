@@ -232,3 +232,58 @@ def test_validate_memory_flag_prints_json(tmp_path: Path, capsys) -> None:
     out = json.loads(capsys.readouterr().out)
     assert set(out) >= {"cases", "median_abs_error", "max_abs_error", "tolerance", "method"}
     assert len(list(tmp_path.glob("memory-*.json"))) == 1
+
+
+# -- feasibility in compare and sweep ----------------------------------------------------
+TINY = "scenarios/tiny-cpu.yaml"
+
+
+def test_compare_marks_and_drops_variants_that_do_not_fit(capsys) -> None:
+    import json
+
+    from moesim.cli import main
+
+    argv = ["compare", TINY, "--vary", "memory.reserve_GiB=0,100"]
+    assert main([*argv, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [v["fits"] for v in doc["variants"]] == [True, False]
+    assert [v["p_oom"] for v in doc["variants"]] == [0.0, 1.0]
+    assert main([*argv, "--json", "--feasible-only"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [v["variant"] for v in doc["variants"]] == [{"memory.reserve_GiB": 0}]
+    assert doc["infeasible_dropped"] == ["reserve_GiB=100"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "fits" in table and "yes" in table and "NO" in table and "peak mem." in table
+
+
+def test_probability_of_oom_over_seeds_and_ranking() -> None:
+    from moesim.explore.summary import VariantSummary, feasible
+    from moesim.explore.variants import Variant
+
+    def runs(*fits: bool) -> list[dict]:
+        return [{"seed": i, "result": {"fits": f}} for i, f in enumerate(fits)]
+
+    some = VariantSummary(Variant(0, {}), runs(True, False, True, False, True), {})
+    none = VariantSummary(Variant(1, {}), runs(True, True), {})
+    assert some.p_oom == pytest.approx(0.4) and not some.fits
+    assert none.p_oom == 0.0 and none.fits
+    assert feasible([some, none]) == ([none], [some])
+
+
+def test_sweep_feasible_only_drops_rows(tmp_path: Path, capsys) -> None:
+    from moesim.cli import main
+
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(
+        f"scenario: {Path(TINY).resolve()}\naxes:\n  memory.reserve_GiB: [0, 100]\n", "utf-8"
+    )
+    argv = ["sweep", str(sweep), "--out", str(tmp_path / "out"), "--no-plots"]
+    assert main([*argv, "--feasible-only"]) == 0
+    out = capsys.readouterr().out
+    assert "1 that do not fit dropped" in out
+    import pandas as pd
+
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    assert summary["fits"].tolist() == [True, False]
+    assert summary["oom"].tolist() == [0.0, 1.0] and "memory_peak_GiB" in summary
