@@ -26,7 +26,7 @@ from moesim.config import load_pair
 from moesim.simulate import simulate
 gpus, layers = int(sys.argv[1]), int(sys.argv[2])
 ep = min(64, gpus)
-overrides = [f"cluster.nodes={gpus // 8}", f"parallel.ep={ep}", f"parallel.dp={gpus // ep}",
+overrides = [f"cluster.nodes={gpus // 8}", f"parallel.ep={ep}",
              f"model.num_moe_layers={layers}"]
 scn, hw = load_pair(sys.argv[3], overrides)
 t0, c0 = time.perf_counter(), time.process_time()

@@ -23,7 +23,8 @@ PROFILES = sorted((REPO / "hardware_profiles").glob("*.yaml")) + sorted(
 def test_every_shipped_scenario_loads_with_its_hardware(path: Path) -> None:
     scn, hw = load_pair(path)
     assert scn.model.top_k <= scn.model.num_experts
-    assert scn.parallel.world == scn.cluster.num_gpus
+    p, n = scn.parallel, scn.cluster.num_gpus
+    assert p.tp * p.cp * p.attention_dp(n) * p.pp == n == p.etp * p.ep * p.expert_dp(n) * p.pp
     assert hw.node.gpus_per_node >= scn.cluster.gpus_per_node
 
 

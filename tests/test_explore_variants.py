@@ -113,11 +113,11 @@ def test_expand_with_no_axes_is_the_base() -> None:
 def test_variant_scenario_applies_and_validates() -> None:
     base = load_scenario(TINY).model_dump(mode="json")
     v = Variant(
-        0, {"model.top_k": 4, "router.capacity_factor": None, "parallel.ep": 2, "parallel.dp": 2}
+        0, {"model.top_k": 4, "router.capacity_factor": None, "parallel.ep": 2, "parallel.tp": 2}
     )
     scn = variant_scenario(base, v, file=TINY)
     assert scn.model.top_k == 4 and scn.router.capacity_factor is None
-    assert scn.parallel.ep == 2 and scn.parallel.dp == 2
+    assert scn.parallel.ep == 2 and scn.parallel.tp == 2
     assert scn.model.hidden_size == 256  # untouched fields come from the base
     same = variant_scenario(base, Variant(0, {}), file=TINY)
     assert same == load_scenario(TINY)

@@ -22,12 +22,12 @@ def _files_importing(module: str, root: Path) -> list[str]:
     )
 
 
-@pytest.mark.parametrize("package", ["simulate", "calibrate", "costs", "config"])
+@pytest.mark.parametrize("package", ["simulate", "calibrate", "costs", "config", "model"])
 def test_torch_free_packages_have_no_torch_import_lines(package: str) -> None:
     assert _files_importing("torch", PKG / package) == []
 
 
-@pytest.mark.parametrize("package", ["simulate", "calibrate", "costs", "config"])
+@pytest.mark.parametrize("package", ["simulate", "calibrate", "costs", "config", "model"])
 def test_torch_free_packages_do_not_load_torch(package: str) -> None:
     code = (
         f"import sys, pkgutil, importlib, moesim.{package} as p\n"

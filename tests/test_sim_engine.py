@@ -273,7 +273,7 @@ def test_ep_groups_that_straddle_nodes_are_refused() -> None:
     from moesim.errors import ConfigError
 
     scn = scenario("cluster.nodes=3", "cluster.gpus_per_node=2", "parallel.ep=3",
-                   "parallel.dp=2", "model.num_experts=6")  # fmt: skip
+                   "model.num_experts=6")  # fmt: skip
     with pytest.raises(ConfigError, match=r"parallel\.ep = 3: must be a multiple or a divisor"):
         simulate(scn, hardware())
 

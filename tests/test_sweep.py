@@ -115,7 +115,7 @@ LINKED = """
 scenario: TINY
 hardware: [cpu-local, h100-sxm]
 linked:
-  - {ep: [2, 4], dp: [2, 1]}
+  - {ep: [2, 4], tp: [2, 1]}
 axes:
   top_k: [1, 64]
 skip_invalid: true
@@ -131,8 +131,8 @@ def test_linked_axes_hardware_axis_and_skipped_variants(
     stdout = capsys.readouterr().out
     assert "skipped" in stdout and "model.top_k = 64" in stdout
     runs = _runs(out)
-    assert len(runs) == 4  # 2 profiles x 2 (ep, dp) pairs; top_k=64 > 16 experts left out
-    assert sorted(zip(runs["ep"], runs["dp"], strict=True)) == [(2, 2), (2, 2), (4, 1), (4, 1)]
+    assert len(runs) == 4  # 2 profiles x 2 (ep, tp) pairs; top_k=64 > 16 experts left out
+    assert sorted(zip(runs["ep"], runs["tp"], strict=True)) == [(2, 2), (2, 2), (4, 1), (4, 1)]
     assert set(runs["hardware"]) == {"cpu-local", "h100-sxm"}
     meta = json.loads((out / "sweep.json").read_text())
     assert len(meta["skipped"]) == 4

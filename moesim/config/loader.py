@@ -193,7 +193,39 @@ def load_hardware(
 def load_scenario(path: str | Path, overrides: Iterable[str] = ()) -> Scenario:
     """Load and validate a scenario file, with ``--set`` overrides applied first."""
     data = apply_overrides(read_yaml(path), overrides)
+    data = resolve_hf_config(data, Path(path).parent, file=str(path))
     return validate(Scenario, data, file=str(path))
+
+
+def resolve_hf_config(data: dict[str, Any], base: Path, *, file: str) -> dict[str, Any]:
+    """Replace ``model.hf_config`` by the shapes of that Hugging Face config.json.
+
+    The path is relative to the scenario file. Keys written next to it (and
+    ``router`` keys) override what the config gives.
+    """
+    model = data.get("model")
+    if not isinstance(model, dict) or "hf_config" not in model:
+        return data
+    from moesim.model.hf import read_hf_config
+
+    rel = Path(str(model["hf_config"]))
+    hf_path = rel if rel.is_absolute() else base / rel
+    try:
+        hf_model, hf_router = read_hf_config(hf_path)
+    except ConfigError as err:
+        raise (err if err.file else err.with_file(file)) from None
+    own = {k: v for k, v in model.items() if k != "hf_config"}
+    out = dict(data)
+    out["model"] = _merge(hf_model, own)
+    out["router"] = _merge(hf_router, data.get("router") or {})
+    return out
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = _deep_copy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def load_pair(

@@ -23,8 +23,23 @@ class ClusterConfig(Frozen):
         return self.nodes * self.gpus_per_node
 
 
+ATTENTION_KINDS = ("mha", "gqa", "mla")
+MLA_FIELDS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
 class DenseConfig(Frozen):
-    """The non-MoE part of each layer (attention), priced by the roofline."""
+    """The non-MoE part of each layer: attention, and the dense-FFN layers.
+
+    ``attention``: ``mha`` (one KV head per query head), ``gqa`` (grouped KV
+    heads) or ``mla`` (DeepSeek multi-head latent attention, with the HF
+    fields ``q_lora_rank`` (None: no query compression), ``kv_lora_rank``,
+    ``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim``). None infers
+    mha/gqa from the head counts. Layers: ``num_dense_layers`` leading dense
+    layers (HF ``first_k_dense_replace``), then ``model.num_moe_layers`` MoE
+    layers each preceded by ``model.moe_layer_freq - 1`` interleaved dense ones.
+    ``num_sliding_layers`` of the attention layers use a causal window of
+    ``sliding_window`` tokens (GPT-OSS alternates 128-token windows).
+    """
 
     num_attention_heads: int = Field(ge=1)
     num_key_value_heads: int = Field(ge=1)
@@ -32,6 +47,42 @@ class DenseConfig(Frozen):
     seq_length: int = Field(ge=1)
     num_dense_layers: int = Field(default=0, ge=0)  # leading dense-FFN layers (DeepSeek-V3: 3)
     dense_intermediate_size: int | None = Field(default=None, ge=1)
+    attention: Literal["mha", "gqa", "mla"] | None = None
+    q_lora_rank: int | None = Field(default=None, ge=1)
+    kv_lora_rank: int | None = Field(default=None, ge=1)
+    qk_nope_head_dim: int | None = Field(default=None, ge=1)
+    qk_rope_head_dim: int | None = Field(default=None, ge=1)
+    v_head_dim: int | None = Field(default=None, ge=1)
+    attention_bias: bool = False  # biases on q, k, v and o (Llama / GPT-OSS semantics)
+    qkv_bias: bool = False  # biases on q, k, v only (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm of q and k (Qwen3)
+    attention_sinks: bool = False  # one learned sink logit per head (GPT-OSS)
+    sliding_window: int | None = Field(default=None, ge=1)
+    num_sliding_layers: int = Field(default=0, ge=0)
+
+    @property
+    def kind(self) -> str:
+        """The attention kind, inferred from the head counts when not given."""
+        if self.attention is not None:
+            return self.attention
+        return "mha" if self.num_key_value_heads == self.num_attention_heads else "gqa"
+
+    @model_validator(mode="after")
+    def _attention(self) -> DenseConfig:
+        H, KV = self.num_attention_heads, self.num_key_value_heads
+        if self.kind == "mla":
+            for name in MLA_FIELDS:
+                if getattr(self, name) is None:
+                    raise FieldError(name, None, "required when attention is 'mla'")
+        elif H % KV:
+            raise FieldError(
+                "num_key_value_heads", KV, f"must divide num_attention_heads ({H})"
+            )
+        if self.kind == "mha" and KV != H:
+            raise FieldError("num_key_value_heads", KV, f"must equal num_attention_heads ({H}) for mha")
+        if self.num_sliding_layers and self.sliding_window is None:
+            raise FieldError("sliding_window", None, "required when num_sliding_layers > 0")
+        return self
 
 
 class ModelConfig(Frozen):
@@ -46,6 +97,13 @@ class ModelConfig(Frozen):
     dispatch_dtype: str | None = None  # None = dtype; fp8 for DeepEP-style dispatch
     combine_dtype: str | None = None  # None = dtype
     dense: DenseConfig | None = None
+    vocab_size: int | None = Field(default=None, ge=1)  # None: no embedding / LM head
+    tie_word_embeddings: bool = False
+    mtp_num_layers: int = Field(default=0, ge=0)  # HF num_nextn_predict_layers (DeepSeek-V3: 1)
+    moe_layer_freq: int = Field(default=1, ge=1)  # every n-th layer after the dense ones is MoE
+    router_bias: bool = False  # router Linear has a bias (GPT-OSS)
+    expert_bias: bool = False  # expert FFN Linears have biases (GPT-OSS)
+    shared_expert_gate: bool = False  # sigmoid gate on the shared expert (Qwen2-MoE)
 
     @field_validator("dtype", "dispatch_dtype", "combine_dtype")
     @classmethod
@@ -60,14 +118,31 @@ class ModelConfig(Frozen):
 
 
 class ParallelConfig(Frozen):
-    ep: int = Field(default=1, ge=1)
-    dp: int = Field(default=1, ge=1)
+    """Megatron-Core parallel sizes with MoE Parallel Folding.
+
+    Attention (and dense) layers map the GPUs as ``tp x cp x dp x pp``, MoE
+    layers as ``etp x ep x edp x pp`` over the same GPUs (arXiv 2504.14960).
+    ``dp`` and ``edp`` are derived from the cluster size; ``dp`` may be given
+    and is then checked. ``sp``: sequence parallel (Megatron requires it for MoE
+    with ``tp > 1``): each TP rank holds and routes its own share of the tokens,
+    and TP's collectives are all-gather + reduce-scatter instead of all-reduce.
+    """
+
     tp: int = Field(default=1, ge=1)
+    sp: bool = True
+    cp: int = Field(default=1, ge=1)
+    dp: int | None = Field(default=None, ge=1)
+    ep: int = Field(default=1, ge=1)
+    etp: int = Field(default=1, ge=1)
     pp: int = Field(default=1, ge=1)
 
-    @property
-    def world(self) -> int:
-        return self.ep * self.dp * self.tp * self.pp
+    def attention_dp(self, gpus: int) -> int:
+        """Data-parallel size of the attention layers on ``gpus`` GPUs."""
+        return gpus // (self.tp * self.cp * self.pp)
+
+    def expert_dp(self, gpus: int) -> int:
+        """Data-parallel size (``edp``) of the MoE layers on ``gpus`` GPUs."""
+        return gpus // (self.etp * self.ep * self.pp)
 
 
 class RoutingConfig(Frozen):
@@ -95,13 +170,33 @@ class Straggler(Frozen):
     compute_slowdown: float = Field(default=1.0, ge=1.0)
 
 
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp", "moe_act", "shared_experts", "moe")
+
+
 class WorkloadConfig(Frozen):
+    """What one step runs.
+
+    ``tokens_per_gpu``: tokens each GPU holds and routes per micro-batch (with
+    ``tp``/``cp`` > 1 a TP x CP group holds ``tp * cp`` times as many of one
+    sequence batch, as Megatron's sequence-parallel shards). ``recompute_granularity``
+    follows Megatron: ``full`` re-runs each layer's forward (all-to-alls
+    included) in its backward; ``selective`` re-runs ``recompute_modules``.
+    ``optimizer_bytes_per_param``: HBM bytes the optimizer step reads and writes
+    per local parameter (Adam with fp32 master weights, moments and gradients:
+    read 16, write 14).
+    """
+
     mode: Literal["training", "prefill", "decode"] = "training"
     tokens_per_gpu: int = Field(default=8192, ge=1)  # per micro-batch
     micro_batches: int = Field(default=1, ge=1)
     overlap_micro_batches: bool = False  # overlap one micro-batch's a2a with another's compute
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     stragglers: list[Straggler] = Field(default_factory=list)
+    recompute_granularity: Literal["none", "selective", "full"] = "none"
+    recompute_modules: list[
+        Literal["core_attn", "layernorm", "mlp", "moe_act", "shared_experts", "moe"]
+    ] = Field(default_factory=lambda: ["core_attn"])
+    optimizer_bytes_per_param: float = Field(default=30.0, ge=0)
     seed: int = 0
 
 
@@ -154,13 +249,8 @@ class Scenario(Frozen):
             raise FieldError(
                 "parallel.ep", p.ep, f"must divide model.num_experts ({m.num_experts})"
             )
-        if p.world != self.cluster.num_gpus:
-            raise FieldError(
-                "parallel",
-                dict(p),
-                f"ep*dp*tp*pp = {p.world} must equal cluster GPUs "
-                f"({self.cluster.nodes}x{self.cluster.gpus_per_node} = {self.cluster.num_gpus})",
-            )
+        self._check_folding()
+        self._check_shards()
         try:
             self.router_spec().check_experts(m.num_experts)
         except FieldError as err:
@@ -174,6 +264,57 @@ class Scenario(Frozen):
                     f"must be < number of GPUs ({self.cluster.num_gpus})",
                 )
         return self
+
+    def _check_folding(self) -> None:
+        """MoE Parallel Folding: both mappings must tile the same GPUs."""
+        p, n = self.parallel, self.cluster.num_gpus
+        where = f"cluster GPUs ({self.cluster.nodes}x{self.cluster.gpus_per_node} = {n})"
+        attn = p.tp * p.cp * p.pp
+        if p.dp is not None and attn * p.dp != n:
+            raise FieldError(
+                "parallel",
+                dict(p),
+                f"attention layers: tp*cp*dp*pp = {attn * p.dp} must equal {where}; "
+                "leave dp out to derive it",
+            )
+        if n % attn:
+            raise FieldError(
+                "parallel", dict(p), f"attention layers: tp*cp*pp = {attn} must divide {where}"
+            )
+        moe = p.etp * p.ep * p.pp
+        if n % moe:
+            raise FieldError(
+                "parallel",
+                dict(p),
+                f"MoE layers: etp*ep*edp*pp must equal {where}, but etp*ep*pp = {moe} "
+                "does not divide it",
+            )
+        if p.tp > 1 and not p.sp:
+            raise FieldError(
+                "parallel.sp", p.sp, "must be true with tp > 1 (Megatron-Core MoE requires it)"
+            )
+
+    def _check_shards(self) -> None:
+        """Each split dimension must divide what it splits."""
+        m, p = self.model, self.parallel
+        checks = [("parallel.etp", p.etp, "model.moe_intermediate_size", m.moe_intermediate_size)]
+        if m.dense is not None:
+            heads = m.dense.num_attention_heads
+            groups = heads if m.dense.kind == "mla" else m.dense.num_key_value_heads
+            checks += [
+                ("parallel.tp", p.tp, "model.dense.num_attention_heads", heads),
+                ("parallel.tp", p.tp, "model.dense.num_key_value_heads", groups),
+                ("parallel.cp", p.cp, "model.dense.seq_length", m.dense.seq_length),
+            ]
+        for field, size, what, value in checks:
+            if value % size:
+                raise FieldError(field, size, f"must divide {what} ({value})")
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers of the main model (MTP modules not included)."""
+        dense = self.model.dense.num_dense_layers if self.model.dense else 0
+        return dense + self.model.num_moe_layers * self.model.moe_layer_freq
 
     def router_spec(self) -> RouterSpec:
         """The kernel-level router spec: this scenario's router plus ``model.top_k``."""

@@ -9,7 +9,7 @@ axes:                                   # cartesian product, first axis slowest
   top_k: [1, 2, 4]
   router.capacity_factor: [1.0, 1.25, null]
 linked:                                 # axes that vary together (one product dimension)
-  - {ep: [8, 16, 32, 64], dp: [8, 4, 2, 1]}
+  - {ep: [8, 16, 32, 64], tp: [1, 1, 1, 1]}
 metrics: [throughput_tokens_per_s, drop_fraction, alltoall_fraction]
 seeds: 1
 skip_invalid: false                     # true: leave out variants that fail validation

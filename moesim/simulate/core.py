@@ -68,7 +68,7 @@ def _result(
     rec = eng.recorder
     stage = eng.stage_time_s * plan.bubble
     step = stage + plan.grad_allreduce_s
-    tokens = scn.workload.tokens_per_gpu * plan.micro_batches * scn.parallel.ep * scn.parallel.dp
+    tokens = tokens_per_step(scn)
     phases = {p: _mean(rec, p) for p in PHASES}
     phases["grad_allreduce"] = plan.grad_allreduce_s
     st = plan.stats
@@ -103,6 +103,19 @@ def _result(
         trace_events=_chrome(rec, plan) if trace else None,
         event_log=list(rec.log),
     )
+
+
+def tokens_per_step(scn: Scenario) -> int:
+    """Tokens one step trains on (or one forward serves).
+
+    Every GPU holds ``tokens_per_gpu`` per micro-batch (its sequence-parallel
+    shard); the ``pp`` stages of a pipeline hold the same tokens, so
+    ``tokens_per_gpu * micro_batches * GPUs / pp``. A TP (or CP) group thus
+    holds ``tp * cp`` shards of one batch, and each TP rank routes its own
+    shard through the MoE layers (Megatron-Core with sequence parallelism).
+    """
+    w = scn.workload
+    return w.tokens_per_gpu * w.micro_batches * scn.cluster.num_gpus // scn.parallel.pp
 
 
 def _mean(rec: Recorder, phase: str) -> float:

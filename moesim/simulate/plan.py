@@ -9,8 +9,9 @@ per GPU, dispatch link rows per group, and the routing statistics. Dense
 work (attention, shared experts, leading dense layers) is the same on every
 GPU and priced once. Backward compute is ``2x`` the forward GEMMs (data and
 weight gradients) and ``1x`` the memory-bound ops (gate, permute, unpermute).
-Tensor parallelism divides the dense work by ``tp`` (its all-reduces are not
-modelled); pipeline parallelism gives each stage ``ceil(layers / pp)`` MoE
+Every GPU holds and routes ``tokens_per_gpu`` tokens (its sequence-parallel
+shard, see :func:`moesim.simulate.core.tokens_per_step`), so TP does not
+change a GPU's FLOPs, only adds its collectives; pipeline parallelism gives each stage ``ceil(layers / pp)`` MoE
 layers and the step a 1F1B bubble ``(m + pp - 1) / m``.
 
 Split-size exchange: a receiver of an uneven dispatch must know how many rows
@@ -319,21 +320,23 @@ def _dense_costs(scn: Scenario, cost: CostModel) -> dict[str, float]:
     """Forward seconds of the ops that are equal on every GPU of a micro-batch."""
     m = scn.model
     T, D, K, E = scn.workload.tokens_per_gpu, m.hidden_size, m.top_k, m.num_experts
-    dt, tp = m.dtype, scn.parallel.tp
-    attn = _attention_s(scn, cost) / tp
+    dt = m.dtype
+    # a TP rank multiplies its tp*T-token group batch by 1/tp of each weight: the
+    # FLOPs of its own T tokens through the whole weight (tokens_per_gpu is per GPU)
+    attn = _attention_s(scn, cost)
     shared = 0.0
     if m.num_shared_experts:
         F_sh = m.shared_expert_intermediate_size or m.moe_intermediate_size
         flops = work.expert_flops(T, D, F_sh) * m.num_shared_experts
         nbytes = work.expert_bytes(T, D, F_sh, DTYPE_BYTES[dt]) * m.num_shared_experts
-        shared = float(cost.dense_s(flops / tp, nbytes / tp, dt))
+        shared = float(cost.dense_s(flops, nbytes, dt))
     dense_layers = 0.0
     if m.dense is not None and m.dense.num_dense_layers:
         F_d = m.dense.dense_intermediate_size or m.moe_intermediate_size
         ffn = float(
             cost.dense_s(
-                work.expert_flops(T, D, F_d) / tp,
-                work.expert_bytes(T, D, F_d, DTYPE_BYTES[dt]) / tp,
+                work.expert_flops(T, D, F_d),
+                work.expert_bytes(T, D, F_d, DTYPE_BYTES[dt]),
                 dt,
             )
         )
@@ -372,20 +375,22 @@ def _attention_s(scn: Scenario, cost: CostModel) -> float:
 
 
 def grad_allreduce_s(scn: Scenario, hw: HardwareProfile, layers: int) -> float:
-    """Ring all-reduce of the step's gradients: experts over DP, the rest over EP x DP.
+    """Ring all-reduce of the step's gradients: experts over EDP, the rest over DP x CP.
 
     ``2 (n-1)/n · bytes / bw + 2 (n-1) · latency`` per all-reduce, on NVLink
     when the ranks share a node and on the NICs otherwise.
     """
     m, par = scn.model, scn.parallel
     b = DTYPE_BYTES[m.dtype]
-    D, E, ep, dp = m.hidden_size, m.num_experts, par.ep, par.dp
-    expert_B = layers * (E // ep) * 3 * D * m.moe_intermediate_size * b / par.tp
+    n = scn.cluster.num_gpus
+    D, E, ep = m.hidden_size, m.num_experts, par.ep
+    edp, dense_dp = par.expert_dp(n), par.attention_dp(n) * par.cp
+    expert_B = layers * (E // ep) * 3 * D * m.moe_intermediate_size * b / par.etp
     other_B = (layers * _non_expert_params(scn) + _dense_layer_params(scn) / par.pp) * b / par.tp
     gpn = scn.cluster.gpus_per_node
     cost = CostModel(hw)
-    t = _ring_s(cost, dp, expert_B, spans_nodes=ep * dp > gpn and dp > 1)
-    return t + _ring_s(cost, ep * dp, other_B, spans_nodes=ep * dp > gpn)
+    t = _ring_s(cost, edp, expert_B, spans_nodes=ep * par.etp * edp > gpn and edp > 1)
+    return t + _ring_s(cost, dense_dp, other_B, spans_nodes=n // par.pp > gpn)
 
 
 def _ring_s(cost: CostModel, n: int, nbytes: float, spans_nodes: bool) -> float:
