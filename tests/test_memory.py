@@ -48,17 +48,15 @@ def test_sgd_keeps_one_moment() -> None:
 
 
 def _training(*extra: str):
-    # 1 MoE layer, E = 4 experts of D = 64, F = 128 on ep = 2 (x dp = 2), fp32
-    return scenario(
-        "cluster.gpus_per_node=4", "parallel.dp=2", "workload.mode=training", *extra
-    )  # fmt: skip
+    # 1 MoE layer, E = 4 experts of D = 64, F = 128 on ep = 2 over 4 GPUs (edp 2, dp 4), fp32
+    return scenario("cluster.gpus_per_node=4", "workload.mode=training", *extra)
 
 
 def test_expert_and_non_expert_state_shard_over_their_own_groups() -> None:
     res = simulate(_training(), hardware(gpus_per_node=4))
     parts = res.memory["parts_GiB"]
     expert = 2 * 3 * 64 * 128  # E/ep = 2 local experts of 3 D x F matrices
-    other = 64 * 4  # the router (no attention, no shared experts)
+    other = 64 * 4 + 2 * 64  # the router and the layer's two norms (no attention, no shared)
     assert parts["params"] * GiB == pytest.approx(4 * (expert + other))  # fp32 params
     assert parts["grads"] * GiB == pytest.approx(4 * (expert + other))  # fp32 grads
     # Adam moments (no master copy of fp32 weights): experts over dp = 2, the rest over dp*ep = 4
@@ -90,8 +88,8 @@ def test_attention_and_mlp_parts_separately() -> None:
 
 def test_full_recompute_keeps_each_layers_input() -> None:
     hw, four = hardware(gpus_per_node=4), "model.num_moe_layers=4"
-    base = simulate(_training("memory.recompute=selective", four), hw).memory
-    full = simulate(_training("memory.recompute=full", four), hw).memory
+    base = simulate(_training("workload.recompute_granularity=selective", four), hw).memory
+    full = simulate(_training("workload.recompute_granularity=full", four), hw).memory
     # 4 layer inputs of T x D fp32; the MoE parts of one layer at a time, rebuilt in backward
     assert full["parts_GiB"]["activations"] * GiB == pytest.approx(4 * 8 * 64 * 4)
     assert full["parts_GiB"]["moe_tokens"] < base["parts_GiB"]["moe_tokens"] / 3
@@ -287,3 +285,58 @@ def test_sweep_feasible_only_drops_rows(tmp_path: Path, capsys) -> None:
     summary = pd.read_csv(tmp_path / "out" / "summary.csv")
     assert summary["fits"].tolist() == [True, False]
     assert summary["oom"].tolist() == [0.0, 1.0] and "memory_peak_GiB" in summary
+
+
+# -- issue 13's parameter counts, recompute modules, MLA ------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _dsv3(*extra: str):
+    from moesim.config.loader import load_pair
+
+    return load_pair(REPO / "scenarios/deepseek-v3-256xh800.yaml", list(extra))
+
+
+def test_stage_parameters_are_issue_13_counts_per_rank() -> None:
+    from moesim.model import count_params, params_per_rank
+    from moesim.simulate.memory import stage_params
+
+    scn, _ = _dsv3("parallel.pp=1")
+    got = stage_params(scn, 0, *stage_layers(scn)[0])
+    want = params_per_rank(scn)
+    assert got.expert == pytest.approx(want.expert, rel=1e-12)
+    assert got.other == pytest.approx(want.non_expert + want.embedding, rel=1e-12)
+    scn, _ = _dsv3("parallel.pp=4", "model.vocab_size=129280", "model.mtp_num_layers=1")
+    c, stages = count_params(scn.model), stage_layers(scn)
+    per = [stage_params(scn, s, *layers) for s, layers in enumerate(stages)]
+    mtp_experts = c.experts / scn.model.num_moe_layers  # one MTP module's routed experts
+    assert sum(p.expert for p in per) * scn.parallel.ep == pytest.approx(c.experts + mtp_experts)
+    assert sum(p.other for p in per) == pytest.approx(c.with_mtp - c.experts - mtp_experts)
+    assert per[0].other > per[1].other  # the embedding on the first stage
+
+
+def test_moe_act_and_full_recompute_shrink_the_expert_intermediates(tmp_path: Path) -> None:
+    base = simulate(_hot(tmp_path), hardware()).memory["parts_GiB"]
+    act = simulate(
+        _hot(tmp_path, "workload.recompute_granularity=selective",
+             "workload.recompute_modules=[moe_act]"), hardware(),
+    ).memory["parts_GiB"]  # fmt: skip
+    F, b = 128, 4
+    # GPU 0 runs 14 rows: 3F per row fused, 2F (fc1's output only) with moe_act recompute
+    assert (base["moe_expert_act"] - act["moe_expert_act"]) * GiB == pytest.approx(14 * F * b)
+
+
+def test_mla_kv_cache_is_the_compressed_latent() -> None:
+    mla = (
+        "model.dense={num_attention_heads: 128, num_key_value_heads: 128, head_dim: 192, "
+        "seq_length: 4096, num_dense_layers: 3, dense_intermediate_size: 18432, attention: mla, "
+        "q_lora_rank: 1536, kv_lora_rank: 512, qk_nope_head_dim: 128, qk_rope_head_dim: 64, "
+        "v_head_dim: 128}"
+    )
+    scn, _ = _dsv3(
+        "workload.mode=decode", "workload.tokens_per_gpu=32", "workload.micro_batches=1", mla
+    )
+    d = scn.model.dense
+    assert d is not None and d.kind == "mla"
+    width = d.kv_lora_rank + d.qk_rope_head_dim  # 512 + 64
+    assert kv_cache_bytes(scn, 1) == 32 * d.seq_length * width * 2

@@ -75,11 +75,11 @@ class DenseConfig(Frozen):
                 if getattr(self, name) is None:
                     raise FieldError(name, None, "required when attention is 'mla'")
         elif H % KV:
-            raise FieldError(
-                "num_key_value_heads", KV, f"must divide num_attention_heads ({H})"
-            )
+            raise FieldError("num_key_value_heads", KV, f"must divide num_attention_heads ({H})")
         if self.kind == "mha" and KV != H:
-            raise FieldError("num_key_value_heads", KV, f"must equal num_attention_heads ({H}) for mha")
+            raise FieldError(
+                "num_key_value_heads", KV, f"must equal num_attention_heads ({H}) for mha"
+            )
         if self.num_sliding_layers and self.sliding_window is None:
             raise FieldError("sliding_window", None, "required when num_sliding_layers > 0")
         return self
@@ -204,7 +204,8 @@ DISPATCHERS = ("alltoall", "allgather", "hierarchical", "low_latency")
 
 
 class MemoryConfig(Frozen):
-    """What a GPU keeps besides the work: state dtypes, sharding, recompute, reserve.
+    """What a GPU keeps besides the work: state dtypes, sharding, reserve (recompute is
+    ``workload.recompute_granularity`` / ``recompute_modules``).
 
     Defaults follow Megatron-Core mixed precision: bf16 weights (``param_dtype``
     null = ``model.dtype``), fp32 main gradients, fp32 master weights and Adam
@@ -213,7 +214,7 @@ class MemoryConfig(Frozen):
     """
 
     reserve_GiB: float = Field(default=0.0, ge=0)  # allocator / framework / NCCL reserve
-    recompute: Literal["none", "selective", "full"] = "selective"
+    flash_attention: bool = True  # fused attention keeps no s x s scores (as core_attn recompute)
     pp_schedule: Literal["1f1b", "interleaved", "dualpipe", "gpipe"] = "1f1b"
     vpp: int = Field(default=1, ge=1)  # model chunks per stage (interleaved)
     optimizer: Literal["adam", "sgd"] = "adam"

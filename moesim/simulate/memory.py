@@ -50,8 +50,9 @@ from moesim.config.base import DTYPE_BYTES
 from moesim.config.hardware import HardwareProfile
 from moesim.config.scenario import MemoryConfig, Scenario
 from moesim.errors import lookup
+from moesim.model import count_params
 from moesim.simulate import capacity
-from moesim.simulate.plan import StepPlan, _dense_layer_params, _non_expert_params, row_bytes
+from moesim.simulate.plan import StepPlan, row_bytes
 
 F64 = NDArray[np.float64]
 GiB = float(2**30)
@@ -103,27 +104,51 @@ class StageParams:
 
 
 def stage_layers(scn: Scenario) -> list[tuple[int, int]]:
-    """``(dense, moe)`` layers of every stage: the layer stack (dense layers first) split
-    into ``pp`` contiguous parts, the first parts one layer longer when it does not divide."""
-    nd = scn.model.dense.num_dense_layers if scn.model.dense is not None else 0
-    kinds = np.array([0] * nd + [1] * scn.model.num_moe_layers)
+    """``(dense, moe)`` layers of every stage: the layer stack (leading dense layers, then
+    each MoE layer after its ``moe_layer_freq - 1`` dense ones) split into ``pp``
+    contiguous parts, the first parts one layer longer when it does not divide."""
+    m = scn.model
+    nd = m.dense.num_dense_layers if m.dense is not None else 0
+    kinds = np.array([0] * nd + ([0] * (m.moe_layer_freq - 1) + [1]) * m.num_moe_layers)
     return [(int((p == 0).sum()), int(p.sum())) for p in np.array_split(kinds, scn.parallel.pp)]
 
 
-def stage_params(scn: Scenario, dense: int, moe: int) -> StageParams:
-    """Parameters one GPU of a stage with ``dense`` and ``moe`` layers holds."""
+def stage_params(scn: Scenario, stage: int, dense: int, moe: int) -> StageParams:
+    """Parameters one GPU of ``stage`` holds, from :func:`moesim.model.count_params`.
+
+    Routed experts split over ``ep x etp``, the rest (attention, dense FFNs,
+    routers, shared experts, norms) over ``tp``; the embedding on the first stage,
+    the LM head and the MTP modules on the last (Megatron-Core).
+    """
     m, par = scn.model, scn.parallel
-    per_dense = _dense_layer_params(scn) / max(1, m.dense.num_dense_layers if m.dense else 1)
-    expert = moe * (m.num_experts // par.ep) * 3 * m.hidden_size * m.moe_intermediate_size
-    other = moe * _non_expert_params(scn) + dense * per_dense
-    return StageParams(expert / par.tp, other / par.tp)
+    c = count_params(m)
+    layers, dense_total = scn.num_layers, scn.num_layers - m.num_moe_layers
+    expert_layer = c.experts / m.num_moe_layers
+    other = (dense + moe) * c.attention / layers + moe * c.moe_other / m.num_moe_layers
+    other += dense * c.dense_ffn / dense_total if dense_total else 0.0
+    expert = moe * expert_layer
+    if stage == 0:
+        other += c.embedding
+    if stage == par.pp - 1:
+        mtp_experts = m.mtp_num_layers * expert_layer
+        other += c.lm_head + c.mtp - mtp_experts
+        expert += mtp_experts
+    return StageParams(expert / (par.ep * par.etp), other / par.tp)
+
+
+def shard_groups(scn: Scenario) -> tuple[int, int]:
+    """``(expert, non-expert)`` data-parallel sizes the distributed optimizer shards over:
+    expert-DP, and attention DP x CP."""
+    par, n = scn.parallel, scn.cluster.num_gpus
+    return par.expert_dp(n), par.attention_dp(n) * par.cp
 
 
 def state_bytes(scn: Scenario, sp: StageParams) -> dict[str, float]:
     """params / grads / optimizer bytes of one GPU holding ``sp``, each group sharded by its DP."""
     par, mem = scn.parallel, scn.memory
-    pe, ge, oe = state_bytes_per_param(mem, scn.model.dtype, par.dp)
-    po, go, oo = state_bytes_per_param(mem, scn.model.dtype, par.dp * par.ep)
+    edp, dp = shard_groups(scn)
+    pe, ge, oe = state_bytes_per_param(mem, scn.model.dtype, edp)
+    po, go, oo = state_bytes_per_param(mem, scn.model.dtype, dp)
     copies = 2.0 if mem.pp_schedule == "dualpipe" and par.pp > 1 else 1.0  # DualPipe: 2 stages
     train = 1.0 if scn.workload.mode == "training" else 0.0  # inference: weights only
     return {
@@ -151,7 +176,10 @@ def attention_bytes(
     sp: bool = True,
     selective: bool = False,
     dropout: bool = True,
+    norm_outputs: bool = True,
     b: float = 2.0,
+    dims: tuple[int, int, int, int] | None = None,
+    latent: int = 0,
 ) -> float:
     """Bytes one GPU saves for the attention block and both layer norms of one layer.
 
@@ -159,16 +187,21 @@ def attention_bytes(
     attention and ``4sbh`` for the two norms, 16-bit values and byte masks. The
     QKV input, the two norm inputs and the output dropout mask are replicated
     over TP unless sequence parallelism splits them; ``selective`` recompute drops
-    the ``5as²b`` scores/softmax/dropout term (what flash attention saves too).
-    GQA: K and V have ``kv_heads`` heads. ``tokens = s · b``.
+    the ``5as²b`` scores/softmax/dropout term (what flash attention saves too);
+    ``norm_outputs=False`` (layernorm recompute) drops the QKV input.
+    GQA: K and V have ``kv_heads`` heads; ``dims`` = (Q, K, V, output-projection
+    input) widths override them (MLA), ``latent`` adds MLA's compressed q/kv
+    width, computed on every TP rank. ``tokens = s · b`` of the TP group.
     """
-    q, kv = heads * head_dim, kv_heads * head_dim
+    q, k, v, o = dims or (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim,
+                          heads * head_dim)  # fmt: skip
     mask = MASK_BYTES if dropout else 0.0
-    replicated = tokens * (b * hidden + mask * hidden + 2 * b * hidden)  # qkv in, mask, norms
-    split = tokens * b * (q + kv + kv + q)  # Q, K, V, output-projection input
+    qkv_in = b * hidden if norm_outputs else 0.0
+    replicated = tokens * (qkv_in + mask * hidden + 2 * b * hidden)  # qkv in, mask, norm inputs
+    split = tokens * b * (q + k + v + o)  # Q, K, V, output-projection input
     if not selective:
         split += heads * seq * tokens * (b + mask + (b if dropout else 0.0))  # 5as²b
-    return replicated / (tp if sp else 1) + split / tp
+    return replicated / (tp if sp else 1) + split / tp + tokens * b * latent
 
 
 def ffn_bytes(
@@ -181,18 +214,19 @@ def ffn_bytes(
     tp: int = 1,
     sp: bool = True,
     dropout: bool = True,
+    norm_outputs: bool = True,
+    intermediate: bool = True,
     b: float = 2.0,
 ) -> float:
     """Bytes one GPU saves for a dense FFN of one layer (Korthikanti: ``19sbh`` at ``4h``).
 
-    Replicated over TP (unless SP): the input ``2sbh`` and the dropout mask
-    ``sbh``. Split by TP: the intermediate per token: ``2F`` for act(fc1) (fc1
-    output and activation output), ``3F`` for a fused SwiGLU (gate and up, and the
-    product), ``4F`` unfused (the activation output is kept for the product too).
+    Replicated over TP (unless SP): the input ``2sbh`` (a norm output: dropped by
+    layernorm recompute) and the dropout mask ``sbh``. Split by TP: the
+    intermediate per token (:func:`intermediate_factor`; none with mlp recompute).
     """
     mask = MASK_BYTES if dropout else 0.0
-    replicated = tokens * hidden * (b + mask)
-    split = tokens * b * ffn * intermediate_factor(gated, fused)
+    replicated = tokens * hidden * ((b if norm_outputs else 0.0) + mask)
+    split = tokens * b * ffn * intermediate_factor(gated, fused) if intermediate else 0.0
     return replicated / (tp if sp else 1) + split / tp
 
 
@@ -210,6 +244,33 @@ def korthikanti_layer_bytes(
     tokens = s * b
     attn = attention_bytes(tokens, h, a, a, h // a, s, tp=tp, sp=sp, selective=selective)
     return attn + ffn_bytes(tokens, h, 4 * h, tp=tp, sp=sp)
+
+
+@dataclass(frozen=True)
+class Recompute:
+    """What each layer does not keep for backward (Megatron-Core's recompute options)."""
+
+    full: bool = False  # only each layer's input is kept
+    core_attn: bool = False  # no s x s scores (flash attention keeps none either)
+    layernorm: bool = False  # norm outputs (QKV / FFN / router inputs) rebuilt
+    mlp: bool = False  # dense FFN intermediates rebuilt
+    moe_act: bool = False  # experts keep fc1's output only (2F per row)
+    shared_experts: bool = False  # shared experts' intermediates rebuilt
+    moe: bool = False  # the whole MoE part is rebuilt: only its input is kept
+
+    @staticmethod
+    def of(scn: Scenario) -> Recompute:
+        w = scn.workload
+        flash = scn.memory.flash_attention
+        if w.recompute_granularity == "full":
+            return Recompute(full=True, core_attn=True)
+        mods = set(w.recompute_modules) if w.recompute_granularity == "selective" else set()
+        flags = {name: name in mods for name in RECOMPUTE_FLAGS}
+        flags["core_attn"] = flags["core_attn"] or flash
+        return Recompute(**flags)
+
+
+RECOMPUTE_FLAGS = ("core_attn", "layernorm", "mlp", "moe_act", "shared_experts", "moe")
 
 
 # -- pipeline schedules ---------------------------------------------------------------
@@ -271,17 +332,20 @@ def moe_saved_bytes(scn: Scenario, recv: F64, sent: F64) -> tuple[F64, F64]:
 
     ``recv`` rows the GPU's experts ran, ``sent`` rows it dispatched (same shape).
     Tokens: expert inputs ``recv · D`` and returned outputs ``sent · D``.
-    Expert activations: ``recv · F · factor`` (:func:`intermediate_factor`), the
-    router's fp32 probabilities ``T · E · 4`` and the shared experts' intermediate.
+    Expert activations: ``recv · F / etp · factor`` (:func:`intermediate_factor`;
+    2 with ``moe_act`` recompute), the router's fp32 probabilities ``T · E · 4``
+    and the shared experts' intermediate (``T · F_sh · factor``: a TP rank runs the
+    group's ``tp · T`` tokens through ``1/tp`` of the columns).
     """
-    m, T = scn.model, scn.workload.tokens_per_gpu
+    m, T, rc = scn.model, scn.workload.tokens_per_gpu, Recompute.of(scn)
     b = act_bytes(m.dtype)
     tokens = (recv + sent) * m.hidden_size * b
     factor = intermediate_factor(True, scn.memory.fused_activation)
-    act = recv * m.moe_intermediate_size * factor * b + T * m.num_experts * 4.0
-    if m.num_shared_experts:
+    per_row = m.moe_intermediate_size / scn.parallel.etp * (2.0 if rc.moe_act else factor)
+    act = recv * per_row * b + T * m.num_experts * 4.0
+    if m.num_shared_experts and not rc.shared_experts:
         F_sh = m.shared_expert_intermediate_size or m.moe_intermediate_size
-        act = act + T * F_sh * factor * b * m.num_shared_experts / scn.parallel.tp
+        act = act + T * F_sh * factor * b * m.num_shared_experts
     return tokens, act
 
 
@@ -344,7 +408,7 @@ class MemoryReport:
             "parts_GiB": {p: float(self.parts[p][g]) / GiB for p in PARTS},
             "inflight_micro_batches": [float(v) for v in self.inflight_S],
             "schedule": scn.memory.pp_schedule if scn.parallel.pp > 1 else "none",
-            "recompute": scn.memory.recompute,
+            "recompute": scn.workload.recompute_granularity,
             "recv_rows_peak": self.recv_rows_peak,
             "recv_rows_mean": self.recv_rows_mean,
             "recv_buffer_peak_GiB": self.recv_rows_peak * row / GiB,
@@ -369,7 +433,7 @@ def memory_report(scn: Scenario, hw: HardwareProfile, plan: StepPlan) -> MemoryR
     parts = {p: np.zeros(G) for p in PARTS}
     for s, (dense, moe) in enumerate(layers):
         sel = stage_G == s
-        for name, v in state_bytes(scn, stage_params(scn, dense, moe)).items():
+        for name, v in state_bytes(scn, stage_params(scn, s, dense, moe)).items():
             parts[name][sel] = v
         idx = np.arange(moe) % plan.layers
         _stage_activations(
@@ -385,6 +449,8 @@ def memory_report(scn: Scenario, hw: HardwareProfile, plan: StepPlan) -> MemoryR
             recv_LMG[idx][:, :, sel],
         )
         parts["kv_cache"][sel] = kv_cache_bytes(scn, dense + moe)
+        if s == S - 1 and plan.training:
+            parts["activations"][sel] += logits_bytes(scn)
     parts["dispatcher"] = dispatcher_bytes(scn, recv_LMG, sent_LMG)
     parts["reserve"][:] = scn.memory.reserve_GiB * GiB
     return MemoryReport(
@@ -413,29 +479,27 @@ def _stage_activations(
     """Fill the activation parts of the GPUs ``sel`` of one stage."""
     attn, ffn = dense_layer_bytes(scn)
     b, D = act_bytes(scn.model.dtype), scn.model.hidden_size
-    F = scn.model.moe_intermediate_size
+    F, T = scn.model.moe_intermediate_size / scn.parallel.etp, scn.workload.tokens_per_gpu
+    one_tok, one_act = (tok_LMG.max((0, 1)), act_LMG.max((0, 1))) if moe else (0.0, 0.0)
     if not training:  # one layer's working set at a time
-        if moe:
-            parts["moe_tokens"][sel] = tok_LMG.max((0, 1))
-            parts["moe_expert_act"][sel] = act_LMG.max((0, 1))
+        parts["moe_tokens"][sel] = one_tok
+        parts["moe_expert_act"][sel] = one_act
         parts["activations"][sel] = attn + (ffn if dense and not moe else 0.0)
         return
-    rec = scn.memory.recompute
-    per_mb = dense * (attn + ffn) + moe * attn
-    if rec == "full":  # only each layer's input is kept; one layer is rebuilt at a time
-        keep = (dense + moe) * scn.workload.tokens_per_gpu * D * b / scn.parallel.tp
-        parts["activations"][sel] = inflight * keep + attn + ffn * (dense > 0)
-        parts["moe_tokens"][sel] = tok_LMG.max((0, 1)) if moe else 0.0
-        parts["moe_expert_act"][sel] = act_LMG.max((0, 1)) if moe else 0.0
+    rc = Recompute.of(scn)
+    if rc.full:  # only each layer's input is kept; one layer is rebuilt at a time
+        parts["activations"][sel] = inflight * (dense + moe) * T * D * b + attn + ffn * (dense > 0)
+        parts["moe_tokens"][sel], parts["moe_expert_act"][sel] = one_tok, one_act
     else:
-        parts["activations"][sel] = inflight * per_mb
-        if moe:
+        parts["activations"][sel] = inflight * (dense * (attn + ffn) + moe * attn)
+        if rc.moe:  # the MoE part is rebuilt in backward, one layer at a time
+            parts["moe_tokens"][sel], parts["moe_expert_act"][sel] = one_tok, one_act
+        elif moe:
             parts["moe_tokens"][sel] = _window(tok_LMG.sum(0), inflight)
             parts["moe_expert_act"][sel] = _window(act_LMG.sum(0), inflight)
     trans = recv_LMG.max((0, 1)) * (D + F) * b if moe else np.zeros(int(sel.sum()))
     if dense:
-        F_d = _dense_ffn(scn)
-        trans = np.maximum(trans, scn.workload.tokens_per_gpu * (D + F_d) * b / scn.parallel.tp)
+        trans = np.maximum(trans, T * (D + _dense_ffn(scn)) * b)
     parts["transient"][sel] = trans
 
 
@@ -454,34 +518,40 @@ def _dense_ffn(scn: Scenario) -> int:
 
 
 def dense_layer_bytes(scn: Scenario) -> tuple[float, float]:
-    """``(attention + norms, dense FFN)`` bytes one GPU saves per layer and micro-batch."""
-    d, m, mem = scn.model.dense, scn.model, scn.memory
-    T, tp, b = scn.workload.tokens_per_gpu, scn.parallel.tp, act_bytes(m.dtype)
+    """``(attention + norms, dense FFN)`` bytes one GPU saves per layer and micro-batch.
+
+    Korthikanti's ``s · b`` is the TP x CP group's batch (``tokens_per_gpu · tp · cp``
+    with sequence parallelism); CP splits what remains by ``cp``.
+    """
+    d, m, mem, par = scn.model.dense, scn.model, scn.memory, scn.parallel
+    rc, b = Recompute.of(scn), act_bytes(m.dtype)
+    sb = scn.workload.tokens_per_gpu * par.tp * par.cp
+    keep_norm = not rc.layernorm
     ffn = ffn_bytes(
-        T,
-        m.hidden_size,
-        _dense_ffn(scn),
-        gated=True,
-        fused=mem.fused_activation,
-        tp=tp,
-        dropout=mem.dropout,
-        b=b,
-    )
+        sb, m.hidden_size, _dense_ffn(scn), gated=True, fused=mem.fused_activation,
+        intermediate=not rc.mlp, tp=par.tp, sp=par.sp, dropout=mem.dropout, b=b,
+        norm_outputs=keep_norm,
+    )  # fmt: skip
     if d is None:
-        return 0.0, ffn
+        return 0.0, ffn / par.cp
+    dims, latent = None, 0
+    if d.kind == "mla":
+        qk = (d.qk_nope_head_dim or 0) + (d.qk_rope_head_dim or 0)
+        H, v = d.num_attention_heads, d.v_head_dim or 0
+        dims = (H * qk, H * qk, H * v, H * v)
+        latent = (d.q_lora_rank or 0) + (d.kv_lora_rank or 0) + (d.qk_rope_head_dim or 0)
     attn = attention_bytes(
-        T,
-        m.hidden_size,
-        d.num_attention_heads,
-        d.num_key_value_heads,
-        d.head_dim,
-        d.seq_length,
-        tp=tp,
-        selective=mem.recompute != "none",
-        dropout=mem.dropout,
-        b=b,
-    )
-    return attn, ffn
+        sb, m.hidden_size, d.num_attention_heads, d.num_key_value_heads, d.head_dim,
+        d.seq_length, selective=rc.core_attn, dims=dims, latent=latent, tp=par.tp, sp=par.sp,
+        dropout=mem.dropout, b=b, norm_outputs=keep_norm,
+    )  # fmt: skip
+    return attn / par.cp, ffn / par.cp
+
+
+def logits_bytes(scn: Scenario) -> float:
+    """The LM head's logits and loss on the last stage, Korthikanti's ``4 s b V / t``."""
+    V, par = scn.model.vocab_size or 0, scn.parallel
+    return 4.0 * scn.workload.tokens_per_gpu * par.tp * V / par.tp
 
 
 def dispatcher_bytes(scn: Scenario, recv_LMG: F64, sent_LMG: F64) -> F64:
@@ -519,17 +589,24 @@ DISPATCHER_BUFFERS = {
 
 
 def kv_cache_bytes(scn: Scenario, layers: int) -> float:
-    """KV cache of one GPU's ``layers`` (inference): tokens cached x ``2 · kv_heads · head_dim``.
+    """KV cache of one GPU's ``layers`` (inference): tokens cached x bytes per token and layer.
 
     Decode: ``tokens_per_gpu`` sequences per micro-batch, each ``seq_length`` long;
-    prefill: the ``tokens_per_gpu`` prompt tokens of each micro-batch. K/V heads
-    split over TP (replicated when there are fewer heads than TP ranks).
+    prefill: the ``tokens_per_gpu`` prompt tokens of each micro-batch. GQA/MHA:
+    ``2 · kv_heads · head_dim`` per token, K/V heads split over TP (replicated
+    when there are fewer heads than TP ranks); MLA: the compressed latent
+    ``kv_lora_rank + qk_rope_head_dim`` (DeepSeek-V2/V3), on every TP rank.
     """
     d, w = scn.model.dense, scn.workload
     if w.mode == "training" or d is None:
         return 0.0
-    per_mb = w.tokens_per_gpu * (d.seq_length if w.mode == "decode" else 1)
+    per_mb = w.tokens_per_gpu * (d.seq_length // scn.parallel.cp if w.mode == "decode" else 1)
     tokens = per_mb * w.micro_batches
-    kv_split = min(scn.parallel.tp, d.num_key_value_heads)
     b = DTYPE_BYTES[scn.memory.kv_cache_dtype or scn.model.dtype]
-    return float(layers * tokens * 2 * d.num_key_value_heads * d.head_dim * b / kv_split)
+    if d.kind == "mla":
+        width = float((d.kv_lora_rank or 0) + (d.qk_rope_head_dim or 0))
+    else:
+        width = (
+            2.0 * d.num_key_value_heads * d.head_dim / min(scn.parallel.tp, d.num_key_value_heads)
+        )
+    return float(layers * tokens * width * b)
