@@ -19,40 +19,93 @@ from moesim.errors import ConfigError
 from moesim.model import count_params, forward_flops_per_token, params_per_rank
 from moesim.model.collectives import cp_bytes, etp_bytes, layer_collective_bytes, tp_block_bytes
 from moesim.model.flops import attention_core_flops, attention_proj_flops, matmul_params
-from moesim.model.hf import FAMILIES, COMMON_IGNORED, hf_to_moesim
+from moesim.model.hf import COMMON_IGNORED, FAMILIES, hf_to_moesim
 
 REPO = Path(__file__).resolve().parents[1]
 
 DEEPSEEK_V3: dict[str, Any] = {
-    "model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"], "vocab_size": 129280,
-    "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
-    "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128,
-    "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5,
-    "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
-    "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
-    "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 3,
-    "norm_topk_prob": True, "scoring_func": "sigmoid", "tie_word_embeddings": False,
-    "num_nextn_predict_layers": 1, "hidden_act": "silu", "max_position_embeddings": 163840,
-    "rms_norm_eps": 1e-6, "rope_theta": 10000, "attention_bias": False, "ep_size": 1,
-    "aux_loss_alpha": 0.001, "seq_aux": True, "torch_dtype": "bfloat16",
+    "model_type": "deepseek_v3",
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "vocab_size": 129280,
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "n_shared_experts": 1,
+    "n_routed_experts": 256,
+    "routed_scaling_factor": 2.5,
+    "kv_lora_rank": 512,
+    "q_lora_rank": 1536,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "qk_nope_head_dim": 128,
+    "topk_method": "noaux_tc",
+    "n_group": 8,
+    "topk_group": 4,
+    "num_experts_per_tok": 8,
+    "moe_layer_freq": 1,
+    "first_k_dense_replace": 3,
+    "norm_topk_prob": True,
+    "scoring_func": "sigmoid",
+    "tie_word_embeddings": False,
+    "num_nextn_predict_layers": 1,
+    "hidden_act": "silu",
+    "max_position_embeddings": 163840,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000,
+    "attention_bias": False,
+    "ep_size": 1,
+    "aux_loss_alpha": 0.001,
+    "seq_aux": True,
+    "torch_dtype": "bfloat16",
 }
 MIXTRAL_8X7B: dict[str, Any] = {
-    "model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "vocab_size": 32000,
-    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
-    "num_experts_per_tok": 2, "max_position_embeddings": 32768, "rope_theta": 1e6,
-    "sliding_window": None, "tie_word_embeddings": False, "hidden_act": "silu",
-    "rms_norm_eps": 1e-5, "router_aux_loss_coef": 0.02, "torch_dtype": "bfloat16",
+    "model_type": "mixtral",
+    "architectures": ["MixtralForCausalLM"],
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1e6,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-5,
+    "router_aux_loss_coef": 0.02,
+    "torch_dtype": "bfloat16",
 }
 QWEN3_30B_A3B: dict[str, Any] = {
-    "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 151936,
-    "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
-    "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
-    "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8, "decoder_sparse_step": 1,
-    "mlp_only_layers": [], "norm_topk_prob": True, "tie_word_embeddings": False,
-    "max_window_layers": 48, "sliding_window": None, "use_sliding_window": False,
-    "attention_bias": False, "rope_theta": 1e6, "max_position_embeddings": 40960,
-    "hidden_act": "silu", "rms_norm_eps": 1e-6,
+    "model_type": "qwen3_moe",
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "norm_topk_prob": True,
+    "tie_word_embeddings": False,
+    "max_window_layers": 48,
+    "sliding_window": None,
+    "use_sliding_window": False,
+    "attention_bias": False,
+    "rope_theta": 1e6,
+    "max_position_embeddings": 40960,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
 }
 GPT_OSS_120B: dict[str, Any] = {
     "model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"], "vocab_size": 201088,
@@ -108,8 +161,9 @@ def test_every_field_transformers_writes_is_known_or_ignored() -> None:
 def test_active_parameters_match_the_model_cards() -> None:
     # DeepSeek-V3: 37B activated; Mixtral 12.9B; GPT-OSS 5.1B; Qwen3 3.3B, which counts
     # its 0.31B input embedding (the others' cards do not)
-    for name, active_b, embedding in [("deepseek-v3", 37.5, 0), ("mixtral-8x7b", 12.9, 0),
-                                      ("qwen3-30b-a3b", 3.3, 1), ("gpt-oss-120b", 5.13, 0)]:  # fmt: skip
+    cards = [("deepseek-v3", 37.5, 0), ("mixtral-8x7b", 12.9, 0),
+             ("qwen3-30b-a3b", 3.3, 1), ("gpt-oss-120b", 5.13, 0)]  # fmt: skip
+    for name, active_b, embedding in cards:
         c = count_params(_model(ORACLE[name]))
         main_active = c.active - c.mtp_active + embedding * c.embedding
         assert main_active / 1e9 == pytest.approx(active_b, rel=0.03), name
@@ -182,8 +236,8 @@ def test_collective_bytes_closed_forms() -> None:
 
 
 def test_layer_collective_bytes_of_a_folded_scenario() -> None:
-    scn = load_scenario(REPO / "scenarios/qwen3-30b-a3b-16xh100.yaml",
-                        ["parallel.tp=2", "parallel.cp=2", "parallel.etp=2", "parallel.ep=4"])  # fmt: skip
+    folded = ["parallel.tp=2", "parallel.cp=2", "parallel.etp=2", "parallel.ep=4"]
+    scn = load_scenario(REPO / "scenarios/qwen3-30b-a3b-16xh100.yaml", folded)
     T, D = 8192, 2048
     got = layer_collective_bytes(scn, expert_rows=5000)
     assert got == {"tp_attn": 2 * T * D * 2, "tp_shared": 0.0, "etp": 2 * 5000 * D * 2,
@@ -240,6 +294,26 @@ def test_scenario_takes_its_model_from_a_hf_config(tmp_path: Path) -> None:
     ],
 )
 def test_bad_hf_configs_name_the_field(tmp_path: Path, cfg: dict[str, Any], needle: str) -> None:
-    with pytest.raises(ConfigError, match="config.json") as err:
+    with pytest.raises(ConfigError, match=r"config\.json") as err:
         load_scenario(_scenario_with_hf(tmp_path, cfg))
     assert needle in str(err.value)
+
+
+SHIPPED = {
+    "deepseek-v3-256xh800": "deepseek-v3",
+    "deepseek-v3-2048xh800": "deepseek-v3",
+    "mixtral-8x7b-8xh100": "mixtral-8x7b",
+    "qwen3-30b-a3b-16xh100": "qwen3-30b-a3b",
+    "gpt-oss-120b-8xh100": "gpt-oss-120b",
+}
+
+
+@pytest.mark.parametrize("scenario", list(SHIPPED))
+def test_shipped_scenarios_have_the_real_shapes(scenario: str) -> None:
+    scn = load_scenario(REPO / f"scenarios/{scenario}.yaml")
+    real = _model(ORACLE[SHIPPED[scenario]])
+    assert real.dense is not None and scn.model.dense is not None
+    seq = {"seq_length": scn.model.dense.seq_length}
+    real = real.model_copy(update={"dense": real.dense.model_copy(update=seq)})
+    assert count_params(scn.model) == count_params(real)
+    assert forward_flops_per_token(scn.model) == forward_flops_per_token(real)

@@ -170,7 +170,11 @@ class Straggler(Frozen):
     compute_slowdown: float = Field(default=1.0, ge=1.0)
 
 
-RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp", "moe_act", "shared_experts", "moe")
+RecomputeModule = Literal["core_attn", "layernorm", "moe_act", "shared_experts", "moe"]
+
+
+def _core_attn() -> list[RecomputeModule]:
+    return ["core_attn"]  # Megatron's default for --recompute-granularity selective
 
 
 class WorkloadConfig(Frozen):
@@ -193,9 +197,7 @@ class WorkloadConfig(Frozen):
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     stragglers: list[Straggler] = Field(default_factory=list)
     recompute_granularity: Literal["none", "selective", "full"] = "none"
-    recompute_modules: list[
-        Literal["core_attn", "layernorm", "mlp", "moe_act", "shared_experts", "moe"]
-    ] = Field(default_factory=lambda: ["core_attn"])
+    recompute_modules: list[RecomputeModule] = Field(default_factory=_core_attn)
     optimizer_bytes_per_param: float = Field(default=30.0, ge=0)
     seed: int = 0
 

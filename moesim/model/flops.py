@@ -39,11 +39,10 @@ def attention_proj_flops(d: DenseConfig, D: int) -> float:
         return 2.0 * (D * q + 2 * D * kv + q * D)
     nope, rope, v = d.qk_nope_head_dim or 0, d.qk_rope_head_dim or 0, d.v_head_dim or 0
     r_kv = d.kv_lora_rank or 0
-    q = (
-        D * d.q_lora_rank + d.q_lora_rank * H * (nope + rope)
-        if d.q_lora_rank
-        else D * H * (nope + rope)
-    )
+    if d.q_lora_rank:
+        q = D * d.q_lora_rank + d.q_lora_rank * H * (nope + rope)
+    else:
+        q = D * H * (nope + rope)
     kv = D * (r_kv + rope) + r_kv * H * (nope + v)
     return 2.0 * (q + kv + H * v * D)
 

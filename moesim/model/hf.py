@@ -105,9 +105,10 @@ def _qwen_moe(cfg: Json, file: str) -> tuple[Json, Json]:
         "top_k": _need(cfg, "num_experts_per_tok", file),
         "num_moe_layers": layers // step,
         "moe_layer_freq": step,
-        "dense": dense
-        | ({"dense_intermediate_size": cfg["intermediate_size"]} if step > 1 else {}),
+        "dense": dense,
     }
+    if step > 1:
+        dense["dense_intermediate_size"] = _need(cfg, "intermediate_size", file)
     shared = cfg.get("shared_expert_intermediate_size") or 0
     if shared:
         model |= {

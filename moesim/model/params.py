@@ -166,10 +166,9 @@ def params_per_rank(scn: Scenario) -> RankParams:
     )
     expert = c.experts * stage / (p.ep * p.etp)
     non_expert = (c.attention + c.dense_ffn + c.moe_other) * stage / p.tp
-    if p.pp == 1:
-        emb = (c.embedding + c.lm_head) / p.tp
-    else:
-        emb = max(c.embedding, c.lm_head) / p.tp
+    # pp > 1: the embedding on the first stage, the LM head on the last
+    ends = c.embedding + c.lm_head if p.pp == 1 else max(c.embedding, c.lm_head)
+    emb = ends / p.tp
     emb += (c.mtp - mtp_experts) / p.tp
     expert += mtp_experts / (p.ep * p.etp)
     return RankParams(expert=expert, non_expert=non_expert, embedding=emb)

@@ -9,8 +9,11 @@ import numpy as np
 
 from moesim.config.hardware import HardwareProfile
 from moesim.config.scenario import Scenario
+from moesim.costs.model import CostModel
 from moesim.errors import ConfigError
 from moesim.io import provenance
+from moesim.model import FORMULA, model_flops_per_token
+from moesim.simulate.dense import optimizer_s
 from moesim.simulate.engine import THREADS, EngineResult, Recorder, run_engine
 from moesim.simulate.memory import memory_report
 from moesim.simulate.plan import StepPlan, build_plan
@@ -26,6 +29,12 @@ BACKWARD = (
     "gate_bwd",
     "dense_bwd",
     "shared_experts_bwd",
+    "norm_bwd",
+    "tp_comm_bwd",
+    "cp_comm_bwd",
+    "etp_comm_bwd",
+    "head_bwd",
+    "recompute",
 )
 LAYER_COLUMNS = (
     "dense",
@@ -36,6 +45,10 @@ LAYER_COLUMNS = (
     "combine",
     "unpermute",
     "shared_experts",
+    "norm",
+    "tp_comm",
+    "cp_comm",
+    "etp_comm",
 )
 
 
@@ -67,10 +80,14 @@ def _result(
 ) -> SimResult:
     rec = eng.recorder
     stage = eng.stage_time_s * plan.bubble
-    step = stage + plan.grad_allreduce_s
+    optimizer = optimizer_s(scn, CostModel(hw)) if plan.training else 0.0
+    step = stage + plan.grad_allreduce_s + optimizer
     tokens = tokens_per_step(scn)
     phases = {p: _mean(rec, p) for p in PHASES}
     phases["grad_allreduce"] = plan.grad_allreduce_s
+    phases["optimizer"] = optimizer
+    per_gpu = tokens / step / scn.cluster.num_gpus if step > 0 else 0.0
+    tflops = per_gpu * model_flops_per_token(scn) / 1e12
     st = plan.stats
     last = int(np.argmax(eng.group_finish_X))
     gpus = plan.topo.group_gpus(last)
@@ -90,6 +107,8 @@ def _result(
         drop_fraction=1.0 - st.kept / st.routed if st.routed else 0.0,
         load_imbalance=float(np.mean(st.expert_imbalance)),
         gpu_load_imbalance=float(np.mean(st.gpu_imbalance)),
+        model_tflops_per_gpu=tflops,
+        mfu=tflops / hw.peak_tflops(scn.model.dtype),
         phases_s=phases,
         backward_phases_s={p.removesuffix("_bwd"): _mean(rec, p) for p in BACKWARD}
         if plan.training
@@ -171,6 +190,8 @@ def _details(
         "regroup_s": float(np.mean([w.regroup_s_G.mean() for ws in plan.work for w in ws])),
         "sim_events": eng.events,
         "compute_s": dict(plan.compute_s),
+        "model_flops_per_token": model_flops_per_token(scn),
+        "flop_formula": FORMULA,
     }
 
 

@@ -19,11 +19,14 @@ blocks interleave on the compute stream while the other's all-to-all is in
 flight. Shared experts are issued before the dispatch is awaited, so they
 overlap it, as Megatron-Core and DeepSeek do.
 
-Per MoE layer, forward: dense (attention) → gate → permute → [shared experts]
-→ dispatch → experts → combine → unpermute. Backward (training), layers in
-reverse: unpermute → [shared experts] → combine (gradients, dispatch
-direction) → experts → dispatch (gradients, combine direction) → permute →
-gate → dense.
+Per MoE layer, forward: norm → dense (attention) → [CP ring, exposed part] →
+[TP all-gather + reduce-scatter] → norm → gate → permute → [shared experts,
+their TP collectives] → dispatch → experts → [expert-TP AG + RS] → combine →
+unpermute. Backward (training), layers in reverse: [recompute] → unpermute →
+[shared experts] → combine (gradients, dispatch direction) → [ETP] → experts →
+dispatch (gradients, combine direction) → permute → gate → norm → [TP] → [CP]
+→ dense → norm. The micro-batch starts with the leading dense layers and ends
+its forward with the LM head and loss (``head``), which its backward starts with.
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ F64 = NDArray[np.float64]
 COMPUTE_TID, COMM_TID = 0, 1
 #: Chrome trace thread names: the compute stream and one comm row per overlapped micro-batch
 THREADS = {COMPUTE_TID: "compute", COMM_TID: "comm", COMM_TID + 1: "comm (2nd micro-batch)"}
+
+
+#: compute_s entry recomputed by each selective-recompute module (Megatron names);
+#: ``moe`` and ``moe_act`` are per GPU (``LayerWork.recompute_s_G``)
+SELECTIVE = {"attn_core": "core_attn", "norm": "layernorm", "shared_experts": "shared_experts"}
 
 
 @dataclass
@@ -94,6 +102,7 @@ class GroupSim:
         self.env, self.net, self.plan, self.group, self.rec = env, net, plan, group, rec
         self.gpus = plan.topo.group_gpus(group)
         P = len(self.gpus)
+        self.idx = np.arange(group * P, (group + 1) * P)  # rows of the plan's [G] arrays
         self.free_P = np.zeros(P)
         self.busy_P = np.zeros(P)
         self.slow_P = plan.slowdown_G[self.gpus]
@@ -119,6 +128,24 @@ class GroupSim:
         self.rec.phase(name, layer, crit, self.plan.layers)
         if self.rec.tracing(self.group):
             self.rec.span(self.gpus, COMPUTE_TID, name, start, end)
+        return end
+
+    def blocking(self, t_P: F64, seconds: float, name: str, layer: int, block: int) -> F64:
+        """A collective of blocks of ``block`` consecutive ranks (TP, CP) priced in closed form.
+
+        Each block starts when its slowest member is ready and holds its members
+        for ``seconds``; the compute stream stays free for other micro-batches.
+        A block larger than the group, or not tiling it, is synchronised per GPU.
+        """
+        if seconds <= 0:
+            return t_P
+        P = len(t_P)
+        blk = block if 1 < block <= P and P % block == 0 else 1
+        start = np.repeat(t_P.reshape(-1, blk).max(1), blk)
+        end = start + seconds
+        self.rec.phase(name, layer, seconds, self.plan.layers)
+        if self.rec.tracing(self.group):
+            self.rec.span(self.gpus, COMM_TID, name, start, end)
         return end
 
     def collective(
@@ -147,38 +174,80 @@ class GroupSim:
     # -- one micro-batch -----------------------------------------------------
     def micro_batch(self, mb: int) -> Generator[simpy.Event, Any, None]:
         plan = self.plan
+        c = plan.compute_s
         t = np.full(len(self.gpus), self.env.now)
-        t = self.compute(t, plan.compute_s["dense_layers"], "dense_layers", 0)
+        t = self.compute(t, c["dense_layers"], "dense_layers", 0)
         for layer in range(plan.layers):
             t = yield from self.forward_layer(t, layer, mb)
+        t = self.compute(t, c["head"], "head", 0)
         if plan.training:
+            t = self.compute(t, 2 * c["head"], "head_bwd", 0)
             for layer in reversed(range(plan.layers)):
                 t = yield from self.backward_layer(t, layer, mb)
-            t = self.compute(t, 2 * plan.compute_s["dense_layers"], "dense_layers_bwd", 0)
+            t = self.compute(t, 2 * c["dense_layers"], "dense_layers_bwd", 0)
         self.finish = max(self.finish, float(t.max()))
 
-    def forward_layer(self, t: F64, layer: int, mb: int) -> Generator[simpy.Event, Any, F64]:
-        c, w = self.plan.compute_s, self.plan.work[layer][mb]
-        for op in ("dense", "gate", "permute"):
-            t = self.compute(t, c[op], op, layer)
-        shared = self.compute(t, c["shared_experts"], "shared_experts", layer)
-        t = yield from self.collective(t, "dispatch", layer, w.dispatch, mb)
-        experts = w.experts_s_G[self.gpus] + w.regroup_s_G[self.gpus]
-        t = self.compute(np.maximum(t, shared), experts, "experts", layer)
-        t = yield from self.collective(t, "combine", layer, w.combine, mb)
-        return self.compute(t, c["unpermute"], "unpermute", layer)
+    def forward_layer(
+        self, t: F64, layer: int, mb: int, tag: str = ""
+    ) -> Generator[simpy.Event, Any, F64]:
+        """One MoE layer's forward; ``tag`` renames its phases (``_recompute``)."""
+        c, w, par = self.plan.compute_s, self.plan.work[layer][mb], self.plan.scn.parallel
+        t = self.compute(t, c["norm"] / 2, "norm" + tag, layer)
+        t = self.compute(t, c["dense"], "dense" + tag, layer)
+        t = self.blocking(t, c["cp_comm"], "cp_comm" + tag, layer, par.tp * par.cp)
+        t = self.blocking(t, c["tp_comm"], "tp_comm" + tag, layer, par.tp)
+        t = self.compute(t, c["norm"] / 2, "norm" + tag, layer)
+        for op in ("gate", "permute"):
+            t = self.compute(t, c[op], op + tag, layer)
+        shared = self.compute(t, c["shared_experts"], "shared_experts" + tag, layer)
+        if c["shared_experts"] > 0:
+            shared = self.blocking(shared, c["tp_comm"], "tp_comm" + tag, layer, par.tp)
+        t = yield from self.collective(t, "dispatch" + tag, layer, w.dispatch, mb)
+        experts = w.experts_s_G[self.idx] + w.regroup_s_G[self.idx]
+        t = self.compute(np.maximum(t, shared), experts, "experts" + tag, layer)
+        t = self._etp(t, w.etp_s_G[self.idx], "etp_comm" + tag, layer)
+        t = yield from self.collective(t, "combine" + tag, layer, w.combine, mb)
+        return self.compute(t, c["unpermute"], "unpermute" + tag, layer)
+
+    def _etp(self, t: F64, seconds_P: F64, name: str, layer: int) -> F64:
+        """Expert-TP AG + RS: its ranks sit in other EP groups, so each GPU pays its own."""
+        if not seconds_P.any():
+            return t
+        self.rec.phase(name, layer, float(seconds_P.max()), self.plan.layers)
+        return t + seconds_P
 
     def backward_layer(self, t: F64, layer: int, mb: int) -> Generator[simpy.Event, Any, F64]:
-        c, w = self.plan.compute_s, self.plan.work[layer][mb]
+        c, w, par = self.plan.compute_s, self.plan.work[layer][mb], self.plan.scn.parallel
+        t = yield from self.recompute(t, layer, mb)
         t = self.compute(t, c["unpermute"], "unpermute_bwd", layer)
         shared = self.compute(t, 2 * c["shared_experts"], "shared_experts_bwd", layer)
+        if c["shared_experts"] > 0:
+            shared = self.blocking(shared, c["tp_comm"], "tp_comm_bwd", layer, par.tp)
         t = yield from self.collective(t, "combine_bwd", layer, w.grad_dispatch, mb)
-        experts = 2 * w.experts_s_G[self.gpus] + w.regroup_s_G[self.gpus]
+        experts = 2 * w.experts_s_G[self.idx] + w.regroup_s_G[self.idx]
+        t = self._etp(t, w.etp_s_G[self.idx], "etp_comm_bwd", layer)
         t = self.compute(t, experts, "experts_bwd", layer)
         t = yield from self.collective(t, "dispatch_bwd", layer, w.combine, mb)
         t = self.compute(np.maximum(t, shared), c["permute"], "permute_bwd", layer)
         t = self.compute(t, c["gate"], "gate_bwd", layer)
-        return self.compute(t, 2 * c["dense"], "dense_bwd", layer)
+        t = self.compute(t, c["norm"] / 2, "norm_bwd", layer)
+        t = self.blocking(t, c["tp_comm"], "tp_comm_bwd", layer, par.tp)
+        t = self.blocking(t, c["cp_comm_bwd"], "cp_comm_bwd", layer, par.tp * par.cp)
+        t = self.compute(t, 2 * c["dense"], "dense_bwd", layer)
+        return self.compute(t, c["norm"] / 2, "norm_bwd", layer)
+
+    def recompute(self, t: F64, layer: int, mb: int) -> Generator[simpy.Event, Any, F64]:
+        """Megatron recompute before a layer's backward: ``full`` re-runs its forward
+        (all-to-alls included); ``selective`` re-runs the chosen modules' compute."""
+        wl = self.plan.scn.workload
+        if wl.recompute_granularity == "full":
+            return (yield from self.forward_layer(t, layer, mb, "_recompute"))
+        if wl.recompute_granularity != "selective":
+            return t
+        c, mods = self.plan.compute_s, wl.recompute_modules
+        seconds = sum(c[k] for k, mod in SELECTIVE.items() if mod in mods)
+        extra = self.plan.work[layer][mb].recompute_s_G[self.idx]
+        return self.compute(t, seconds + extra, "recompute", layer)
 
     def run(self) -> Generator[simpy.Event, Any, None]:
         """All micro-batches: one after another, or two at a time when overlapping."""

@@ -11,7 +11,8 @@ GPU and priced once. Backward compute is ``2x`` the forward GEMMs (data and
 weight gradients) and ``1x`` the memory-bound ops (gate, permute, unpermute).
 Every GPU holds and routes ``tokens_per_gpu`` tokens (its sequence-parallel
 shard, see :func:`moesim.simulate.core.tokens_per_step`), so TP does not
-change a GPU's FLOPs, only adds its collectives; pipeline parallelism gives each stage ``ceil(layers / pp)`` MoE
+change a GPU's FLOPs, only adds its collectives; pipeline parallelism gives each
+stage ``ceil(layers / pp)`` MoE
 layers and the step a 1F1B bubble ``(m + pp - 1) / m``.
 
 Split-size exchange: a receiver of an uneven dispatch must know how many rows
@@ -46,10 +47,10 @@ from numpy.typing import NDArray
 from moesim.config.base import DTYPE_BYTES
 from moesim.config.hardware import HardwareProfile
 from moesim.config.scenario import Scenario
-from moesim.costs import work
 from moesim.costs.curves import eval_curve
 from moesim.costs.model import CostModel
 from moesim.errors import lookup
+from moesim.simulate import dense
 from moesim.simulate.loads import Load, LoadModel
 from moesim.simulate.topology import Topology, spec_bandwidths
 from moesim.simulate.traffic import flat_links, hierarchical_links
@@ -66,6 +67,8 @@ class LayerWork:
     dispatch: Coflows  # forward dispatch (dispatch dtype)
     combine: Coflows  # forward combine and backward dispatch (combine dtype, reversed)
     grad_dispatch: Coflows  # backward combine: gradients in the dispatch direction
+    etp_s_G: F64  # forward expert-TP all-gather + reduce-scatter seconds on each GPU
+    recompute_s_G: F64  # selective recompute of the routed experts' modules (moe, moe_act)
     recv_rows_G: F64  # rows each GPU's experts run (received, with padding): memory
     sent_rows_G: F64  # rows each GPU puts in its dispatch send buffer: memory
 
@@ -152,7 +155,7 @@ def build_plan(scn: Scenario, hw: HardwareProfile, topo: Topology, seed: int) ->
     """Price every op of one step of ``scn`` on ``hw`` (see module docstring)."""
     cost = CostModel(hw)
     pp = scn.parallel.pp
-    layers = math.ceil(scn.model.num_moe_layers / pp)
+    layers = dense.stage_layers(scn)
     mbs = scn.workload.micro_batches
     loads = LoadModel(scn, topo, seed, layers)
     stats = LoadStats()
@@ -239,15 +242,67 @@ def _layer_work(
     regroup_s = np.zeros(X * P)
     if scn.dispatcher in REGROUP and P > 1 and E // P > 1:
         regroup_s = cost.regroup_s(recv_GL.sum(-1), D, scn.model.dtype)
+    experts_s, etp_s = _expert_tp(scn, cost, recv_GL, np.asarray(experts_s, dtype=np.float64))
     return LayerWork(
-        np.asarray(experts_s, dtype=np.float64),
+        experts_s,
         np.asarray(regroup_s, dtype=np.float64),
         dispatch,
         combine,
         grad,
-        recv_GL.sum(-1),
+        etp_s,
+        _recompute_experts_s(scn, cost, recv_GL, experts_s),
+        etp_group_rows(scn, recv_GL.sum(-1)),
         load.sent_GE.sum(-1, dtype=np.float64),
     )
+
+
+def etp_group_rows(scn: Scenario, recv_G: F64) -> F64:
+    """Rows each GPU's expert GEMMs hold: its own, or with expert TP its ETP group's
+    (gathered before the GEMMs; the ETP ranks are the same EP rank of ``etp``
+    consecutive groups, as in :func:`_expert_tp`)."""
+    etp, P = scn.parallel.etp, scn.parallel.ep
+    if etp == 1:
+        return recv_G
+    rows = recv_G.reshape(-1, etp, P).sum(1, keepdims=True)
+    return np.broadcast_to(rows, (rows.shape[0], etp, P)).reshape(-1).copy()
+
+
+def _expert_tp(scn: Scenario, cost: CostModel, recv_GL: F64, experts_G: F64) -> tuple[F64, F64]:
+    """Expert TP: each GPU runs its ETP group's rows on ``F / etp``; AG + RS seconds.
+
+    The ETP ranks of one expert are the same EP rank of ``etp`` consecutive
+    groups (ETP is the innermost MoE dimension, see :mod:`.topology`).
+    """
+    etp = scn.parallel.etp
+    if etp == 1:
+        return experts_G, np.zeros_like(experts_G)
+    m = scn.model
+    G, Lx = recv_GL.shape
+    P = scn.parallel.ep
+    rows = recv_GL.reshape(G // (etp * P), etp, P, Lx).sum(1, keepdims=True)
+    rows = np.broadcast_to(rows, (G // (etp * P), etp, P, Lx)).reshape(G, Lx)
+    F = m.moe_intermediate_size // etp
+    experts = np.asarray(cost.experts_s(rows, m.hidden_size, F, m.dtype), dtype=np.float64)
+    own = recv_GL.sum(-1).reshape(G // (etp * P), etp, P).max(1, keepdims=True)
+    own = np.broadcast_to(own, (G // (etp * P), etp, P)).reshape(G)
+    etp_s = np.array([dense.etp_s(scn, cost, float(r)) for r in own])
+    return experts, etp_s
+
+
+def _recompute_experts_s(scn: Scenario, cost: CostModel, recv_GL: F64, experts_G: F64) -> F64:
+    """Selective recompute of ``moe`` (the expert FFNs) and/or ``moe_act`` (their SwiGLU)."""
+    w = scn.workload
+    out = np.zeros_like(experts_G)
+    if w.recompute_granularity != "selective":
+        return out
+    if "moe" in w.recompute_modules:
+        return experts_G.copy()  # the FFNs, their activation included
+    if "moe_act" in w.recompute_modules:
+        m = scn.model
+        F = m.moe_intermediate_size // scn.parallel.etp
+        nbytes = dense.ops.swiglu_bytes(recv_GL.sum(-1), F, DTYPE_BYTES[m.dtype])
+        out = np.asarray(cost.memory_s("activation", nbytes), dtype=np.float64)
+    return out
 
 
 #: fp8 rows travel with one fp32 scale per 128 elements (DeepEP, Transformer Engine blocks)
@@ -318,60 +373,7 @@ def _add_stats(st: LoadStats, load: Load, X: int, P: int, E: int, rows_XL: F64) 
 
 def _dense_costs(scn: Scenario, cost: CostModel) -> dict[str, float]:
     """Forward seconds of the ops that are equal on every GPU of a micro-batch."""
-    m = scn.model
-    T, D, K, E = scn.workload.tokens_per_gpu, m.hidden_size, m.top_k, m.num_experts
-    dt = m.dtype
-    # a TP rank multiplies its tp*T-token group batch by 1/tp of each weight: the
-    # FLOPs of its own T tokens through the whole weight (tokens_per_gpu is per GPU)
-    attn = _attention_s(scn, cost)
-    shared = 0.0
-    if m.num_shared_experts:
-        F_sh = m.shared_expert_intermediate_size or m.moe_intermediate_size
-        flops = work.expert_flops(T, D, F_sh) * m.num_shared_experts
-        nbytes = work.expert_bytes(T, D, F_sh, DTYPE_BYTES[dt]) * m.num_shared_experts
-        shared = float(cost.dense_s(flops, nbytes, dt))
-    dense_layers = 0.0
-    if m.dense is not None and m.dense.num_dense_layers:
-        F_d = m.dense.dense_intermediate_size or m.moe_intermediate_size
-        ffn = float(
-            cost.dense_s(
-                work.expert_flops(T, D, F_d),
-                work.expert_bytes(T, D, F_d, DTYPE_BYTES[dt]),
-                dt,
-            )
-        )
-        dense_layers = m.dense.num_dense_layers * (attn + ffn) / scn.parallel.pp
-    return {
-        "dense": attn,
-        "gate": float(cost.gate_s(T, D, E, K, dt, kind=scn.router.kind)),
-        "permute": float(cost.permute_s(T, D, K, dt)),
-        "unpermute": float(cost.unpermute_s(T, D, K, dt)),
-        "shared_experts": shared,
-        "dense_layers": dense_layers,
-    }
-
-
-def _attention_s(scn: Scenario, cost: CostModel) -> float:
-    """Attention of one layer on one GPU's micro-batch (projections + scores/values).
-
-    FP8 recipes (Transformer Engine) run the projections in fp8 but the
-    ``softmax(QK^T) V`` core in bf16 (flash attention), so the core is priced in bf16.
-    """
-    d = scn.model.dense
-    if d is None:
-        return 0.0
-    T, D, dt = scn.workload.tokens_per_gpu, scn.model.hidden_size, scn.model.dtype
-    b = DTYPE_BYTES[dt]
-    causal = scn.workload.mode != "decode"
-    shape = (D, d.num_attention_heads, d.num_key_value_heads, d.head_dim)
-    flops = float(work.attention_flops(T, *shape, d.seq_length, causal=causal))
-    nbytes = work.attention_bytes(T, *shape, b)
-    if not causal:  # decode: every token reads its sequence's KV cache
-        nbytes = nbytes + T * d.seq_length * 2 * d.num_key_value_heads * d.head_dim * b
-    if dt != "fp8":
-        return float(cost.dense_s(flops, nbytes, dt))
-    proj = float(work.attention_flops(T, *shape, 0, causal=causal))
-    return float(cost.dense_s(proj, nbytes, dt) + cost.dense_s(flops - proj, 0.0, "bf16"))
+    return dense.dense_costs(scn, cost)
 
 
 def grad_allreduce_s(scn: Scenario, hw: HardwareProfile, layers: int) -> float:

@@ -15,7 +15,13 @@ PHASES = (
     "unpermute",
     "dense",
     "shared_experts",
+    "norm",
+    "tp_comm",
+    "cp_comm",
+    "etp_comm",
+    "head",
     "grad_allreduce",
+    "optimizer",
 )
 
 
@@ -26,7 +32,10 @@ class SimResult:
     ``phases_s``: mean seconds per MoE layer forward on the critical path (the
     slowest GPU of the group for compute, the whole collective for all-to-all),
     averaged over layers, micro-batches and EP groups; ``grad_allreduce`` is
-    the step's whole gradient all-reduce (0 for inference).
+    the step's whole gradient all-reduce and ``optimizer`` its optimizer step
+    (0 for inference); ``head`` is per micro-batch (embedding, LM head, loss).
+    ``model_tflops_per_gpu``: model FLOPs (:data:`moesim.model.FORMULA`) per
+    second per GPU; ``mfu``: that over the dtype's dense peak (Megatron / MaxText).
     ``layers``: the same per layer. ``trace_events``: Chrome trace events when
     simulated with ``trace=True`` (not part of :meth:`to_dict`).
     """
@@ -43,6 +52,8 @@ class SimResult:
     drop_fraction: float
     load_imbalance: float
     gpu_load_imbalance: float
+    model_tflops_per_gpu: float
+    mfu: float
     phases_s: dict[str, float]
     backward_phases_s: dict[str, float]
     layers: list[dict[str, float]]
@@ -59,7 +70,8 @@ class SimResult:
         keys = [
             "scenario", "hardware", "seed", "step_time_s", "throughput_tokens_per_s",
             "dispatch_time_s", "combine_time_s", "alltoall_fraction", "dispatch_bytes_per_gpu",
-            "drop_fraction", "load_imbalance", "gpu_load_imbalance", "phases_s",
+            "drop_fraction", "load_imbalance", "gpu_load_imbalance", "model_tflops_per_gpu",
+            "mfu", "phases_s",
             "backward_phases_s", "layers", "gpu_utilization", "details", "memory", "fits",
             "provenance",
         ]  # fmt: skip

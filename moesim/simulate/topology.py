@@ -4,7 +4,9 @@ Legend: G = GPUs, P = EP ranks in one group (``parallel.ep``), N = nodes one
 EP group spans, L = links of one group, E = experts.
 
 GPUs are numbered node-major (``gpu = node * gpus_per_node + local``). EP
-groups are contiguous blocks of ``ep`` GPUs; expert ``e`` lives on rank
+groups are blocks of ``ep`` GPUs, strided by ``etp`` (MoE Parallel Folding puts
+expert TP innermost: the ``etp * ep`` GPUs of a block hold ``etp`` EP groups,
+group ``g`` = block ``g // etp``, offset ``g % etp``); expert ``e`` lives on rank
 ``e // (E / ep)`` of every group (contiguous placement). Each group owns a
 *link space* of ``L = 4P + 2N`` links, in this order::
 
@@ -45,6 +47,7 @@ class Topology:
     ep: int
     num_groups: int
     nodes_per_group: int  # N
+    etp: int
     node_of_P: I64  # node index (within the group) of each EP rank
     cap_L: F64  # achievable bytes/s of every link of one group
     swap_L: I64  # permutation of the link space that swaps egress and ingress
@@ -53,8 +56,16 @@ class Topology:
     def num_links(self) -> int:
         return 4 * self.ep + 2 * self.nodes_per_group
 
+    @property
+    def ranks_per_node(self) -> int:
+        """EP ranks of one group on one node (``gpus_per_node / etp`` when spanning nodes)."""
+        return min(self.ep, max(1, self.gpus_per_node // self.etp))
+
     def group_gpus(self, group: int) -> I64:
-        return np.arange(group * self.ep, (group + 1) * self.ep, dtype=np.int64)
+        """GPU ids of EP group ``group`` (ranks strided by ``etp``)."""
+        block, offset = divmod(group, self.etp)
+        first = block * self.ep * self.etp + offset
+        return first + self.etp * np.arange(self.ep, dtype=np.int64)
 
     def same_node_PP(self) -> NDArray[np.bool_]:
         return self.node_of_P[:, None] == self.node_of_P[None, :]
@@ -67,24 +78,27 @@ class Topology:
 
 def build_topology(scn: Scenario, hw: HardwareProfile) -> Topology:
     """The cluster of ``scn`` on ``hw``; ConfigError for layouts groups cannot own alone."""
-    gpn, ep = scn.cluster.gpus_per_node, scn.parallel.ep
-    if scn.cluster.nodes > 1 and ep % gpn and gpn % ep:
+    gpn, ep, etp = scn.cluster.gpus_per_node, scn.parallel.ep, scn.parallel.etp
+    span = ep * etp
+    if scn.cluster.nodes > 1 and span % gpn and gpn % span:
+        what = "parallel.ep" if etp == 1 else "parallel.ep * parallel.etp"
         raise ConfigError(
             f"must be a multiple or a divisor of cluster.gpus_per_node ({gpn}) on more than "
             "one node, so that EP groups own whole nodes",
-            field="parallel.ep",
-            value=ep,
+            field=what,
+            value=span,
         )
-    n_nodes = max(1, ep // gpn)
-    node_of = (np.arange(ep) // gpn).astype(np.int64) if ep > gpn else np.zeros(ep, np.int64)
+    n_nodes = max(1, span // gpn)
+    node_of = (etp * np.arange(ep) // gpn).astype(np.int64)
     return Topology(
         num_gpus=scn.cluster.num_gpus,
         gpus_per_node=gpn,
         ep=ep,
         num_groups=scn.cluster.num_gpus // ep,
         nodes_per_group=n_nodes,
+        etp=etp,
         node_of_P=node_of,
-        cap_L=_capacities(hw, ep, n_nodes, min(ep, gpn)),
+        cap_L=_capacities(hw, ep, n_nodes, min(ep, max(1, gpn // etp))),
         swap_L=_swap_index(ep, n_nodes),
     )
 

@@ -63,7 +63,7 @@ def hierarchical_links(tok_XPP: F64, tok_XPN: F64, topo: Topology) -> F64:
     ``tok_XPN[x, s, n]``: distinct tokens ``s`` needs on node ``n`` (RDMA once each).
     """
     X, P = tok_XPP.shape[0], topo.ep
-    N, gpn = topo.nodes_per_group, topo.gpus_per_node
+    N, gpn = topo.nodes_per_group, topo.ranks_per_node  # EP ranks on one node
     same = topo.same_node_PP()
     off = ~np.eye(P, dtype=bool)
     direct = tok_XPP * (same & off)

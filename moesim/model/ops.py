@@ -1,0 +1,70 @@
+"""FLOPs and HBM bytes of the non-MoE ops of one GPU's micro-batch, forward.
+
+T = tokens the GPU holds, D = hidden size, V = vocabulary, b = bytes per
+element, S = sequence length. Weights are read once per op; activations are
+read and written once. Memory-bound ops (norms, activations, loss, embedding
+lookup, optimizer step) have bytes only; the simulator prices them with the
+profile's ``copy`` bandwidth (:meth:`moesim.costs.model.CostModel.memory_s`).
+"""
+
+from __future__ import annotations
+
+from moesim.config.scenario import DenseConfig, ModelConfig
+from moesim.model.flops import attention_proj_flops, core_flops_all_layers, qk_v_dims
+from moesim.model.params import attention_params
+
+
+def attention_proj(d: DenseConfig, D: int, T: float, b: float) -> tuple[float, float]:
+    """``(flops, bytes)`` of one layer's attention projections for ``T`` tokens."""
+    dqk, dv = qk_v_dims(d)
+    H = d.num_attention_heads
+    acts = T * (2 * D + H * (2 * dqk + dv) + H * dv) * b  # x in, q/k/v out, o in/out
+    return T * attention_proj_flops(d, D), attention_params(d, D) * b + acts
+
+
+def attention_core(m: ModelConfig, T: float, b: float, *, causal: bool) -> tuple[float, float]:
+    """``(flops, bytes)`` of one layer's ``softmax(QK^T)V`` for ``T`` tokens (layer mean).
+
+    Decode (``causal=False``: one new token per sequence) reads the KV cache:
+    ``S`` entries of ``2 KV hd`` (GQA) or of the compressed ``kv_lora + rope`` (MLA).
+    """
+    d = m.dense
+    if d is None:
+        return 0.0, 0.0
+    layers = d.num_dense_layers + m.num_moe_layers * m.moe_layer_freq + m.mtp_num_layers
+    flops = T * core_flops_all_layers(m, causal=causal) / layers
+    dqk, dv = qk_v_dims(d)
+    nbytes = T * d.num_attention_heads * (dqk + dv) * b  # q in, o out (flash: no S x S)
+    if not causal:
+        if d.kind == "mla":
+            per_key = (d.kv_lora_rank or 0) + (d.qk_rope_head_dim or 0)
+        else:
+            per_key = 2 * d.num_key_value_heads * d.head_dim
+        nbytes += T * d.seq_length * per_key * b
+    return flops, nbytes
+
+
+def norm_bytes(T: float, D: int, b: float) -> float:
+    """One RMSNorm over ``T x D``: read and write."""
+    return 2.0 * T * D * b
+
+
+def swiglu_bytes(rows: float, F: int, b: float) -> float:
+    """SwiGLU activation of ``rows`` FFN rows: read gate and up, write the product."""
+    return 3.0 * rows * F * b
+
+
+def lm_head(m: ModelConfig, T: float, b: float) -> tuple[float, float]:
+    """``(flops, bytes)`` of the LM head GEMM for ``T`` tokens (0 without a vocabulary)."""
+    V = m.vocab_size or 0
+    return 2.0 * T * m.hidden_size * V, (V * m.hidden_size + T * m.hidden_size + T * V) * b
+
+
+def loss_bytes(m: ModelConfig, T: float, b: float) -> float:
+    """Cross-entropy over ``T x V`` logits: read them twice (max, sum of exp)."""
+    return 2.0 * T * (m.vocab_size or 0) * b
+
+
+def embedding_bytes(m: ModelConfig, T: float, b: float) -> float:
+    """Embedding lookup: gather ``T`` rows and write them."""
+    return 2.0 * T * m.hidden_size * b if m.vocab_size else 0.0

@@ -1,0 +1,167 @@
+"""Seconds of the per-layer ops that are the same on every GPU of a micro-batch.
+
+T = tokens one GPU holds (``workload.tokens_per_gpu``), D = hidden size.
+Shapes, FLOPs and bytes come from :mod:`moesim.model`; this module prices them
+on one :class:`~moesim.costs.model.CostModel`. All values are forward
+seconds; the engine doubles GEMMs and keeps memory-bound ops at 1x in the
+backward (``BACKWARD_FACTOR``).
+
+With TP a rank multiplies its TP group's ``tp * T`` tokens by ``1/tp`` of each
+weight, the FLOPs of its own ``T`` tokens through the whole weight, so TP
+changes no GEMM time here; it adds its collectives (``tp_comm``). Without SP
+the norms run on all ``tp * T`` tokens of the group. CP ring exchanges overlap
+the attention core they feed (Transformer Engine's ring attention), so only
+``max(0, ring - core)`` is exposed (``cp_comm``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from moesim.config.base import DTYPE_BYTES
+from moesim.config.scenario import Scenario
+from moesim.costs import work
+from moesim.costs.model import CostModel
+from moesim.model import ops
+from moesim.model.collectives import cp_bytes, etp_bytes, tp_block_bytes
+
+#: backward seconds per forward second of each compute op (GEMMs 2x: data + weight grads)
+BACKWARD_FACTOR = {
+    "dense": 2.0, "attn_core": 2.0, "norm": 1.0, "gate": 1.0, "permute": 1.0, "unpermute": 1.0,
+    "shared_experts": 2.0, "dense_layers": 2.0, "head": 2.0,
+}  # fmt: skip
+
+
+def ring_s(cost: CostModel, nbytes: float, n: int, *, intra_node: bool) -> float:
+    """A ring collective in which each rank sends ``nbytes``: ``(n-1) lat + bytes / bw``."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    link = cost.link("scaleup" if intra_node else "scaleout", nbytes)
+    return (n - 1) * link.latency_s + nbytes / link.bandwidth_Bps
+
+
+def _attention(scn: Scenario, cost: CostModel) -> tuple[float, float]:
+    """``(projections + core, core)`` seconds of one layer's attention.
+
+    FP8 recipes (Transformer Engine) run the projections in fp8 but the
+    ``softmax(QK^T) V`` core in bf16 (flash attention), so the core is priced in bf16.
+    """
+    m, d = scn.model, scn.model.dense
+    if d is None:
+        return 0.0, 0.0
+    T, dt = scn.workload.tokens_per_gpu, m.dtype
+    b = DTYPE_BYTES[dt]
+    causal = scn.workload.mode != "decode"
+    pf, pb = ops.attention_proj(d, m.hidden_size, T, b)
+    cf, cb = ops.attention_core(m, T, b, causal=causal)
+    core_dt = "bf16" if dt == "fp8" else dt
+    proj = float(cost.dense_s(pf, pb, dt))
+    core = float(cost.dense_s(cf, cb, core_dt))
+    return proj + core, core
+
+
+def _norm_tokens(scn: Scenario) -> float:
+    p = scn.parallel
+    return scn.workload.tokens_per_gpu * (1 if p.sp else p.tp)
+
+
+def _ffn_s(scn: Scenario, cost: CostModel, F: int, copies: int = 1) -> float:
+    """A dense SwiGLU FFN (shared expert, dense layer) on T tokens, activation included."""
+    m, T = scn.model, scn.workload.tokens_per_gpu
+    b = DTYPE_BYTES[m.dtype]
+    gemm = cost.dense_s(work.expert_flops(T, m.hidden_size, F) * copies,
+                        work.expert_bytes(T, m.hidden_size, F, b) * copies, m.dtype)  # fmt: skip
+    act = cost.memory_s("activation", ops.swiglu_bytes(T * copies, F, b))
+    return float(gemm + act)
+
+
+def _head_s(scn: Scenario, cost: CostModel) -> float:
+    """Embedding lookup, LM head, loss, and each MTP depth's projection and head."""
+    m, T = scn.model, scn.workload.tokens_per_gpu
+    if not m.vocab_size:
+        return 0.0
+    b, D = DTYPE_BYTES[m.dtype], m.hidden_size
+    hf, hb = ops.lm_head(m, T, b)
+    heads = 1 + m.mtp_num_layers
+    gemm = float(cost.dense_s(hf * heads, hb * heads, m.dtype))
+    mem = float(cost.memory_s("loss", ops.loss_bytes(m, T, b) * heads))
+    mem += float(cost.memory_s("embedding", ops.embedding_bytes(m, T, b) * heads))
+    if m.mtp_num_layers:  # eh_proj: [T, 2D] x [2D, D]
+        gemm += float(cost.dense_s(m.mtp_num_layers * 4.0 * T * D * D, 2 * D * D * b, m.dtype))
+    return gemm + mem
+
+
+def dense_costs(scn: Scenario, cost: CostModel) -> dict[str, float]:
+    """Forward seconds of the ops equal on every GPU (see module docstring)."""
+    m, T = scn.model, scn.workload.tokens_per_gpu
+    D, K, E, dt = m.hidden_size, m.top_k, m.num_experts, m.dtype
+    b = DTYPE_BYTES[dt]
+    attn, core = _attention(scn, cost)
+    norm = 2.0 * float(cost.memory_s("norm", ops.norm_bytes(_norm_tokens(scn), D, b)))
+    shared = 0.0
+    if m.num_shared_experts:
+        F_sh = m.shared_expert_intermediate_size or m.moe_intermediate_size
+        shared = _ffn_s(scn, cost, F_sh, m.num_shared_experts)
+    c = collective_costs(scn, cost, core)
+    dense_layers = 0.0
+    n_dense = (m.dense.num_dense_layers if m.dense else 0) + m.num_moe_layers * (
+        m.moe_layer_freq - 1
+    )
+    if n_dense:
+        F_d = (m.dense.dense_intermediate_size if m.dense else None) or m.moe_intermediate_size
+        per = attn + _ffn_s(scn, cost, F_d) + norm + 2 * c["tp_comm"] + c["cp_comm"]
+        dense_layers = n_dense * per / scn.parallel.pp
+    return {
+        "dense": attn,
+        "attn_core": core,
+        "norm": norm,
+        "gate": float(cost.gate_s(T, D, E, K, dt, kind=scn.router.kind)),
+        "permute": float(cost.permute_s(T, D, K, dt)),
+        "unpermute": float(cost.unpermute_s(T, D, K, dt)),
+        "shared_experts": shared,
+        "dense_layers": dense_layers,
+        "head": _head_s(scn, cost),
+        **c,
+    }
+
+
+def collective_costs(scn: Scenario, cost: CostModel, core_s: float) -> dict[str, float]:
+    """Forward seconds of one layer's TP block (AG + RS) and exposed CP ring exchange.
+
+    ``tp_comm`` is one TP block's collectives (attention; shared experts and
+    dense FFNs pay it again), ``cp_comm`` the ring time the core does not hide
+    and ``cp_comm_bwd`` the same for the backward (twice the bytes).
+    """
+    m, p, gpn = scn.model, scn.parallel, scn.cluster.gpus_per_node
+    b, T = DTYPE_BYTES[m.dtype], float(scn.workload.tokens_per_gpu)
+    tp = ring_s(cost, tp_block_bytes(T, m.hidden_size, b, p.tp) / 2, p.tp, intra_node=p.tp <= gpn)
+    out = {"tp_comm": 2.0 * tp, "cp_comm": 0.0, "cp_comm_bwd": 0.0}
+    if m.dense is not None and p.cp > 1:
+        intra = p.tp * p.cp <= gpn
+        fwd = ring_s(cost, cp_bytes(T, m.dense, b, p.cp, p.tp, backward=False), p.cp,
+                     intra_node=intra)  # fmt: skip
+        bwd = ring_s(cost, cp_bytes(T, m.dense, b, p.cp, p.tp, backward=True), p.cp,
+                     intra_node=intra)  # fmt: skip
+        out["cp_comm"] = max(0.0, fwd - core_s)
+        out["cp_comm_bwd"] = max(0.0, bwd - 2.0 * core_s)
+    return out
+
+
+def etp_s(scn: Scenario, cost: CostModel, rows: float) -> float:
+    """Expert-TP all-gather + reduce-scatter of ``rows`` received rows (one direction)."""
+    p, m = scn.parallel, scn.model
+    nbytes = etp_bytes(rows, m.hidden_size, DTYPE_BYTES[m.dtype], p.etp) / 2
+    return 2.0 * ring_s(cost, nbytes, p.etp, intra_node=p.etp <= scn.cluster.gpus_per_node)
+
+
+def optimizer_s(scn: Scenario, cost: CostModel) -> float:
+    """The optimizer step: a memory-bound pass over the busiest GPU's local parameters."""
+    from moesim.model import params_per_rank
+
+    nbytes = params_per_rank(scn).total * scn.workload.optimizer_bytes_per_param
+    return float(cost.memory_s("optimizer", nbytes)) if nbytes > 0 else 0.0
+
+
+def stage_layers(scn: Scenario) -> int:
+    """MoE layers of one pipeline stage (MTP modules' MoE layers included)."""
+    return math.ceil((scn.model.num_moe_layers + scn.model.mtp_num_layers) / scn.parallel.pp)
