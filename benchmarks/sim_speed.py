@@ -26,7 +26,9 @@ from moesim.config import load_pair
 from moesim.simulate import simulate
 gpus, layers = int(sys.argv[1]), int(sys.argv[2])
 ep = min(64, gpus)
-overrides = [f"cluster.nodes={gpus // 8}", f"parallel.ep={ep}",
+# one stage of all the layers, two micro-batches, no recompute: the engine's largest case
+overrides = [f"cluster.nodes={gpus // 8}", f"parallel.ep={ep}", "parallel.pp=1",
+             "workload.micro_batches=2", "workload.recompute_granularity=none",
              f"model.num_moe_layers={layers}"]
 scn, hw = load_pair(sys.argv[3], overrides)
 t0, c0 = time.perf_counter(), time.process_time()

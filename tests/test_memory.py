@@ -340,3 +340,31 @@ def test_mla_kv_cache_is_the_compressed_latent() -> None:
     assert d is not None and d.kind == "mla"
     width = d.kv_lora_rank + d.qk_rope_head_dim  # 512 + 64
     assert kv_cache_bytes(scn, 1) == 32 * d.seq_length * width * 2
+
+
+# -- shipped scenarios -----------------------------------------------------------------------
+DOES_NOT_FIT = {"mixtral-8x7b-8xh100"}  # kept as the example of a layout that does not fit
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(p.stem, marks=pytest.mark.slow) if "2048" in p.stem else p.stem
+        for p in sorted((REPO / "scenarios").glob("*.yaml"))
+    ],
+)
+def test_shipped_scenarios_fit_unless_marked(name: str) -> None:
+    from moesim.config.loader import load_pair
+
+    scn, hw = load_pair(REPO / "scenarios" / f"{name}.yaml", [])
+    res = simulate(scn, hw)
+    assert res.fits == (name not in DOES_NOT_FIT), res.memory["peak_GiB"]
+
+
+def test_deepseek_v3_layouts_on_256_gpus_fit_only_with_pp4_and_full_recompute() -> None:
+    def fits(pp: int, recompute: str) -> bool:
+        scn, hw = _dsv3(f"parallel.pp={pp}", f"workload.recompute_granularity={recompute}")
+        return simulate(scn, hw).fits
+
+    assert not fits(1, "full") and not fits(2, "full") and not fits(4, "none")
+    assert fits(4, "full")

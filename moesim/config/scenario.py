@@ -222,13 +222,16 @@ class MemoryConfig(Frozen):
     optimizer: Literal["adam", "sgd"] = "adam"
     param_dtype: str | None = None  # None = model.dtype
     grad_dtype: str = "fp32"
-    optimizer_dtype: str = "fp32"  # master weights and moments
+    optimizer_dtype: str = "fp32"  # master weights (and moments unless moments_dtype)
+    moments_dtype: str | None = None  # None = optimizer_dtype; DeepSeek-V3 keeps AdamW's in bf16
     distributed_optimizer: bool = True
     kv_cache_dtype: str | None = None  # None = model.dtype
     dropout: bool = False  # Megatron-style dropout masks (Korthikanti et al.)
     fused_activation: bool = True  # fused SwiGLU saves 3F per row; unfused (torch eager) 4F
 
-    @field_validator("param_dtype", "grad_dtype", "optimizer_dtype", "kv_cache_dtype")
+    @field_validator(
+        "param_dtype", "grad_dtype", "optimizer_dtype", "moments_dtype", "kv_cache_dtype"
+    )
     @classmethod
     def _dtypes(cls, value: str | None) -> str | None:
         return None if value is None else check_dtype("", value)

@@ -47,12 +47,22 @@ def summary_table(r: Any) -> Table:
             "/".join(f"{100 * r.gpu_utilization[k]:.0f}%" for k in ("mean", "min", "max")),
         ),
         ("GPUs / EP groups / mode", f"{d['num_gpus']} / {d['ep_groups']} / {d['mode']}"),
+        *_memory_rows(r),
         ("dispatcher", f"{d['dispatcher']} ({d['dispatch_dtype']} → {d['combine_dtype']})"),
         ("simulation events", f"{d['sim_events']:,}"),
     ]
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def _memory_rows(r: Any) -> list[tuple[str, str]]:
+    m = r.memory
+    if not m:
+        return []
+    verdict = "fits" if r.fits else "[bold red]DOES NOT FIT[/]"
+    where = f"GPU {m['peak_gpu']}, stage {m['peak_stage']}"
+    return [("peak memory", f"{m['peak_GiB']:.1f} of {m['hbm_GiB']:.1f} GiB ({where}): {verdict}")]
 
 
 def phases_table(r: Any) -> Table:

@@ -187,7 +187,9 @@ def memory_table(report: dict[str, Any]) -> Table:
 
 
 def print_memory(report: dict[str, Any]) -> None:
-    console.print(memory_table(report))
+    from moesim.report.compare_tables import render_wide
+
+    render_wide(memory_table(report))
     console.print(
         f"|error|: median {report['median_abs_error']:.1%}, worst {report['max_abs_error']:.1%} "
         f"(target {report['tolerance']:.0%}); measured by {report['method']}"

@@ -86,7 +86,8 @@ def state_bytes_per_param(
     """
     p_dt = mem.param_dtype or model_dtype
     p, g, o = DTYPE_BYTES[p_dt], DTYPE_BYTES[mem.grad_dtype], DTYPE_BYTES[mem.optimizer_dtype]
-    state = (0.0 if p >= o else o) + (0.0 if g >= o else o) + MOMENTS[mem.optimizer] * o
+    mom = DTYPE_BYTES[mem.moments_dtype or mem.optimizer_dtype]
+    state = (0.0 if p >= o else o) + (0.0 if g >= o else o) + MOMENTS[mem.optimizer] * mom
     if mem.distributed_optimizer:
         state /= shard
     return p, g, state
