@@ -36,15 +36,14 @@ MEGATRON_TABLE = [
 @pytest.mark.parametrize(("param", "grad", "plain", "dist"), MEGATRON_TABLE)
 @pytest.mark.parametrize("d", [1, 2, 8, 64])
 def test_bytes_per_parameter_match_megatron_table(param, grad, plain, dist, d) -> None:
-    mem = MemoryConfig(param_dtype=param, grad_dtype=grad, distributed_optimizer=False)
-    assert sum(state_bytes_per_param(mem, "bf16", d)) == plain
-    mem = MemoryConfig(param_dtype=param, grad_dtype=grad, distributed_optimizer=True)
+    mem = MemoryConfig(param_dtype=param, grad_dtype=grad)
+    assert sum(state_bytes_per_param(mem, "bf16", d, distributed=False)) == plain
     assert sum(state_bytes_per_param(mem, "bf16", d)) == pytest.approx(dist(d), rel=1e-12)
 
 
 def test_sgd_keeps_one_moment() -> None:
-    mem = MemoryConfig(param_dtype="fp32", optimizer="sgd", distributed_optimizer=False)
-    assert state_bytes_per_param(mem, "fp32", 4) == (4.0, 4.0, 4.0)
+    mem = MemoryConfig(param_dtype="fp32", optimizer="sgd")
+    assert state_bytes_per_param(mem, "fp32", 4, distributed=False) == (4.0, 4.0, 4.0)
 
 
 def _training(*extra: str):
@@ -61,6 +60,17 @@ def test_expert_and_non_expert_state_shard_over_their_own_groups() -> None:
     assert parts["grads"] * GiB == pytest.approx(4 * (expert + other))  # fp32 grads
     # Adam moments (no master copy of fp32 weights): experts over dp = 2, the rest over dp*ep = 4
     assert parts["optimizer"] * GiB == pytest.approx(8 * expert / 2 + 8 * other / 4)
+    whole = simulate(_training("training.distributed_optimizer=false"), hardware(gpus_per_node=4))
+    assert whole.memory["parts_GiB"]["optimizer"] * GiB == pytest.approx(8 * (expert + other))
+
+
+def test_dualpipe_holds_two_stages_of_parameters() -> None:
+    base = ("cluster.gpus_per_node=4", "parallel.pp=2", "workload.micro_batches=4")
+    hw = hardware(gpus_per_node=4)
+    one = simulate(_training(*base), hw).memory
+    two = simulate(_training(*base, "parallel.pp_schedule=dualpipe"), hw).memory
+    assert two["inflight_micro_batches"] == [3.0, 3.0]  # PP + 1
+    assert two["parts_GiB"]["params"] == pytest.approx(2 * one["parts_GiB"]["params"])
 
 
 # -- Korthikanti et al. 2022, eq. (1)-(5): bytes per layer --------------------------
@@ -100,7 +110,7 @@ def test_full_recompute_keeps_each_layers_input() -> None:
 def test_micro_batches_in_flight_per_schedule() -> None:
     assert inflight_micro_batches("1f1b", 4, 1, 8).tolist() == [4, 3, 2, 1]
     assert inflight_micro_batches("1f1b", 4, 1, 2).tolist() == [2, 2, 2, 1]
-    assert inflight_micro_batches("gpipe", 4, 1, 8).tolist() == [8] * 4
+    assert inflight_micro_batches("zb_h1", 4, 1, 8).tolist() == [4, 3, 2, 1]
     assert inflight_micro_batches("dualpipe", 4, 1, 8).tolist() == [5] * 4  # PP + 1
     # interleaved, first stage: p (1 + (p - 1) / (p v)) stage-micro-batches (Korthikanti 4.2.3)
     p, v = 4, 2

@@ -135,6 +135,9 @@ class ParallelConfig(Frozen):
     ep: int = Field(default=1, ge=1)
     etp: int = Field(default=1, ge=1)
     pp: int = Field(default=1, ge=1)
+    # pipeline schedule (moesim.simulate.schedules); vpp = model chunks per pipeline rank
+    pp_schedule: Literal["1f1b", "interleaved", "dualpipe", "dualpipev", "zb_h1"] = "1f1b"
+    vpp: int = Field(default=1, ge=1)
 
     def attention_dp(self, gpus: int) -> int:
         """Data-parallel size of the attention layers on ``gpus`` GPUs."""
@@ -205,26 +208,30 @@ class WorkloadConfig(Frozen):
 DISPATCHERS = ("alltoall", "allgather", "hierarchical", "low_latency")
 
 
+class TrainingConfig(Frozen):
+    """Gradient synchronisation (Megatron-Core names; issue 12 adds the rest of this section)."""
+
+    distributed_optimizer: bool = True  # ZeRO-1: reduce-scatter grads, all-gather params
+
+
 class MemoryConfig(Frozen):
     """What a GPU keeps besides the work: state dtypes, sharding, reserve (recompute is
     ``workload.recompute_granularity`` / ``recompute_modules``).
 
     Defaults follow Megatron-Core mixed precision: bf16 weights (``param_dtype``
     null = ``model.dtype``), fp32 main gradients, fp32 master weights and Adam
-    moments, the distributed optimizer sharding master weights and moments over
-    the data-parallel group (DP x EP for non-expert, expert-DP for expert weights).
+    moments; ``training.distributed_optimizer`` shards master weights and moments
+    over the data-parallel group (DP x CP for non-expert, expert-DP for expert
+    weights); ``parallel.pp_schedule`` sets the micro-batches in flight.
     """
 
     reserve_GiB: float = Field(default=0.0, ge=0)  # allocator / framework / NCCL reserve
     flash_attention: bool = True  # fused attention keeps no s x s scores (as core_attn recompute)
-    pp_schedule: Literal["1f1b", "interleaved", "dualpipe", "gpipe"] = "1f1b"
-    vpp: int = Field(default=1, ge=1)  # model chunks per stage (interleaved)
     optimizer: Literal["adam", "sgd"] = "adam"
     param_dtype: str | None = None  # None = model.dtype
     grad_dtype: str = "fp32"
     optimizer_dtype: str = "fp32"  # master weights (and moments unless moments_dtype)
     moments_dtype: str | None = None  # None = optimizer_dtype; DeepSeek-V3 keeps AdamW's in bf16
-    distributed_optimizer: bool = True
     kv_cache_dtype: str | None = None  # None = model.dtype
     dropout: bool = False  # Megatron-style dropout masks (Korthikanti et al.)
     fused_activation: bool = True  # fused SwiGLU saves 3F per row; unfused (torch eager) 4F
@@ -246,6 +253,7 @@ class Scenario(Frozen):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     dispatcher: Literal["alltoall", "allgather", "hierarchical", "low_latency"] = "alltoall"
     workload: WorkloadConfig = Field(default_factory=WorkloadConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
 
     @model_validator(mode="after")

@@ -74,21 +74,21 @@ MASK_BYTES = 1.0
 
 # -- parameters, gradients, optimizer state -------------------------------------------
 def state_bytes_per_param(
-    mem: MemoryConfig, model_dtype: str, shard: int
+    mem: MemoryConfig, model_dtype: str, shard: int, *, distributed: bool = True
 ) -> tuple[float, float, float]:
     """``(param, grad, optimizer)`` bytes per parameter on one rank.
 
     Optimizer state: master weights in ``optimizer_dtype`` unless the parameters
     already are, a copy of the gradients in ``optimizer_dtype`` when they are
     narrower (fp16/bf16 grads, as Megatron-Core's fp16 path), and the moments
-    (Adam 2, SGD with momentum 1). ``distributed_optimizer`` divides the state by
-    ``shard``, the size of the parameter's data-parallel group.
+    (Adam 2, SGD with momentum 1). The distributed optimizer divides the state by
+    ``shard``, the size of the parameter's data-parallel group, when ``distributed``.
     """
     p_dt = mem.param_dtype or model_dtype
     p, g, o = DTYPE_BYTES[p_dt], DTYPE_BYTES[mem.grad_dtype], DTYPE_BYTES[mem.optimizer_dtype]
     mom = DTYPE_BYTES[mem.moments_dtype or mem.optimizer_dtype]
     state = (0.0 if p >= o else o) + (0.0 if g >= o else o) + MOMENTS[mem.optimizer] * mom
-    if mem.distributed_optimizer:
+    if distributed:
         state /= shard
     return p, g, state
 
@@ -148,9 +148,11 @@ def state_bytes(scn: Scenario, sp: StageParams) -> dict[str, float]:
     """params / grads / optimizer bytes of one GPU holding ``sp``, each group sharded by its DP."""
     par, mem = scn.parallel, scn.memory
     edp, dp = shard_groups(scn)
-    pe, ge, oe = state_bytes_per_param(mem, scn.model.dtype, edp)
-    po, go, oo = state_bytes_per_param(mem, scn.model.dtype, dp)
-    copies = 2.0 if mem.pp_schedule == "dualpipe" and par.pp > 1 else 1.0  # DualPipe: 2 stages
+    dist = scn.training.distributed_optimizer
+    pe, ge, oe = state_bytes_per_param(mem, scn.model.dtype, edp, distributed=dist)
+    po, go, oo = state_bytes_per_param(mem, scn.model.dtype, dp, distributed=dist)
+    # DualPipe: every rank holds two stages (DeepSeek-V3 report, Table 2: parameters 2x)
+    copies = 2.0 if par.pp_schedule == "dualpipe" and par.pp > 1 else 1.0
     train = 1.0 if scn.workload.mode == "training" else 0.0  # inference: weights only
     return {
         "params": copies * (sp.expert * pe + sp.other * po),
@@ -287,20 +289,19 @@ def _interleaved(stages: int, vpp: int, m: int) -> F64:
 
 
 def _dualpipe(stages: int, vpp: int, m: int) -> F64:
-    """DeepSeek-V3 report, Table 2: ``PP + 1`` micro-batches of activations on every rank."""
+    """DeepSeek-V3 report, Table 2: ``PP + 1`` micro-batches of activations on every rank
+    (DualPipeV, its V-shaped variant, holds the same with one copy of the parameters)."""
     return np.full(stages, float(min(m, stages + 1)))
 
 
-def _gpipe(stages: int, vpp: int, m: int) -> F64:
-    return np.full(stages, float(m))
-
-
-#: schedule -> micro-batches of one stage's activations in flight on each stage ``[S]``
+#: schedule -> micro-batches of one stage's activations in flight on each stage ``[S]``;
+#: ZB-H1 defers weight gradients but keeps 1F1B's activation memory (Qi et al. 2023)
 SCHEDULES = {
     "1f1b": _one_f_one_b,
+    "zb_h1": _one_f_one_b,
     "interleaved": _interleaved,
     "dualpipe": _dualpipe,
-    "gpipe": _gpipe,
+    "dualpipev": _dualpipe,
 }
 
 
@@ -308,7 +309,7 @@ def inflight_micro_batches(schedule: str, stages: int, vpp: int, m: int) -> F64:
     """Micro-batches whose activations stage ``s`` holds at its peak, ``[S]`` (pp = 1: 1)."""
     if stages == 1:
         return np.ones(1)
-    fn = lookup(SCHEDULES, schedule, field="memory.pp_schedule", what="pipeline schedule")
+    fn = lookup(SCHEDULES, schedule, field="parallel.pp_schedule", what="pipeline schedule")
     return fn(stages, vpp, m)
 
 
@@ -408,7 +409,7 @@ class MemoryReport:
             "min_GiB": float(total.min()) / GiB,
             "parts_GiB": {p: float(self.parts[p][g]) / GiB for p in PARTS},
             "inflight_micro_batches": [float(v) for v in self.inflight_S],
-            "schedule": scn.memory.pp_schedule if scn.parallel.pp > 1 else "none",
+            "schedule": scn.parallel.pp_schedule if scn.parallel.pp > 1 else "none",
             "recompute": scn.workload.recompute_granularity,
             "recv_rows_peak": self.recv_rows_peak,
             "recv_rows_mean": self.recv_rows_mean,
@@ -430,7 +431,9 @@ def memory_report(scn: Scenario, hw: HardwareProfile, plan: StepPlan) -> MemoryR
     recv_LMG = np.array([[w.recv_rows_G for w in ws] for ws in plan.work])
     sent_LMG = np.array([[w.sent_rows_G for w in ws] for ws in plan.work])
     tok_LMG, act_LMG = moe_saved_bytes(scn, recv_LMG, sent_LMG)
-    inflight = inflight_micro_batches(scn.memory.pp_schedule, S, scn.memory.vpp, plan.micro_batches)
+    inflight = inflight_micro_batches(
+        scn.parallel.pp_schedule, S, scn.parallel.vpp, plan.micro_batches
+    )
     parts = {p: np.zeros(G) for p in PARTS}
     for s, (dense, moe) in enumerate(layers):
         sel = stage_G == s
