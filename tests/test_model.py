@@ -117,14 +117,50 @@ GPT_OSS_120B: dict[str, Any] = {
     "initial_context_length": 4096, "max_position_embeddings": 131072, "hidden_act": "silu",
     "router_aux_loss_coef": 0.9, "rms_norm_eps": 1e-5,
 }  # fmt: skip
+QWEN2_57B_A14B: dict[str, Any] = {
+    "model_type": "qwen2_moe",
+    "architectures": ["Qwen2MoeForCausalLM"],
+    "vocab_size": 151936,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "moe_intermediate_size": 2560,
+    "shared_expert_intermediate_size": 20480,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "num_experts": 64,
+    "num_experts_per_tok": 8,
+    "decoder_sparse_step": 1,
+    "norm_topk_prob": False,
+    "max_window_layers": 28,
+    "sliding_window": 65536,
+    "use_sliding_window": False,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "rope_theta": 1e6,
+    "max_position_embeddings": 131072,
+    "router_aux_loss_coef": 0.001,
+    "rms_norm_eps": 1e-6,
+}
+MIXTRAL_8X22B: dict[str, Any] = MIXTRAL_8X7B | {
+    "vocab_size": 32768,
+    "hidden_size": 6144,
+    "intermediate_size": 16384,
+    "num_hidden_layers": 56,
+    "num_attention_heads": 48,
+    "max_position_embeddings": 65536,
+}
 ORACLE = {
     "deepseek-v3": DEEPSEEK_V3,
     "mixtral-8x7b": MIXTRAL_8X7B,
     "qwen3-30b-a3b": QWEN3_30B_A3B,
     "gpt-oss-120b": GPT_OSS_120B,
+    "qwen2-57b-a14b": QWEN2_57B_A14B,
+    "mixtral-8x22b": MIXTRAL_8X22B,
 }
 #: the totals the model cards state (billions), a coarse check on the oracle itself
-CARD_B = {"deepseek-v3": 671.0, "mixtral-8x7b": 46.7, "qwen3-30b-a3b": 30.5, "gpt-oss-120b": 116.8}
+CARD_B = {"deepseek-v3": 671.0, "mixtral-8x7b": 46.7, "qwen3-30b-a3b": 30.5, "gpt-oss-120b": 116.8,
+          "qwen2-57b-a14b": 57.4, "mixtral-8x22b": 140.6}  # fmt: skip
 
 
 def _model(cfg: dict[str, Any]) -> ModelConfig:
@@ -317,3 +353,15 @@ def test_shipped_scenarios_have_the_real_shapes(scenario: str) -> None:
     real = real.model_copy(update={"dense": real.dense.model_copy(update=seq)})
     assert count_params(scn.model) == count_params(real)
     assert forward_flops_per_token(scn.model) == forward_flops_per_token(real)
+
+
+@pytest.mark.parametrize(
+    ("row_id", "name"),
+    [("folding-mixtral-8x22b-h100-mfu", "mixtral-8x22b"),
+     ("folding-qwen2-57b-a14b-h100-mfu", "qwen2-57b-a14b")],
+)  # fmt: skip
+def test_published_folding_rows_have_the_real_shapes(row_id: str, name: str) -> None:
+    from moesim.validation.published import load_published
+
+    row = next(r for r in load_published().rows if r.id == row_id)
+    assert count_params(row.scenario.model) == count_params(_model(ORACLE[name]))

@@ -226,3 +226,17 @@ def test_keep_freed_memory_reuses_pages_step_after_step() -> None:
     default, kept = faults("default"), faults("keep")
     assert default > 4096
     assert kept < 2048
+
+
+def test_folding_rows_cite_the_paper_and_state_their_flop_formula() -> None:
+    from moesim.model import FORMULA
+    from moesim.validation.published import predict_row
+
+    rows = [r for r in load_published().rows if r.id.startswith("folding-")]
+    assert {r.scenario.model.hidden_size for r in rows} == {6144, 3584}  # 8x22B, 57B-A14B
+    for row in rows:
+        assert "2504.14960" in row.url and row.metric == "mfu_percent"
+        assert row.scenario.parallel.tp == 2  # attention TP folded with EP8 MoE layers
+    result = predict_row(rows[0]).to_dict()
+    assert result["flop_formula"] == FORMULA
+    assert 0 < result["predicted"] < 100

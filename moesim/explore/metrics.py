@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Unit = Literal["tokens_per_s", "seconds", "fraction", "ratio", "bytes", "GiB"]
+Unit = Literal["tokens_per_s", "seconds", "fraction", "ratio", "bytes", "tflops", "GiB"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,8 @@ METRICS: dict[str, Metric] = {
     for m in (
         Metric("throughput_tokens_per_s", "throughput", "tokens_per_s", True),
         Metric("step_time_s", "step time", "seconds", False),
+        Metric("model_tflops_per_gpu", "model FLOPs", "tflops", True),
+        Metric("mfu", "MFU", "fraction", True),
         Metric("alltoall_fraction", "all-to-all", "fraction", False),
         Metric("dispatch_time_s", "dispatch", "seconds", False),
         Metric("combine_time_s", "combine", "seconds", False),

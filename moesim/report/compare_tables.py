@@ -25,6 +25,7 @@ _SCALES: dict[Unit, list[tuple[float, str]]] = {
     "tokens_per_s": [(1e9, "G tok/s"), (1e6, "M tok/s"), (1e3, "k tok/s"), (1.0, "tok/s")],
     "seconds": [(1.0, "s"), (1e-3, "ms"), (1e-6, "µs"), (1e-9, "ns")],
     "bytes": [(1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1.0, "B")],
+    "tflops": [(1.0, "TFLOP/s/GPU")],
     "GiB": [(1.0, "GiB")],
 }
 NO_FIT_STYLE = "bold red"

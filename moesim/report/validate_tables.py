@@ -147,9 +147,14 @@ def published_table(report: dict[str, Any]) -> Table:
             f"{r['published']:,.4g} {r['unit']}",
             f"{r['predicted']:,.4g} {r['unit']}",
             _err(r["error"], 0.20),
-            f"{r['source']}\n{r['url']}\n[dim]{r['note']}[/dim]",
+            f"{r['source']}\n{r['url']}\n[dim]{r['note']}[/dim]" + _formula(r),
         )
     return table
+
+
+def _formula(row: dict[str, Any]) -> str:
+    formula = row.get("flop_formula")
+    return f"\n[dim]FLOPs: {formula}[/dim]" if formula else ""
 
 
 def print_published(report: dict[str, Any]) -> None:

@@ -90,8 +90,8 @@ def _result(
     tflops = per_gpu * model_flops_per_token(scn) / 1e12
     st = plan.stats
     last = int(np.argmax(eng.group_finish_X))
-    gpus = plan.topo.group_gpus(last)
-    exposed = eng.group_finish_X[last] - float(eng.busy_G[gpus].max())
+    busy = float(eng.busy_G[plan.topo.group_rows(last)].max())
+    exposed = eng.group_finish_X[last] - busy - float(eng.blocked_X[last])
     util = eng.busy_G / max(eng.stage_time_s, 1e-300)
     mem = memory_report(scn, hw, plan)
     return SimResult(

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+from numpy.typing import NDArray
+
 from moesim.config.base import DTYPE_BYTES
 from moesim.config.scenario import Scenario
 from moesim.costs import work
@@ -147,11 +150,19 @@ def collective_costs(scn: Scenario, cost: CostModel, core_s: float) -> dict[str,
     return out
 
 
-def etp_s(scn: Scenario, cost: CostModel, rows: float) -> float:
-    """Expert-TP all-gather + reduce-scatter of ``rows`` received rows (one direction)."""
+def etp_s(scn: Scenario, cost: CostModel, rows_G: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Expert-TP all-gather + reduce-scatter of ``rows_G`` received rows per GPU (forward).
+
+    Vectorised over GPUs: ring latency plus bytes over the link's bandwidth at
+    the mean message size (a calibrated curve is read once, not per GPU).
+    """
     p, m = scn.parallel, scn.model
-    nbytes = etp_bytes(rows, m.hidden_size, DTYPE_BYTES[m.dtype], p.etp) / 2
-    return 2.0 * ring_s(cost, nbytes, p.etp, intra_node=p.etp <= scn.cluster.gpus_per_node)
+    per_row = etp_bytes(1.0, m.hidden_size, DTYPE_BYTES[m.dtype], p.etp) / 2  # AG of one row
+    one_way = np.asarray(rows_G, dtype=np.float64) * per_row
+    intra = p.etp <= scn.cluster.gpus_per_node
+    link = cost.link("scaleup" if intra else "scaleout", float(np.mean(one_way)) or None)
+    seconds = (p.etp - 1) * link.latency_s + one_way / link.bandwidth_Bps
+    return np.where(one_way > 0, 2.0 * seconds, 0.0)
 
 
 def optimizer_s(scn: Scenario, cost: CostModel) -> float:

@@ -108,6 +108,7 @@ class GroupSim:
         self.slow_P = plan.slowdown_G[self.gpus]
         self.slow_max = float(self.slow_P.max())
         self.comm_s = 0.0  # summed durations of this group's collectives
+        self.blocked_s = 0.0  # summed seconds of closed-form TP / CP / ETP collectives
         self.finish = 0.0
 
     # -- ops -----------------------------------------------------------------
@@ -143,6 +144,7 @@ class GroupSim:
         blk = block if 1 < block <= P and P % block == 0 else 1
         start = np.repeat(t_P.reshape(-1, blk).max(1), blk)
         end = start + seconds
+        self.blocked_s += seconds
         self.rec.phase(name, layer, seconds, self.plan.layers)
         if self.rec.tracing(self.group):
             self.rec.span(self.gpus, COMM_TID, name, start, end)
@@ -214,6 +216,7 @@ class GroupSim:
         if not seconds_P.any():
             return t
         self.rec.phase(name, layer, float(seconds_P.max()), self.plan.layers)
+        self.blocked_s += float(seconds_P.max())
         return t + seconds_P
 
     def backward_layer(self, t: F64, layer: int, mb: int) -> Generator[simpy.Event, Any, F64]:
@@ -268,6 +271,7 @@ class EngineResult:
     group_finish_X: F64
     comm_X: F64
     recorder: Recorder
+    blocked_X: F64  # seconds of TP / CP / ETP collectives per group (not all-to-all)
 
 
 def run_engine(plan: StepPlan, rec: Recorder) -> EngineResult:
@@ -287,5 +291,11 @@ def run_engine(plan: StepPlan, rec: Recorder) -> EngineResult:
     busy = np.concatenate([g.busy_P for g in groups])
     finish = np.array([g.finish for g in groups])
     return EngineResult(
-        float(finish.max()), events, busy, finish, np.array([g.comm_s for g in groups]), rec
+        float(finish.max()),
+        events,
+        busy,
+        finish,
+        np.array([g.comm_s for g in groups]),
+        rec,
+        np.array([g.blocked_s for g in groups]),
     )

@@ -285,8 +285,7 @@ def _expert_tp(scn: Scenario, cost: CostModel, recv_GL: F64, experts_G: F64) -> 
     experts = np.asarray(cost.experts_s(rows, m.hidden_size, F, m.dtype), dtype=np.float64)
     own = recv_GL.sum(-1).reshape(G // (etp * P), etp, P).max(1, keepdims=True)
     own = np.broadcast_to(own, (G // (etp * P), etp, P)).reshape(G)
-    etp_s = np.array([dense.etp_s(scn, cost, float(r)) for r in own])
-    return experts, etp_s
+    return experts, dense.etp_s(scn, cost, own)
 
 
 def _recompute_experts_s(scn: Scenario, cost: CostModel, recv_GL: F64, experts_G: F64) -> F64:

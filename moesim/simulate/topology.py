@@ -61,6 +61,10 @@ class Topology:
         """EP ranks of one group on one node (``gpus_per_node / etp`` when spanning nodes)."""
         return min(self.ep, max(1, self.gpus_per_node // self.etp))
 
+    def group_rows(self, group: int) -> slice:
+        """Rows of group ``group`` in the simulator's group-major ``[G]`` arrays."""
+        return slice(group * self.ep, (group + 1) * self.ep)
+
     def group_gpus(self, group: int) -> I64:
         """GPU ids of EP group ``group`` (ranks strided by ``etp``)."""
         block, offset = divmod(group, self.etp)

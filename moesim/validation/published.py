@@ -17,10 +17,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from moesim import model
 from moesim.config.base import DTYPE_BYTES, Frozen
 from moesim.config.loader import check_pair, load_hardware, read_yaml, validate
 from moesim.config.scenario import Scenario
-from moesim.costs import work
 from moesim.errors import ConfigError
 
 PUBLISHED_PATH = Path(__file__).with_name("published.yaml")
@@ -38,6 +38,7 @@ Metric = Literal[
     "alltoall_nic_GBps",
     "tokens_per_s_per_gpu",
     "model_tflops_per_gpu",
+    "mfu_percent",
 ]
 
 
@@ -81,6 +82,7 @@ class PublishedResult:
             "source": r.source,
             "url": r.url,
             "note": r.note,
+            "flop_formula": model.FORMULA if r.metric in FLOP_METRICS else None,
         }
 
 
@@ -199,28 +201,12 @@ def _rdma_bytes(scn: Scenario, dtype: str) -> float:
 
 
 def model_flops_per_token(scn: Scenario) -> float:
-    """Training FLOPs per token: 3x forward of router, routed + shared experts, attention."""
-    m = scn.model
-    D = m.hidden_size
-    moe = m.top_k * work.expert_flops(1, D, m.moe_intermediate_size)
-    moe = moe + work.gate_flops(1, D, m.num_experts)
-    if m.num_shared_experts:
-        moe = moe + m.num_shared_experts * work.expert_flops(
-            1, D, m.shared_expert_intermediate_size or m.moe_intermediate_size
-        )
-    per_layer, dense_layers = moe, 0.0
-    if m.dense is not None:
-        a = m.dense
-        per_layer = per_layer + work.attention_flops(
-            1, D, a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.seq_length
-        )
-        if a.num_dense_layers:
-            ffn = work.expert_flops(1, D, a.dense_intermediate_size or m.moe_intermediate_size)
-            attn = work.attention_flops(
-                1, D, a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.seq_length
-            )
-            dense_layers = a.num_dense_layers * float(ffn + attn)
-    return 3.0 * (m.num_moe_layers * float(per_layer) + dense_layers)
+    """Training FLOPs per token of the row's model: :data:`moesim.model.FORMULA`."""
+    return model.model_flops_per_token(scn)
+
+
+#: metrics read off the model-FLOPs count; their rows state :data:`moesim.model.FORMULA`
+FLOP_METRICS = frozenset({"model_tflops_per_gpu", "mfu_percent"})
 
 
 def _tokens_per_gpu(scn: Scenario, res: Mapping[str, Any]) -> float:
@@ -241,6 +227,7 @@ METRICS: dict[str, Callable[[Scenario, Mapping[str, Any]], float]] = {
     "alltoall_nic_GBps": _nic_GBps,
     "tokens_per_s_per_gpu": _tokens_per_gpu,
     "model_tflops_per_gpu": lambda s, r: _tokens_per_gpu(s, r) * model_flops_per_token(s) / 1e12,
+    "mfu_percent": lambda s, r: 100.0 * float(r["mfu"]),
 }
 
 
