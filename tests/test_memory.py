@@ -378,3 +378,16 @@ def test_deepseek_v3_layouts_on_256_gpus_fit_only_with_pp4_and_full_recompute() 
 
     assert not fits(1, "full") and not fits(2, "full") and not fits(4, "none")
     assert fits(4, "full")
+
+
+@pytest.mark.gpu
+def test_real_layer_peak_on_cuda_from_the_allocator_statistics() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from moesim.validation.memory import tiny_cases, validate_memory
+
+    report = validate_memory(tiny_cases(), device="cuda").to_dict()
+    for row in report["cases"]:
+        assert row["predicted_rows"] == row["kept_rows"]
+        assert abs(row["error"]) <= 0.15, row["label"]

@@ -10,6 +10,8 @@ strategy) and ``y.sum().backward()`` under ``torch.profiler`` with
 allocation and free, in bytes, as the CPU allocator reports them) in time
 order: the running sum's maximum is the peak. Everything the layer allocates is
 inside the profiled region, so nothing is assumed about what existed before.
+On a CUDA device the caching allocator's statistics give the peak instead
+(``max_memory_allocated`` above what was allocated before the layer).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from moesim.kernels.experts import ExpertWeights, moe_forward
-from moesim.kernels.gating import RouterSpec
+from moesim.kernels.gating import RouterSpec, Routing
 
 
 @dataclass(frozen=True)
@@ -65,32 +67,50 @@ class MemMeasurement:
         }
 
 
-def _leaves(case: MemCase) -> tuple[torch.Tensor, torch.Tensor, ExpertWeights, torch.Tensor]:
+def _leaves(
+    case: MemCase, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, ExpertWeights, torch.Tensor]:
     g = torch.Generator().manual_seed(case.seed)
     T, D, F, E = case.tokens, case.hidden, case.ffn, case.num_experts
-    x_TD = torch.randn(T, D, generator=g).requires_grad_()
-    w_DE = (torch.randn(D, E, generator=g) * D**-0.5).requires_grad_()
-    ws = [(torch.randn(E, a, b, generator=g) * a**-0.5).requires_grad_() for a, b in
-          ((D, F), (D, F), (F, D))]  # fmt: skip
-    bias_E = -case.skew * torch.log1p(torch.arange(E, dtype=torch.float32))
+
+    def leaf(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(device).requires_grad_()
+
+    x_TD, w_DE = leaf(T, D), leaf(D, E, scale=D**-0.5)
+    ws = [leaf(E, a, b, scale=a**-0.5) for a, b in ((D, F), (D, F), (F, D))]
+    bias_E = (-case.skew * torch.log1p(torch.arange(E, dtype=torch.float32))).to(device)
     return x_TD, w_DE, ExpertWeights(ws[0], ws[1], ws[2]), bias_E
 
 
-def measure_layer_peak(case: MemCase) -> MemMeasurement:
-    """Peak bytes of one forward + backward of the MoE layer ``case`` (module docstring)."""
+def _layer(case: MemCase, device: torch.device) -> Routing:
+    """Build the leaves, run forward and backward; the routing it used."""
     spec = RouterSpec(kind="softmax_topk", top_k=case.top_k, normalize=True,
                       capacity_factor=case.capacity_factor)  # fmt: skip
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        x_TD, w_DE, experts, bias_E = _leaves(case)
-        out = moe_forward(x_TD, w_DE, experts, spec, router_bias_E=bias_E,
-                          expert_strategy=case.strategy)  # fmt: skip
-        out.y_TD.sum().backward()
-    peak, events = replay_peak(prof)
-    r = out.routing
+    x_TD, w_DE, experts, bias_E = _leaves(case, device)
+    out = moe_forward(x_TD, w_DE, experts, spec, router_bias_E=bias_E,
+                      expert_strategy=case.strategy)  # fmt: skip
+    out.y_TD.sum().backward()
+    return out.routing
+
+
+def measure_layer_peak(case: MemCase, device: str = "cpu") -> MemMeasurement:
+    """Peak bytes of one forward + backward of the MoE layer ``case`` (module docstring)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        r = _layer(case, dev)
+        torch.cuda.synchronize(dev)
+        peak, events = torch.cuda.max_memory_allocated(dev) - before, 0
+    else:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            r = _layer(case, dev)
+        peak, events = replay_peak(prof)
     return MemMeasurement(
         case=case,
         peak_bytes=float(peak),
-        expert_ids_TK=r.expert_ids_TK.numpy().copy(),
+        expert_ids_TK=r.expert_ids_TK.cpu().numpy().copy(),
         kept_rows=int(r.kept_TK.sum()),
         events=events,
     )

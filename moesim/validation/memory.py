@@ -117,11 +117,13 @@ class MemoryValidation:
         }
 
 
-def validate_memory(cases: list[MemCase], progress: Any = None) -> MemoryValidation:
-    """Measure and predict every case; ``error`` = predicted / measured - 1."""
+def validate_memory(
+    cases: list[MemCase], progress: Any = None, device: str = "cpu"
+) -> MemoryValidation:
+    """Measure (on ``device``) and predict every case; ``error`` = predicted / measured - 1."""
     rows = []
     for case in cases:
-        meas: MemMeasurement = measure_layer_peak(case)
+        meas: MemMeasurement = measure_layer_peak(case, device)
         pred = predict_layer_peak(case, meas.expert_ids_TK)
         rows.append(
             {
