@@ -7,17 +7,20 @@ What one GPU holds (:data:`PARTS`), each from a closed form of the scenario and,
 for the MoE parts, from the routed loads of the simulated step (so a GPU whose
 experts are hot holds more than its neighbours):
 
-- ``params`` / ``grads`` / ``optimizer``: the parameters of the GPU's stage
-  (experts divided by EP and TP, the rest by TP) in ``memory.param_dtype``;
-  gradients in ``memory.grad_dtype``; optimizer state (:func:`state_bytes_per_param`):
-  fp32 master weights when the parameters are 16-bit, an fp32 copy of 16-bit
-  gradients, and Adam's two moments, sharded by the distributed optimizer over
-  the data-parallel group of each parameter: DP x EP for non-expert weights,
-  expert-DP (DP) for expert weights (Megatron-Core's table, see the tests).
+- ``params`` / ``grads`` / ``optimizer``: the parameters of the GPU's stage, from
+  :func:`moesim.model.count_params` (experts divided by EP x ETP, the rest by TP;
+  embedding on the first stage, LM head and MTP on the last; two stages with
+  DualPipe) in ``memory.param_dtype``; gradients in ``memory.grad_dtype``;
+  optimizer state (:func:`state_bytes_per_param`): fp32 master weights when the
+  parameters are 16-bit, an fp32 copy of 16-bit gradients, and Adam's two
+  moments, sharded by the distributed optimizer (``training.distributed_optimizer``)
+  over each parameter's data-parallel group: attention DP x CP for non-expert
+  weights, expert-DP for expert weights (Megatron-Core's table, see the tests).
 - ``activations``: attention, norms and dense FFNs saved for backward, per layer
   by the per-layer formula of Korthikanti et al. 2022 (:func:`attention_bytes`,
-  :func:`ffn_bytes`), times the micro-batches in flight under the pipeline
-  schedule (:func:`inflight_micro_batches`; 1F1B holds ``min(m, p - s)`` on stage s).
+  :func:`ffn_bytes`; recompute by :class:`Recompute`), times the micro-batches in
+  flight under ``parallel.pp_schedule`` (:func:`inflight_micro_batches`; 1F1B holds
+  ``min(m, p - s)`` on stage s); the LM head's logits on the last stage.
 - ``moe_tokens``: rows saved by each MoE layer, from the loads: the rows the
   GPU's experts received (the expert GEMM input) and the expert outputs returned
   to it (kept for the gradient of the routing weights); ``moe_expert_act``: the
@@ -30,7 +33,8 @@ experts are hot holds more than its neighbours):
 - ``dispatcher``: communication buffers: the permuted send buffer of one layer
   (``alltoall`` / ``hierarchical``), the gathered rows (``allgather``) or DeepEP's
   fixed low-latency buffers (:func:`deepep_low_latency_bytes`).
-- ``kv_cache``: inference only, ``2 · kv_heads · head_dim`` per token and layer.
+- ``kv_cache``: inference only, ``2 · kv_heads · head_dim`` per token and layer
+  (MLA: the compressed latent).
 - ``reserve``: ``memory.reserve_GiB``, what the allocator and the framework keep.
 
 Inference keeps no activations for backward: one layer's working set is held at
