@@ -1,5 +1,9 @@
 """Simulator speed: a DeepSeek-V3-like training step from 8 to 8192 GPUs.
 
+From 2048 GPUs up the step is the scenario's: PP16 DualPipe over 32 micro-batches,
+EP64, ZeRO-1 DP with overlapped buckets; below, one pipeline stage with two
+overlapped micro-batches.
+
 Run: ``python benchmarks/sim_speed.py [--sizes 8,64,256,2048,8192] [--layers 58]``.
 Each size runs in its own process so that its peak memory (max RSS) is its own.
 Prints wall and CPU seconds, simulation events, events/s, peak memory, and
@@ -26,10 +30,13 @@ from moesim.config import load_pair
 from moesim.simulate import simulate
 gpus, layers = int(sys.argv[1]), int(sys.argv[2])
 ep = min(64, gpus)
-# one stage of all the layers, two micro-batches, no recompute: the engine's largest case
-overrides = [f"cluster.nodes={gpus // 8}", f"parallel.ep={ep}", "parallel.pp=1",
-             "workload.micro_batches=2", "workload.recompute_granularity=none",
-             f"model.num_moe_layers={layers}"]
+# the report's layout (PP16 DualPipe, 32 micro-batches) from 2048 GPUs up; below, one stage
+pp = 16 if gpus >= 2048 else 1
+overrides = [f"cluster.nodes={gpus // 8}", f"parallel.ep={ep}",
+             f"model.num_moe_layers={layers}", f"parallel.pp={pp}"]
+if pp == 1:
+    overrides += ["parallel.pp_schedule=1f1b", "parallel.pp_last_stage_layers=null",
+                  "workload.micro_batches=2", "workload.overlap_micro_batches=true"]
 scn, hw = load_pair(sys.argv[3], overrides)
 t0, c0 = time.perf_counter(), time.process_time()
 res = simulate(scn, hw)
@@ -54,7 +61,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=58)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    print(f"DeepSeek-V3-like training step, {args.layers} MoE layers, fwd+bwd, 2 micro-batches")
+    print(
+        f"DeepSeek-V3-like training step, {args.layers} MoE layers, fwd+bwd "
+        "(< 2048 GPUs: PP1, 2 micro-batches; >= 2048: PP16 DualPipe, 32 micro-batches)"
+    )
     head = f"{'GPUs':>6} {'wall s':>8} {'CPU s':>8} {'events':>9} {'events/s':>10} {'peak MiB':>9}"
     print(head + f" {'growth':>7} {'step s':>8}")
     prev: dict | None = None

@@ -65,12 +65,28 @@ def test_expert_and_non_expert_state_shard_over_their_own_groups() -> None:
 
 
 def test_dualpipe_holds_two_stages_of_parameters() -> None:
-    base = ("cluster.gpus_per_node=4", "parallel.pp=2", "workload.micro_batches=4")
+    base = ("parallel.pp=2", "workload.micro_batches=4", "model.num_moe_layers=2")
     hw = hardware(gpus_per_node=4)
     one = simulate(_training(*base), hw).memory
     two = simulate(_training(*base, "parallel.pp_schedule=dualpipe"), hw).memory
     assert two["inflight_micro_batches"] == [3.0, 3.0]  # PP + 1
     assert two["parts_GiB"]["params"] == pytest.approx(2 * one["parts_GiB"]["params"])
+
+
+@pytest.mark.parametrize(
+    ("schedule", "pp", "vpp", "mbs", "layers"),
+    [("1f1b", 4, 1, 8, 4), ("1f1b", 4, 1, 2, 4), ("zb_h1", 4, 1, 8, 4),
+     ("interleaved", 4, 2, 8, 8), ("dualpipe", 4, 1, 8, 8)],
+)  # fmt: skip
+def test_walking_issue_12_schedules_gives_the_closed_forms(schedule, pp, vpp, mbs, layers) -> None:
+    """Megatron / Korthikanti (1F1B, interleaved), ZB-H1 and the DeepSeek-V3 report (PP + 1)."""
+    scn = scenario(
+        "workload.mode=training", f"parallel.pp={pp}", "parallel.ep=1", "cluster.gpus_per_node=4",
+        f"parallel.pp_schedule={schedule}", f"parallel.vpp={vpp}", f"workload.micro_batches={mbs}",
+        f"model.num_moe_layers={layers}",
+    )  # fmt: skip
+    walked = simulate(scn, hardware(gpus_per_node=4)).memory["inflight_micro_batches"]
+    assert walked == inflight_micro_batches(schedule, pp, vpp, mbs).tolist()
 
 
 # -- Korthikanti et al. 2022, eq. (1)-(5): bytes per layer --------------------------
@@ -110,7 +126,7 @@ def test_full_recompute_keeps_each_layers_input() -> None:
 def test_micro_batches_in_flight_per_schedule() -> None:
     assert inflight_micro_batches("1f1b", 4, 1, 8).tolist() == [4, 3, 2, 1]
     assert inflight_micro_batches("1f1b", 4, 1, 2).tolist() == [2, 2, 2, 1]
-    assert inflight_micro_batches("zb_h1", 4, 1, 8).tolist() == [4, 3, 2, 1]
+    assert inflight_micro_batches("zb_h1", 4, 1, 8).tolist() == [4, 4, 4, 4]
     assert inflight_micro_batches("dualpipe", 4, 1, 8).tolist() == [5] * 4  # PP + 1
     # interleaved, first stage: p (1 + (p - 1) / (p v)) stage-micro-batches (Korthikanti 4.2.3)
     p, v = 4, 2
@@ -123,10 +139,10 @@ def test_micro_batches_in_flight_per_schedule() -> None:
 def test_pipeline_stages_split_the_layer_stack() -> None:
     scn = scenario(
         "model.num_moe_layers=5", "model.dense={num_attention_heads: 1, num_key_value_heads: 1, "
-        "head_dim: 64, seq_length: 8, num_dense_layers: 2}", "parallel.pp=3",
+        "head_dim: 64, seq_length: 8, num_dense_layers: 1}", "parallel.pp=3",
         "cluster.gpus_per_node=6",
     )  # fmt: skip
-    assert stage_layers(scn) == [(2, 1), (0, 2), (0, 2)]
+    assert stage_layers(scn) == [(1, 1), (0, 2), (0, 2)]  # issue 12's even split
 
 
 def test_first_1f1b_stage_holds_p_micro_batches() -> None:

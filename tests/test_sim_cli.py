@@ -36,9 +36,13 @@ def test_human_output_and_chrome_trace(tmp_path: Path, capsys) -> None:
     assert "step time" in out and "dispatch" in out and "h100-sxm" in out
     events = json.loads(trace.read_text())["traceEvents"]
     spans = [e for e in events if e["ph"] == "X"]
-    assert {e["tid"] for e in spans} == {0, 1}  # compute, comm
+    # compute, the all-to-alls, the gradient buckets beside the backward
+    assert {e["tid"] for e in spans} == {0, 1, 3}
     names = {(e["tid"], e["args"]["name"]) for e in events if e["name"] == "thread_name"}
-    assert {(0, "compute"), (1, "comm")} <= names
+    assert {(0, "compute"), (1, "comm"), (3, "comm (sends, gradient buckets)")} <= names
+    assert {e["name"] for e in spans if e["tid"] == 3} == {
+        "grad_reduce_scatter", "param_all_gather",
+    }  # fmt: skip
     assert {e["pid"] for e in spans} == {0, 1, 2, 3}
     assert all(e["dur"] > 0 for e in spans)
 

@@ -117,6 +117,9 @@ class ModelConfig(Frozen):
         return self
 
 
+PP_SCHEDULES = ("1f1b", "interleaved", "dualpipe", "dualpipev", "zb_h1")
+
+
 class ParallelConfig(Frozen):
     """Megatron-Core parallel sizes with MoE Parallel Folding.
 
@@ -138,6 +141,10 @@ class ParallelConfig(Frozen):
     # pipeline schedule (moesim.simulate.schedules); vpp = model chunks per pipeline rank
     pp_schedule: Literal["1f1b", "interleaved", "dualpipe", "dualpipev", "zb_h1"] = "1f1b"
     vpp: int = Field(default=1, ge=1)
+    # layers (dense + MoE) of the first / last virtual stage; None = an even split
+    # (Megatron-Core's decoder_first/last_pipeline_num_layers)
+    pp_first_stage_layers: int | None = Field(default=None, ge=0)
+    pp_last_stage_layers: int | None = Field(default=None, ge=0)
 
     def attention_dp(self, gpus: int) -> int:
         """Data-parallel size of the attention layers on ``gpus`` GPUs."""
@@ -205,13 +212,23 @@ class WorkloadConfig(Frozen):
     seed: int = 0
 
 
-DISPATCHERS = ("alltoall", "allgather", "hierarchical", "low_latency")
-
-
 class TrainingConfig(Frozen):
-    """Gradient synchronisation (Megatron-Core names; issue 12 adds the rest of this section)."""
+    """Gradient synchronisation and communication overheads (Megatron-Core names).
+
+    ``comm_sm_fraction``: share of a GPU's SMs a communication kernel occupies while
+    it runs; compute overlapping it runs ``1 / (1 - fraction)`` slower (DeepSeek-V3
+    report, arXiv:2412.19437 sec. 3.2.2: 20 of 132 SMs for DeepEP; 0 = free comm).
+    """
 
     distributed_optimizer: bool = True  # ZeRO-1: reduce-scatter grads, all-gather params
+    overlap_grad_reduce: bool = True  # reduce-scatter buckets during the last backward
+    overlap_param_gather: bool = True  # all-gather buckets under the next forward
+    grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    bucket_size_params: int | None = Field(default=None, ge=1)  # None: max(40M, 1M * dp)
+    comm_sm_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+DISPATCHERS = ("alltoall", "allgather", "hierarchical", "low_latency")
 
 
 class MemoryConfig(Frozen):

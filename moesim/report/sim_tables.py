@@ -65,19 +65,54 @@ def _memory_rows(r: Any) -> list[tuple[str, str]]:
     return [("peak memory", f"{m['peak_GiB']:.1f} of {m['hbm_GiB']:.1f} GiB ({where}): {verdict}")]
 
 
+STEP_PARTS = {
+    "compute": "compute (incl. comm SM share)",
+    "exposed_ep": "exposed EP all-to-all",
+    "exposed_tp": "exposed TP (and expert TP)",
+    "exposed_cp": "exposed CP ring",
+    "exposed_dp": "exposed DP (gradient sync)",
+    "exposed_pp": "exposed PP sends",
+    "bubble": "pipeline bubble",
+    "optimizer": "optimizer step",
+}
+
+
+def step_table(r: Any) -> Table:
+    """Where the step goes: compute, exposed communication per kind, bubble."""
+    table = Table(title="Where the step goes", title_justify="left")
+    for col in ("part", "critical GPU", "share", "mean over GPUs"):
+        table.add_column(col, justify="left" if col == "part" else "right")
+    crit = r.step_breakdown_s.get("critical_gpu", {})
+    mean = r.step_breakdown_s.get("mean", {})
+    step = r.step_time_s or 1.0
+    for key, label in STEP_PARTS.items():
+        c = crit.get(key, 0.0)
+        table.add_row(label, _time(c), f"{100 * c / step:.1f} %", _time(mean.get(key, 0.0)))
+    table.add_row("step", _time(r.step_time_s), "100 %", _time(r.step_time_s))
+    d, b = r.details, r.bytes_per_gpu
+    sched = (
+        f"{d.get('pp_schedule')} over {d.get('pp')} ranks, {d.get('micro_batches')} micro-batches"
+    )
+    table.caption = (
+        f"{sched}; bubble {100 * r.bubble_fraction:.1f} % of the step (mean); bytes per GPU: "
+        f"{_bytes(b.get('scaleup', 0.0))} scale-up, {_bytes(b.get('network', 0.0))} network"
+    )
+    return table
+
+
 def phases_table(r: Any) -> Table:
     """Critical-path seconds per MoE layer, forward and backward, with shares."""
     table = Table(title="Per MoE layer (critical path, mean)", title_justify="left")
     for col in ("phase", "forward", "share", "backward"):
         table.add_column(col, justify="left" if col == "phase" else "right")
-    per_layer = {k: v for k, v in r.phases_s.items() if k != "grad_allreduce"}
+    per_layer = {k: v for k, v in r.phases_s.items() if k != "grad_sync"}
     total = sum(per_layer.values()) or 1.0
     for name, sec in per_layer.items():
         bwd = r.backward_phases_s.get(name)
         table.add_row(
             name, _time(sec), f"{100 * sec / total:.1f} %", "—" if bwd is None else _time(bwd)
         )
-    table.add_row("grad all-reduce (step)", _time(r.phases_s.get("grad_allreduce", 0.0)), "", "")
+    table.add_row("gradient sync (step, summed)", _time(r.phases_s.get("grad_sync", 0.0)), "", "")
     return table
 
 
@@ -155,6 +190,7 @@ def memory_table(r: Any) -> Table:
 def render_result(r: Any, trace_path: str | None = None) -> None:
     """Print the summary, phase, layer and memory tables of a simulation."""
     render(summary_table(r))
+    render(step_table(r))
     render(phases_table(r))
     render(layers_table(r))
     if r.memory:

@@ -16,40 +16,19 @@ from moesim.model import FORMULA, model_flops_per_token
 from moesim.simulate.dense import optimizer_s
 from moesim.simulate.engine import THREADS, EngineResult, Recorder, run_engine
 from moesim.simulate.memory import memory_report
+from moesim.simulate.gradsync import GradSync
 from moesim.simulate.plan import StepPlan, build_plan
+from moesim.simulate.program import BWD, KINDS, Program
+from moesim.simulate.program import PHASES as PHASES_INFO
 from moesim.simulate.result import PHASES, SimResult
+from moesim.simulate.schedules import Pipeline, layout_for, moe_layers_per_rank
 from moesim.simulate.topology import build_topology
 
-BACKWARD = (
-    "unpermute_bwd",
-    "combine_bwd",
-    "experts_bwd",
-    "dispatch_bwd",
-    "permute_bwd",
-    "gate_bwd",
-    "dense_bwd",
-    "shared_experts_bwd",
-    "norm_bwd",
-    "tp_comm_bwd",
-    "cp_comm_bwd",
-    "etp_comm_bwd",
-    "head_bwd",
-    "recompute",
-)
-LAYER_COLUMNS = (
-    "dense",
-    "gate",
-    "permute",
-    "dispatch",
-    "experts",
-    "combine",
-    "unpermute",
-    "shared_experts",
-    "norm",
-    "tp_comm",
-    "cp_comm",
-    "etp_comm",
-)
+#: per-layer table columns (forward phases of a MoE layer)
+LAYER_COLUMNS = ("dense", "gate", "permute", "dispatch", "experts", "combine", "unpermute",
+                 "shared_experts", "norm", "tp_comm", "cp_comm", "etp_comm")  # fmt: skip
+#: gradient and parameter collectives summed into ``phases_s["grad_sync"]``
+SYNC_PHASES = tuple(n for n, (g, _) in PHASES_INFO.items() if g in ("dp", "edp"))
 
 
 def simulate(
@@ -69,30 +48,50 @@ def simulate(
     if seed < 0:
         raise ConfigError("must be >= 0 (seeds numpy's generator)", field="seed", value=seed)
     topo = build_topology(scenario, hw)
-    plan = build_plan(scenario, hw, topo, seed)
-    rec = Recorder(trace_groups=1 if trace else 0, trace_gpus=trace_gpus)
-    eng = run_engine(plan, rec)
-    return _result(scenario, hw, seed, plan, eng, trace)
+    pipe, layout = layout_for(scenario)
+    plan = build_plan(scenario, hw, topo, seed, moe_layers_per_rank(pipe, layout))
+    prog = Program(plan, pipe, layout)
+    grad = GradSync(scenario, plan, pipe, prog) if plan.training else None
+    prog.grad = grad
+    # the trace shows replica 0 of every pipeline rank
+    traced = frozenset(range(0, topo.num_groups, plan.groups_per_stage)) if trace else frozenset()
+    rec = Recorder(traced=traced, trace_gpus=trace_gpus)
+    eng = run_engine(plan, prog, grad, rec)
+    return _result(scenario, hw, seed, plan, pipe, eng, trace)
+
+
+def breakdown(eng: EngineResult, gpu: int | None) -> dict[str, float]:
+    """Where the step goes on ``gpu`` (None: mean over GPUs): compute, exposed comm, bubble."""
+    pick = (lambda a: float(a.mean())) if gpu is None else (lambda a: float(a[gpu]))
+    out = {"compute": pick(eng.busy_G)}
+    out.update({f"exposed_{k}": pick(eng.exposed_KG[k]) for k in KINDS})
+    out["bubble"] = pick(eng.exposed_KG["bubble"])
+    return out
 
 
 def _result(
-    scn: Scenario, hw: HardwareProfile, seed: int, plan: StepPlan, eng: EngineResult, trace: bool
+    scn: Scenario,
+    hw: HardwareProfile,
+    seed: int,
+    plan: StepPlan,
+    pipe: Pipeline,
+    eng: EngineResult,
+    trace: bool,
 ) -> SimResult:
     rec = eng.recorder
-    stage = eng.stage_time_s * plan.bubble
     optimizer = optimizer_s(scn, CostModel(hw)) if plan.training else 0.0
-    step = stage + plan.grad_allreduce_s + optimizer
+    step = eng.step_time_s + optimizer
     tokens = tokens_per_step(scn)
-    phases = {p: _mean(rec, p) for p in PHASES}
-    phases["grad_allreduce"] = plan.grad_allreduce_s
+    phases = {p: _mean(rec, p) for p in PHASES if p not in ("grad_sync", "optimizer", "head")}
+    phases["grad_sync"] = _sync_per_group(rec, plan)
+    phases["head"] = _mean(rec, "head")
     phases["optimizer"] = optimizer
     per_gpu = tokens / step / scn.cluster.num_gpus if step > 0 else 0.0
     tflops = per_gpu * model_flops_per_token(scn) / 1e12
     st = plan.stats
-    last = int(np.argmax(eng.group_finish_X))
-    busy = float(eng.busy_G[plan.topo.group_rows(last)].max())
-    exposed = eng.group_finish_X[last] - busy - float(eng.blocked_X[last])
-    util = eng.busy_G / max(eng.stage_time_s, 1e-300)
+    crit = int(np.argmax(eng.busy_G))
+    crit_parts = breakdown(eng, crit) | {"optimizer": optimizer}
+    util = eng.busy_G / max(step, 1e-300)
     mem = memory_report(scn, hw, plan)
     return SimResult(
         scenario=scn.name,
@@ -102,7 +101,7 @@ def _result(
         throughput_tokens_per_s=tokens / step if step > 0 else 0.0,
         dispatch_time_s=phases["dispatch"],
         combine_time_s=phases["combine"],
-        alltoall_fraction=max(0.0, exposed) * plan.bubble / step if step > 0 else 0.0,
+        alltoall_fraction=crit_parts["exposed_ep"] / step if step > 0 else 0.0,
         dispatch_bytes_per_gpu=float(np.mean(st.sent_rows_per_gpu)) * plan.dispatch_row_bytes,
         drop_fraction=1.0 - st.kept / st.routed if st.routed else 0.0,
         load_imbalance=float(np.mean(st.expert_imbalance)),
@@ -110,12 +109,16 @@ def _result(
         model_tflops_per_gpu=tflops,
         mfu=tflops / hw.peak_tflops(scn.model.dtype),
         phases_s=phases,
-        backward_phases_s={p.removesuffix("_bwd"): _mean(rec, p) for p in BACKWARD}
-        if plan.training
-        else {},
+        backward_phases_s={p: _mean(rec, p + BWD) for p in LAYER_COLUMNS} if plan.training else {},
         layers=_layers(rec, plan),
         gpu_utilization=_utilization(util),
-        details=_details(scn, plan, eng, stage, tokens),
+        details=_details(scn, plan, pipe, eng, tokens),
+        step_breakdown_s={
+            "critical_gpu": crit_parts,
+            "mean": breakdown(eng, None) | {"optimizer": optimizer},
+        },
+        bubble_fraction=float(eng.exposed_KG["bubble"].mean()) / step if step > 0 else 0.0,
+        bytes_per_gpu=_bytes(eng),
         provenance=_provenance(),
         memory=mem.to_dict(scn),
         fits=mem.fits,
@@ -135,6 +138,22 @@ def tokens_per_step(scn: Scenario) -> int:
     """
     w = scn.workload
     return w.tokens_per_gpu * w.micro_batches * scn.cluster.num_gpus // scn.parallel.pp
+
+
+def _sync_per_group(rec: Recorder, plan: StepPlan) -> float:
+    """Seconds of one group's gradient and parameter collectives in the step (not exposure)."""
+    return sum(rec.phase_sum.get(p, 0.0) for p in SYNC_PHASES) / plan.topo.num_groups
+
+
+def _bytes(eng: EngineResult) -> dict[str, Any]:
+    """Mean bytes one GPU sends in the step, by tier and by kind."""
+    tiers = ("scaleup", "network")
+    total = sum(eng.sent_KT.values(), np.zeros(2))
+    out: dict[str, Any] = {t: float(v) for t, v in zip(tiers, total, strict=True)}
+    out["by_kind"] = {
+        k: {t: float(v) for t, v in zip(tiers, eng.sent_KT[k], strict=True)} for k in KINDS
+    }
+    return out
 
 
 def _mean(rec: Recorder, phase: str) -> float:
@@ -168,8 +187,9 @@ def _utilization(util_G: np.ndarray) -> dict[str, Any]:
 
 
 def _details(
-    scn: Scenario, plan: StepPlan, eng: EngineResult, stage: float, tokens: int
+    scn: Scenario, plan: StepPlan, pipe: Pipeline, eng: EngineResult, tokens: int
 ) -> dict[str, Any]:
+    crit = int(np.argmax(eng.busy_G))
     return {
         "mode": scn.workload.mode,
         "dispatcher": scn.dispatcher,
@@ -178,16 +198,19 @@ def _details(
         "moe_layers_per_stage": plan.layers,
         "micro_batches": plan.micro_batches,
         "tokens_per_step": tokens,
-        "stage_time_s": stage,
-        "pipeline_bubble": plan.bubble,
+        "pp_schedule": pipe.name,
+        "pp": pipe.ranks,
+        "virtual_stages": pipe.stages,
+        "critical_gpu": crit,
+        "comm_sm_slowdown_s": float(eng.sm_extra_G.mean()),
         "capacity_per_expert": plan.capacity,
         "dispatch_dtype": scn.dispatch_dtype,
         "combine_dtype": scn.combine_dtype,
-        "alltoall_s_per_step": float(eng.comm_X[int(np.argmax(eng.group_finish_X))]),
+        "alltoall_s_per_step": float(eng.comm_XK["ep"][crit // plan.topo.ep]),
         # part of every forward dispatch (mean over groups): the per-expert count exchange
         "split_exchange_s": float(plan.split_exchange_X.mean()),
         # part of the experts phase (mean over GPUs, layers and micro-batches, forward)
-        "regroup_s": float(np.mean([w.regroup_s_G.mean() for ws in plan.work for w in ws])),
+        "regroup_s": float(np.mean([w.regroup_s_G.mean() for w in plan.work.computed()])),
         "sim_events": eng.events,
         "compute_s": dict(plan.compute_s),
         "model_flops_per_token": model_flops_per_token(scn),
@@ -211,7 +234,8 @@ def _cached_provenance() -> dict[str, Any]:
 def _chrome(rec: Recorder, plan: StepPlan) -> list[dict[str, Any]]:
     """Metadata naming each GPU (process) and its streams (threads), then the spans."""
     meta: list[dict[str, Any]] = []
-    for gpu in plan.topo.group_gpus(0)[: rec.trace_gpus]:
+    gpus = [g for x in sorted(rec.traced) for g in plan.topo.group_gpus(x)[: rec.trace_gpus]]
+    for gpu in gpus:
         pid = int(gpu)
         meta.append({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": f"GPU {pid}"}})
         for tid, name in THREADS.items():

@@ -8,39 +8,24 @@ backward (``BACKWARD_FACTOR``).
 
 With TP a rank multiplies its TP group's ``tp * T`` tokens by ``1/tp`` of each
 weight, the FLOPs of its own ``T`` tokens through the whole weight, so TP
-changes no GEMM time here; it adds its collectives (``tp_comm``). Without SP
-the norms run on all ``tp * T`` tokens of the group. CP ring exchanges overlap
-the attention core they feed (Transformer Engine's ring attention), so only
-``max(0, ring - core)`` is exposed (``cp_comm``).
+changes no GEMM time here; its collectives, the CP ring and expert TP are ops
+of the program on the fabric (:func:`moesim.simulate.plan.layer_collectives`).
+Without SP the norms run on all ``tp * T`` tokens of the group.
 """
 
 from __future__ import annotations
-
-import math
-
-import numpy as np
-from numpy.typing import NDArray
 
 from moesim.config.base import DTYPE_BYTES
 from moesim.config.scenario import Scenario
 from moesim.costs import work
 from moesim.costs.model import CostModel
 from moesim.model import ops
-from moesim.model.collectives import cp_bytes, etp_bytes, tp_block_bytes
 
 #: backward seconds per forward second of each compute op (GEMMs 2x: data + weight grads)
 BACKWARD_FACTOR = {
     "dense": 2.0, "attn_core": 2.0, "norm": 1.0, "gate": 1.0, "permute": 1.0, "unpermute": 1.0,
-    "shared_experts": 2.0, "dense_layers": 2.0, "head": 2.0,
+    "shared_experts": 2.0, "dense_layer": 2.0, "head": 2.0,
 }  # fmt: skip
-
-
-def ring_s(cost: CostModel, nbytes: float, n: int, *, intra_node: bool) -> float:
-    """A ring collective in which each rank sends ``nbytes``: ``(n-1) lat + bytes / bw``."""
-    if n <= 1 or nbytes <= 0:
-        return 0.0
-    link = cost.link("scaleup" if intra_node else "scaleout", nbytes)
-    return (n - 1) * link.latency_s + nbytes / link.bandwidth_Bps
 
 
 def _attention(scn: Scenario, cost: CostModel) -> tuple[float, float]:
@@ -105,15 +90,8 @@ def dense_costs(scn: Scenario, cost: CostModel) -> dict[str, float]:
     if m.num_shared_experts:
         F_sh = m.shared_expert_intermediate_size or m.moe_intermediate_size
         shared = _ffn_s(scn, cost, F_sh, m.num_shared_experts)
-    c = collective_costs(scn, cost, core)
-    dense_layers = 0.0
-    n_dense = (m.dense.num_dense_layers if m.dense else 0) + m.num_moe_layers * (
-        m.moe_layer_freq - 1
-    )
-    if n_dense:
-        F_d = (m.dense.dense_intermediate_size if m.dense else None) or m.moe_intermediate_size
-        per = attn + _ffn_s(scn, cost, F_d) + norm + 2 * c["tp_comm"] + c["cp_comm"]
-        dense_layers = n_dense * per / scn.parallel.pp
+    F_d = (m.dense.dense_intermediate_size if m.dense else None) or m.moe_intermediate_size
+    dense_layer = attn + _ffn_s(scn, cost, F_d) + norm
     return {
         "dense": attn,
         "attn_core": core,
@@ -122,57 +100,24 @@ def dense_costs(scn: Scenario, cost: CostModel) -> dict[str, float]:
         "permute": float(cost.permute_s(T, D, K, dt)),
         "unpermute": float(cost.unpermute_s(T, D, K, dt)),
         "shared_experts": shared,
-        "dense_layers": dense_layers,
+        "dense_layer": dense_layer,
         "head": _head_s(scn, cost),
-        **c,
     }
 
 
-def collective_costs(scn: Scenario, cost: CostModel, core_s: float) -> dict[str, float]:
-    """Forward seconds of one layer's TP block (AG + RS) and exposed CP ring exchange.
-
-    ``tp_comm`` is one TP block's collectives (attention; shared experts and
-    dense FFNs pay it again), ``cp_comm`` the ring time the core does not hide
-    and ``cp_comm_bwd`` the same for the backward (twice the bytes).
-    """
-    m, p, gpn = scn.model, scn.parallel, scn.cluster.gpus_per_node
-    b, T = DTYPE_BYTES[m.dtype], float(scn.workload.tokens_per_gpu)
-    tp = ring_s(cost, tp_block_bytes(T, m.hidden_size, b, p.tp) / 2, p.tp, intra_node=p.tp <= gpn)
-    out = {"tp_comm": 2.0 * tp, "cp_comm": 0.0, "cp_comm_bwd": 0.0}
-    if m.dense is not None and p.cp > 1:
-        intra = p.tp * p.cp <= gpn
-        fwd = ring_s(cost, cp_bytes(T, m.dense, b, p.cp, p.tp, backward=False), p.cp,
-                     intra_node=intra)  # fmt: skip
-        bwd = ring_s(cost, cp_bytes(T, m.dense, b, p.cp, p.tp, backward=True), p.cp,
-                     intra_node=intra)  # fmt: skip
-        out["cp_comm"] = max(0.0, fwd - core_s)
-        out["cp_comm_bwd"] = max(0.0, bwd - 2.0 * core_s)
-    return out
-
-
-def etp_s(scn: Scenario, cost: CostModel, rows_G: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Expert-TP all-gather + reduce-scatter of ``rows_G`` received rows per GPU (forward).
-
-    Vectorised over GPUs: ring latency plus bytes over the link's bandwidth at
-    the mean message size (a calibrated curve is read once, not per GPU).
-    """
-    p, m = scn.parallel, scn.model
-    per_row = etp_bytes(1.0, m.hidden_size, DTYPE_BYTES[m.dtype], p.etp) / 2  # AG of one row
-    one_way = np.asarray(rows_G, dtype=np.float64) * per_row
-    intra = p.etp <= scn.cluster.gpus_per_node
-    link = cost.link("scaleup" if intra else "scaleout", float(np.mean(one_way)) or None)
-    seconds = (p.etp - 1) * link.latency_s + one_way / link.bandwidth_Bps
-    return np.where(one_way > 0, 2.0 * seconds, 0.0)
-
-
 def optimizer_s(scn: Scenario, cost: CostModel) -> float:
-    """The optimizer step: a memory-bound pass over the busiest GPU's local parameters."""
+    """The optimizer step: a memory-bound pass over the busiest GPU's local parameters.
+
+    With the distributed optimizer (ZeRO-1, ``training.distributed_optimizer``) a GPU
+    updates its shard: non-expert parameters over ``dp * cp``, expert ones over ``edp``.
+    """
     from moesim.model import params_per_rank
 
-    nbytes = params_per_rank(scn).total * scn.workload.optimizer_bytes_per_param
+    r, p, n = params_per_rank(scn), scn.parallel, scn.cluster.num_gpus
+    local = r.total
+    if scn.training.distributed_optimizer:
+        local = r.expert / p.expert_dp(n) + (r.non_expert + r.embedding) / (
+            p.attention_dp(n) * p.cp
+        )
+    nbytes = local * scn.workload.optimizer_bytes_per_param
     return float(cost.memory_s("optimizer", nbytes)) if nbytes > 0 else 0.0
-
-
-def stage_layers(scn: Scenario) -> int:
-    """MoE layers of one pipeline stage (MTP modules' MoE layers included)."""
-    return math.ceil((scn.model.num_moe_layers + scn.model.mtp_num_layers) / scn.parallel.pp)

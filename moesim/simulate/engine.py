@@ -1,38 +1,43 @@
-"""SimPy engine: each GPU's compute and communication streams through one step.
+"""SimPy engine: runs an op program (:mod:`moesim.simulate.program`) on every GPU.
 
-Legend: G = GPUs, P = EP ranks of a group.
+Legend: G = GPUs, X = EP groups, P = EP ranks of a group, L = links of a group.
 
 Design (for speed at thousands of GPUs): one SimPy process per (EP group,
-micro-batch) carries a vector of per-GPU times ``t_P`` instead of one process
-per GPU. Compute ops between two collectives need no events: each GPU's
-compute stream is a FIFO (``free_P``), so an op starts at
-``max(ready, stream free)`` and ends ``seconds * slowdown`` later, all in
-numpy. A collective is the only synchronisation point: the process waits
-until its slowest participant is ready (``max(t_P)``), starts a coflow on the
-group's network domain and sleeps until the fluid model says it is done.
-Events are thus only collective starts, coflow finishes and rate changes.
+lane) carries a vector of per-GPU times ``t_P`` instead of one process per
+GPU. An EP group is one pipeline rank of one data-parallel replica (group
+``x`` = rank ``x // groups_per_stage``, replica ``x % groups_per_stage``).
+Compute ops need no events: each GPU's compute stream is a FIFO (``free_P``),
+so an op starts at ``max(ready, stream free)`` and ends ``seconds * slowdown``
+later, all in numpy. A collective is a synchronisation point: it waits until
+its slowest participant is ready (``max(t_P)``), starts a coflow on the group's
+network domain and sleeps until the fluid model says it is done. A pipeline
+send is two coflows, the sender's egress in its domain and the receiver's
+ingress in the receiver's, and arrives when both have drained. Events are thus
+only collective starts and ends, rate changes and cross-rank signals.
 
-A micro-batch's compute between two of its collectives is issued as one
-block, in issue order (what a CUDA stream does with a fixed program order);
-with ``overlap_micro_batches`` two micro-batches run as two processes whose
-blocks interleave on the compute stream while the other's all-to-all is in
-flight. Shared experts are issued before the dispatch is awaited, so they
-overlap it, as Megatron-Core and DeepSeek do.
+A slot of two lanes (DualPipe's forward-and-backward pairs, or two overlapped
+micro-batches) runs as two processes whose compute blocks interleave on the
+FIFO stream while the other's collective is in flight.
 
-Per MoE layer, forward: norm → dense (attention) → [CP ring, exposed part] →
-[TP all-gather + reduce-scatter] → norm → gate → permute → [shared experts,
-their TP collectives] → dispatch → experts → [expert-TP AG + RS] → combine →
-unpermute. Backward (training), layers in reverse: [recompute] → unpermute →
-[shared experts] → combine (gradients, dispatch direction) → [ETP] → experts →
-dispatch (gradients, combine direction) → permute → gate → norm → [TP] → [CP]
-→ dense → norm. The micro-batch starts with the leading dense layers and ends
-its forward with the LM head and loss (``head``), which its backward starts with.
+Communication takes SMs: a compute op that starts while one of its group's
+collectives runs takes ``1 / (1 - training.comm_sm_fraction)`` times longer
+(judged at its start against the collectives started so far, a running one
+counting as running on; the trace marks such ops ``[SMs shared]`` and
+``details.comm_sm_slowdown_s`` sums the extra time).
+
+Where time goes: every idle gap of a GPU's compute stream is charged to what
+the op after it waited for: a collective of kind ``ep``/``tp``/``dp``/``pp``
+(exposed communication), or the pipeline (``bubble``: waiting for another
+stage's compute; the part of a receive after the matching send started is
+``pp``). The gap after a rank's last compute goes to ``dp`` while its gradient
+collectives run, the rest to ``bubble``. Per GPU, compute + exposed + bubble =
+step time.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Generator
+from collections.abc import Generator, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,23 +47,26 @@ from numpy.typing import NDArray
 
 from moesim.simulate.network import FluidNetwork
 from moesim.simulate.plan import Coflows, StepPlan
+from moesim.simulate.program import GROUPS, KINDS, Op, Program
+from moesim.simulate.schedules import Lane, Task
 
 F64 = NDArray[np.float64]
-COMPUTE_TID, COMM_TID = 0, 1
-#: Chrome trace thread names: the compute stream and one comm row per overlapped micro-batch
-THREADS = {COMPUTE_TID: "compute", COMM_TID: "comm", COMM_TID + 1: "comm (2nd micro-batch)"}
-
-
-#: compute_s entry recomputed by each selective-recompute module (Megatron names);
-#: ``moe`` and ``moe_act`` are per GPU (``LayerWork.recompute_s_G``)
-SELECTIVE = {"attn_core": "core_attn", "norm": "layernorm", "shared_experts": "shared_experts"}
+COMPUTE_TID, COMM_TID, ASYNC_TID = 0, 1, 3
+#: Chrome trace thread names: the compute stream and the comm rows
+THREADS = {
+    COMPUTE_TID: "compute",
+    COMM_TID: "comm",
+    COMM_TID + 1: "comm (2nd lane)",
+    ASYNC_TID: "comm (sends, gradient buckets)",
+}
+SM_MARK = " [SMs shared]"
 
 
 @dataclass
 class Recorder:
-    """Critical-path seconds per phase, per layer, and optional trace events."""
+    """Seconds per phase, per layer, and optional trace events."""
 
-    trace_groups: int = 0  # record Chrome trace events of the first groups
+    traced: frozenset[int] = frozenset()  # EP groups whose Chrome trace events are recorded
     trace_gpus: int = 16
     max_events: int = 200_000
     phase_sum: dict[str, float] = field(default_factory=lambda: defaultdict(float))
@@ -66,16 +74,18 @@ class Recorder:
     layer_sum: dict[str, F64] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
     log: list[tuple[str, float]] = field(default_factory=list)
+    layers: int = 1
 
-    def phase(self, name: str, layer: int, seconds: float, layers: int) -> None:
+    def phase(self, name: str, layer: int, seconds: float) -> None:
         self.phase_sum[name] += seconds
         self.phase_n[name] += 1
-        if name not in self.layer_sum:
-            self.layer_sum[name] = np.zeros(layers)
-        self.layer_sum[name][layer] += seconds
+        if layer >= 0:
+            if name not in self.layer_sum:
+                self.layer_sum[name] = np.zeros(self.layers)
+            self.layer_sum[name][layer] += seconds
 
     def tracing(self, group: int) -> bool:
-        return group < self.trace_groups and len(self.events) < self.max_events
+        return group in self.traced and len(self.events) < self.max_events
 
     def span(self, gpus: Any, tid: int, name: str, start_P: F64, end_P: F64) -> None:
         n = min(len(gpus), self.trace_gpus)
@@ -93,209 +103,291 @@ class Recorder:
                 )
 
 
-class GroupSim:
-    """One EP group's GPUs: compute-stream state and the micro-batch processes."""
+@dataclass
+class Ready:
+    """When each GPU may start the next op, and what it waited for (for exposure)."""
 
-    def __init__(
-        self, env: simpy.Environment, net: FluidNetwork, plan: StepPlan, group: int, rec: Recorder
-    ) -> None:
-        self.env, self.net, self.plan, self.group, self.rec = env, net, plan, group, rec
-        self.gpus = plan.topo.group_gpus(group)
+    t_P: F64
+    reason: str | None = None  # a kind of KINDS, "bubble", or None (its own compute)
+    since: float = -np.inf  # gap before this time is bubble, after it ``reason``
+
+
+class StepSim:
+    """Shared state of one simulated step: network, named events, per-group ranks."""
+
+    def __init__(self, plan: StepPlan, prog: Program, grad: Any, rec: Recorder) -> None:
+        self.env = simpy.Environment()
+        self.net = FluidNetwork(self.env, plan.topo.cap_L)
+        self.plan, self.prog, self.grad, self.rec = plan, prog, grad, rec
+        self.frac = plan.scn.training.comm_sm_fraction
+        self.signals: dict[Hashable, simpy.Event] = {}
+        self.link_bytes_XL = np.zeros((plan.topo.num_groups, plan.topo.num_links))
+        self.groups = [GroupSim(self, x) for x in range(plan.topo.num_groups)]
+
+    def event(self, key: Hashable) -> simpy.Event:
+        ev = self.signals.get(key)
+        if ev is None:
+            ev = self.signals[key] = self.env.event()
+        return ev
+
+
+class GroupSim:
+    """One EP group (one pipeline rank of one replica): its GPUs' streams and lanes."""
+
+    def __init__(self, sim: StepSim, x: int) -> None:
+        self.sim, self.x = sim, x
+        plan = sim.plan
+        self.env, self.rec = sim.env, sim.rec
+        self.rank, self.replica = divmod(x, plan.groups_per_stage)
+        self.gpus = plan.topo.group_gpus(x)
         P = len(self.gpus)
-        self.idx = np.arange(group * P, (group + 1) * P)  # rows of the plan's [G] arrays
+        self.sl = plan.topo.group_rows(x)  # this group's rows of the plan's [G] arrays
         self.free_P = np.zeros(P)
         self.busy_P = np.zeros(P)
+        self.sm_extra_P = np.zeros(P)  # compute seconds added by comm kernels' SMs
+        self.exposed = {k: np.zeros(P) for k in (*KINDS, "bubble")}
         self.slow_P = plan.slowdown_G[self.gpus]
         self.slow_max = float(self.slow_P.max())
-        self.comm_s = 0.0  # summed durations of this group's collectives
-        self.blocked_s = 0.0  # summed seconds of closed-form TP / CP / ETP collectives
+        self.comm_iv: list[list[float]] = []  # [start, end] of collectives (end inf: running)
+        self.comm_s: dict[str, float] = defaultdict(float)  # collective seconds per kind
+        self.sent_KT: dict[str, F64] = defaultdict(lambda: np.zeros(2))
+        self.sync_end = 0.0  # last end of this group's gradient / parameter collectives
+        self.pending: list[simpy.Process] = []
         self.finish = 0.0
+        self.lane_of = 0
 
-    # -- ops -----------------------------------------------------------------
-    def compute(self, t_P: F64, seconds: float | F64, name: str, layer: int) -> F64:
-        """Run an op on every GPU's compute stream; returns the end times."""
-        if isinstance(seconds, float):
-            if seconds <= 0:
-                return t_P
-            dur = seconds * self.slow_P
-            crit = seconds * self.slow_max
+    # -- exposure ---------------------------------------------------------------
+    def _charge(self, ready: Ready, start_P: F64) -> None:
+        gap = start_P - self.free_P
+        if gap.max() <= 0:
+            return
+        kind = ready.reason or "bubble"
+        if kind == "pp" and np.isfinite(ready.since):
+            before = np.clip(np.minimum(start_P, ready.since) - self.free_P, 0.0, None)
+            self.exposed["bubble"] += before
+            self.exposed["pp"] += gap - before
         else:
-            dur = seconds * self.slow_P
-            crit = float(dur.max())
-        start = np.maximum(t_P, self.free_P)
+            self.exposed[kind] += gap
+
+    # -- ops --------------------------------------------------------------------
+    def compute(self, op: Op, ready: Ready) -> Ready:
+        sec = op.seconds
+        if isinstance(sec, float):
+            if sec <= 0:
+                return ready
+            dur = sec * self.slow_P
+            crit = sec * self.slow_max
+        else:
+            dur = sec[self.sl] * self.slow_P
+            crit = -1.0
+        name = op.name
+        start = np.maximum(ready.t_P, self.free_P)
+        if self.sim.frac > 0 and self._comm_at(float(start.max())):
+            slowed = dur / (1.0 - self.sim.frac)
+            self.sm_extra_P += slowed - dur
+            dur, name, crit = slowed, op.name + SM_MARK, -1.0
+        self._charge(ready, start)
         end = start + dur
         self.free_P = end
         self.busy_P += dur
-        self.rec.phase(name, layer, crit, self.plan.layers)
-        if self.rec.tracing(self.group):
+        self.rec.phase(op.name, op.layer, crit if crit >= 0 else float(dur.max()))
+        if self.rec.tracing(self.x):
             self.rec.span(self.gpus, COMPUTE_TID, name, start, end)
-        return end
+        return Ready(end)
 
-    def blocking(self, t_P: F64, seconds: float, name: str, layer: int, block: int) -> F64:
-        """A collective of blocks of ``block`` consecutive ranks (TP, CP) priced in closed form.
+    def _comm_at(self, t: float) -> bool:
+        """Whether one of the group's collectives runs at ``t`` (those still running count)."""
+        now = self.env.now
+        self.comm_iv = [iv for iv in self.comm_iv if iv[1] > now]
+        return any(s <= t < e for s, e in self.comm_iv)
 
-        Each block starts when its slowest member is ready and holds its members
-        for ``seconds``; the compute stream stays free for other micro-batches.
-        A block larger than the group, or not tiling it, is synchronised per GPU.
-        """
-        if seconds <= 0:
-            return t_P
-        P = len(t_P)
-        blk = block if 1 < block <= P and P % block == 0 else 1
-        start = np.repeat(t_P.reshape(-1, blk).max(1), blk)
-        end = start + seconds
-        self.blocked_s += seconds
-        self.rec.phase(name, layer, seconds, self.plan.layers)
-        if self.rec.tracing(self.group):
-            self.rec.span(self.gpus, COMM_TID, name, start, end)
-        return end
+    def _transfer(self, op: Op, cf: Coflows, x: int, start: float) -> simpy.Event:
+        self.sim.link_bytes_XL[x] += cf.demand_XL[x]
+        lat, solo = float(cf.latency_X[x]), float(cf.solo_X[x])
+        return self.sim.net.transfer(x, cf.demand_XL[x], lat, solo, start_s=start)
 
     def collective(
-        self, t_P: F64, name: str, layer: int, cf: Coflows, mb: int
-    ) -> Generator[simpy.Event, Any, F64]:
-        """Wait for the slowest participant, run the coflow, return everyone's end time."""
-        if self.plan.topo.ep == 1:
-            return t_P
-        start = max(float(t_P.max()), self.env.now)
-        g = self.group
-        trace = self.rec.tracing(g)
+        self, op: Op, ready: Ready, tid: int, iv: list[float] | None = None
+    ) -> Generator[simpy.Event, Any, Ready]:
+        """Wait for the slowest participant, run the coflow(s), return everyone's end time.
+
+        ``iv``: the op's [start, end] entry of ``comm_iv`` when the caller made it.
+        """
+        cf = op.coflow
+        assert cf is not None
+        kind = GROUPS[op.stream]
+        start = max(float(ready.t_P.max()), self.env.now)
+        if float(cf.solo_X[self.x]) <= 0 and float(cf.latency_X[self.x]) <= 0 and op.peer is None:
+            if iv is not None:
+                iv[1] = start
+            return Ready(np.full_like(ready.t_P, start), kind)
+        if iv is None:
+            iv = [start, np.inf]
+            self.comm_iv.append(iv)
+        trace = self.rec.tracing(self.x)
         if trace:
-            self.rec.log.append((f"{name}.start", start))
-        lat, solo = float(cf.latency_X[g]), float(cf.solo_X[g])
-        yield self.net.transfer(g, cf.demand_XL[g], lat, solo, start_s=start)
+            self.rec.log.append((self._logname(op.name, ".start"), start))
+        done = [self._transfer(op, cf, self.x, start)]
+        if op.peer is not None:
+            y = op.peer_rank * self.sim.plan.groups_per_stage + self.replica
+            done.append(self._transfer(op, op.peer, y, start))
+        if cf.sent_XT is not None:
+            self.sent_KT[kind] = self.sent_KT[kind] + cf.sent_XT[self.x]
+        yield simpy.AllOf(self.env, done) if len(done) > 1 else done[0]
         end = self.env.now
-        self.comm_s += end - start
-        self.rec.phase(name, layer, end - start, self.plan.layers)
+        iv[1] = end
+        self.comm_s[kind] += end - start
+        if kind == "dp":
+            self.sync_end = max(self.sync_end, end)
+        self.rec.phase(op.name, op.layer, end - start)
         if trace:
-            self.rec.log.append((f"{name}.end", end))
-            tid = COMM_TID + mb % 2  # overlapped micro-batches on their own comm rows
-            self.rec.span(self.gpus, tid, f"wait {name}", t_P, np.full_like(t_P, start))
-            self.rec.span(self.gpus, tid, name, np.full_like(t_P, start), np.full_like(t_P, end))
-        return np.full_like(t_P, end)
+            self.rec.log.append((self._logname(op.name, ".end"), end))
+            if op.blocking:
+                self.rec.span(
+                    self.gpus, tid, f"wait {op.name}", ready.t_P, np.full_like(ready.t_P, start)
+                )
+            full = np.full_like(ready.t_P, start)
+            self.rec.span(self.gpus, tid, op.name, full, np.full_like(ready.t_P, end))
+        return Ready(np.full_like(ready.t_P, end), kind, start)
 
-    # -- one micro-batch -----------------------------------------------------
-    def micro_batch(self, mb: int) -> Generator[simpy.Event, Any, None]:
-        plan = self.plan
-        c = plan.compute_s
-        t = np.full(len(self.gpus), self.env.now)
-        t = self.compute(t, c["dense_layers"], "dense_layers", 0)
-        for layer in range(plan.layers):
-            t = yield from self.forward_layer(t, layer, mb)
-        t = self.compute(t, c["head"], "head", 0)
-        if plan.training:
-            t = self.compute(t, 2 * c["head"], "head_bwd", 0)
-            for layer in reversed(range(plan.layers)):
-                t = yield from self.backward_layer(t, layer, mb)
-            t = self.compute(t, 2 * c["dense_layers"], "dense_layers_bwd", 0)
-        self.finish = max(self.finish, float(t.max()))
+    def _logname(self, name: str, suffix: str) -> str:
+        return f"{name}{suffix}" if self.x == 0 else f"g{self.x}:{name}{suffix}"
 
-    def forward_layer(
-        self, t: F64, layer: int, mb: int, tag: str = ""
-    ) -> Generator[simpy.Event, Any, F64]:
-        """One MoE layer's forward; ``tag`` renames its phases (``_recompute``)."""
-        c, w, par = self.plan.compute_s, self.plan.work[layer][mb], self.plan.scn.parallel
-        t = self.compute(t, c["norm"] / 2, "norm" + tag, layer)
-        t = self.compute(t, c["dense"], "dense" + tag, layer)
-        t = self.blocking(t, c["cp_comm"], "cp_comm" + tag, layer, par.tp * par.cp)
-        t = self.blocking(t, c["tp_comm"], "tp_comm" + tag, layer, par.tp)
-        t = self.compute(t, c["norm"] / 2, "norm" + tag, layer)
-        for op in ("gate", "permute"):
-            t = self.compute(t, c[op], op + tag, layer)
-        shared = self.compute(t, c["shared_experts"], "shared_experts" + tag, layer)
-        if c["shared_experts"] > 0:
-            shared = self.blocking(shared, c["tp_comm"], "tp_comm" + tag, layer, par.tp)
-        t = yield from self.collective(t, "dispatch" + tag, layer, w.dispatch, mb)
-        experts = w.experts_s_G[self.idx] + w.regroup_s_G[self.idx]
-        t = self.compute(np.maximum(t, shared), experts, "experts" + tag, layer)
-        t = self._etp(t, w.etp_s_G[self.idx], "etp_comm" + tag, layer)
-        t = yield from self.collective(t, "combine" + tag, layer, w.combine, mb)
-        return self.compute(t, c["unpermute"], "unpermute" + tag, layer)
+    def _async(self, op: Op, ready: Ready, iv: list[float]) -> Generator[simpy.Event, Any, None]:
+        out = yield from self.collective(op, ready, ASYNC_TID, iv)
+        if op.key is not None:
+            self.sim.event((self.replica, op.key)).succeed(out)
 
-    def _etp(self, t: F64, seconds_P: F64, name: str, layer: int) -> F64:
-        """Expert-TP AG + RS: its ranks sit in other EP groups, so each GPU pays its own."""
-        if not seconds_P.any():
-            return t
-        self.rec.phase(name, layer, float(seconds_P.max()), self.plan.layers)
-        self.blocked_s += float(seconds_P.max())
-        return t + seconds_P
+    def wait(self, op: Op, ready: Ready) -> Generator[simpy.Event, Any, Ready]:
+        ev = self.sim.event((self.replica, op.key))
+        got: Ready = ev.value if ev.triggered else (yield ev)  # type: ignore[assignment]
+        theirs = (
+            got.t_P if got.t_P.shape == ready.t_P.shape else np.full_like(ready.t_P, got.t_P.max())
+        )
+        if float(theirs.max()) <= float(ready.t_P.max()):
+            return ready  # it was there before we asked
+        return Ready(np.maximum(ready.t_P, theirs), got.reason or "bubble", got.since)
 
-    def backward_layer(self, t: F64, layer: int, mb: int) -> Generator[simpy.Event, Any, F64]:
-        c, w, par = self.plan.compute_s, self.plan.work[layer][mb], self.plan.scn.parallel
-        t = yield from self.recompute(t, layer, mb)
-        t = self.compute(t, c["unpermute"], "unpermute_bwd", layer)
-        shared = self.compute(t, 2 * c["shared_experts"], "shared_experts_bwd", layer)
-        if c["shared_experts"] > 0:
-            shared = self.blocking(shared, c["tp_comm"], "tp_comm_bwd", layer, par.tp)
-        t = yield from self.collective(t, "combine_bwd", layer, w.grad_dispatch, mb)
-        experts = 2 * w.experts_s_G[self.idx] + w.regroup_s_G[self.idx]
-        t = self._etp(t, w.etp_s_G[self.idx], "etp_comm_bwd", layer)
-        t = self.compute(t, experts, "experts_bwd", layer)
-        t = yield from self.collective(t, "dispatch_bwd", layer, w.combine, mb)
-        t = self.compute(np.maximum(t, shared), c["permute"], "permute_bwd", layer)
-        t = self.compute(t, c["gate"], "gate_bwd", layer)
-        t = self.compute(t, c["norm"] / 2, "norm_bwd", layer)
-        t = self.blocking(t, c["tp_comm"], "tp_comm_bwd", layer, par.tp)
-        t = self.blocking(t, c["cp_comm_bwd"], "cp_comm_bwd", layer, par.tp * par.cp)
-        t = self.compute(t, 2 * c["dense"], "dense_bwd", layer)
-        return self.compute(t, c["norm"] / 2, "norm_bwd", layer)
+    def run_op(self, op: Op, ready: Ready, tid: int) -> Generator[simpy.Event, Any, Ready]:
+        if op.stream == "compute":
+            return self.compute(op, ready)
+        if op.stream == "wait":
+            return (yield from self.wait(op, ready))
+        if op.stream == "signal":
+            got = Ready(ready.t_P.copy(), "bubble")
+            self.sim.event((self.replica, op.key)).succeed(got)
+            return ready
+        if not op.blocking:
+            iv = [max(float(ready.t_P.max()), self.env.now), np.inf]
+            self.comm_iv.append(iv)  # known now, so compute issued next sees it
+            self.pending.append(self.env.process(self._async(op, ready, iv)))
+            return ready
+        out = yield from self.collective(op, ready, tid)
+        if op.key is not None:
+            self.sim.event((self.replica, op.key)).succeed(out)
+        return out
 
-    def recompute(self, t: F64, layer: int, mb: int) -> Generator[simpy.Event, Any, F64]:
-        """Megatron recompute before a layer's backward: ``full`` re-runs its forward
-        (all-to-alls included); ``selective`` re-runs the chosen modules' compute."""
-        wl = self.plan.scn.workload
-        if wl.recompute_granularity == "full":
-            return (yield from self.forward_layer(t, layer, mb, "_recompute"))
-        if wl.recompute_granularity != "selective":
-            return t
-        c, mods = self.plan.compute_s, wl.recompute_modules
-        seconds = sum(c[k] for k, mod in SELECTIVE.items() if mod in mods)
-        extra = self.plan.work[layer][mb].recompute_s_G[self.idx]
-        return self.compute(t, seconds + extra, "recompute", layer)
+    # -- tasks, lanes, the step ---------------------------------------------------
+    def ops(
+        self, ops: list[Op], tid: int, start: Ready | None = None
+    ) -> Generator[simpy.Event, Any, Ready]:
+        ends: list[Ready] = []
+        ready = start or Ready(np.full(len(self.gpus), float(self.env.now)))
+        for op in ops:
+            if op.deps is not None and ends:
+                deps = [ends[d] for d in op.deps]
+                ready = max(deps, key=lambda r: float(r.t_P.max()))
+                if len(deps) > 1:
+                    t = np.max(np.stack([d.t_P for d in deps]), axis=0)
+                    ready = Ready(t, ready.reason, ready.since)
+            ready = yield from self.run_op(op, ready, tid)
+            ends.append(ready)
+        return ready
+
+    def task(self, task: Task, tid: int) -> Generator[simpy.Event, Any, None]:
+        yield from self.ops(self.sim.prog.task_ops(task), tid)
+
+    def lane(self, lane: Lane, tid: int) -> Generator[simpy.Event, Any, None]:
+        for t in lane:
+            yield from self.task(t, tid)
 
     def run(self) -> Generator[simpy.Event, Any, None]:
-        """All micro-batches: one after another, or two at a time when overlapping."""
-        mbs = self.plan.micro_batches
-        width = 2 if self.plan.scn.workload.overlap_micro_batches else 1
-        for first in range(0, mbs, width):
-            procs = [
-                self.env.process(self.micro_batch(m)) for m in range(first, min(first + width, mbs))
-            ]
-            yield simpy.AllOf(self.env, procs)
+        grad = self.sim.grad
+        if grad is not None:
+            yield from self.ops(grad.prologue(self.rank), ASYNC_TID)
+        for slot in self.sim.prog.pipe.slots[self.rank]:
+            if len(slot) == 1:
+                yield from self.lane(slot[0], COMM_TID)
+            else:
+                yield from self._pair_inputs(slot)
+                procs = [self.env.process(self.lane(ln, COMM_TID + i)) for i, ln in enumerate(slot)]
+                yield simpy.AllOf(self.env, procs)
+        if self.pending:  # the optimizer step needs every reduced gradient
+            yield simpy.AllOf(self.env, self.pending)
+        if grad is not None:
+            after = Ready(np.maximum(self.free_P, self.env.now), "dp")
+            yield from self.ops(grad.epilogue(self.rank), COMM_TID, after)
+        self.finish = max(float(self.free_P.max()), self.env.now)
+
+    def _pair_inputs(self, slot: tuple[Lane, ...]) -> Generator[simpy.Event, Any, None]:
+        """A forward-backward pair starts once both passes' inputs are in (DualPipe's
+        ``_forward_backward_chunk`` receives both before it runs either)."""
+        ready = Ready(np.full(len(self.gpus), float(self.env.now)))
+        for lane in slot:
+            first = self.sim.prog.task_ops(lane[0])[0]
+            if first.stream == "wait":
+                yield from self.wait(first, ready)
+
+    def close(self, step: float) -> None:
+        """Charge the gap from the last compute to the step's end (gradient sync, bubble)."""
+        dp = np.clip(self.sync_end - self.free_P, 0.0, None)
+        self.exposed["dp"] += dp
+        self.exposed["bubble"] += np.clip(step - self.free_P - dp, 0.0, None)
 
 
 @dataclass
 class EngineResult:
-    stage_time_s: float  # one pipeline stage, all micro-batches, before the gradient all-reduce
+    step_time_s: float
     events: int
     busy_G: F64
+    sm_extra_G: F64
+    exposed_KG: dict[str, F64]
     group_finish_X: F64
-    comm_X: F64
+    comm_XK: dict[str, F64]  # collective seconds per group and kind (not exposure)
+    sent_KT: dict[str, F64]  # mean bytes per GPU per kind and tier (scale-up, network)
+    link_bytes_XL: F64
     recorder: Recorder
-    blocked_X: F64  # seconds of TP / CP / ETP collectives per group (not all-to-all)
 
 
-def run_engine(plan: StepPlan, rec: Recorder) -> EngineResult:
-    """Simulate every EP group of ``plan`` in one SimPy environment."""
-    env = simpy.Environment()
-    net = FluidNetwork(env, plan.topo.cap_L)
-    groups = [GroupSim(env, net, plan, g, rec) for g in range(plan.topo.num_groups)]
-    for g in groups:
-        env.process(g.run())
+def run_engine(plan: StepPlan, prog: Program, grad: Any, rec: Recorder) -> EngineResult:
+    """Simulate every EP group of ``plan`` running ``prog`` in one SimPy environment."""
+    rec.layers = max(plan.layers, 1)
+    sim = StepSim(plan, prog, grad, rec)
+    for g in sim.groups:
+        sim.env.process(g.run())
     events = 0
     while True:
         try:
-            env.step()
+            sim.env.step()
         except simpy.core.EmptySchedule:
             break
         events += 1
-    busy = np.concatenate([g.busy_P for g in groups])
+    groups = sim.groups
     finish = np.array([g.finish for g in groups])
+    step = float(finish.max())
+    for g in groups:
+        g.close(step)
+    X = len(groups)
+    sent = {k: sum((g.sent_KT[k] for g in groups), np.zeros(2)) / X for k in KINDS}
     return EngineResult(
-        float(finish.max()),
-        events,
-        busy,
-        finish,
-        np.array([g.comm_s for g in groups]),
-        rec,
-        np.array([g.blocked_s for g in groups]),
+        step_time_s=step,
+        events=events,
+        busy_G=np.concatenate([g.busy_P for g in groups]),
+        sm_extra_G=np.concatenate([g.sm_extra_P for g in groups]),
+        exposed_KG={k: np.concatenate([g.exposed[k] for g in groups]) for k in (*KINDS, "bubble")},
+        group_finish_X=finish,
+        comm_XK={k: np.array([g.comm_s[k] for g in groups]) for k in KINDS},
+        sent_KT=sent,
+        link_bytes_XL=sim.link_bytes_XL,
+        recorder=rec,
     )

@@ -43,7 +43,6 @@ a time (no micro-batches in flight, no transient).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +56,7 @@ from moesim.errors import lookup
 from moesim.model import count_params
 from moesim.simulate import capacity
 from moesim.simulate.plan import StepPlan, row_bytes
+from moesim.simulate.schedules import Pipeline, layout_for
 
 F64 = NDArray[np.float64]
 GiB = float(2**30)
@@ -108,33 +108,67 @@ class StageParams:
     other: float
 
 
+@dataclass(frozen=True)
+class RankLayers:
+    """The model chunks one pipeline rank holds: ``kinds[c]`` are chunk c's layers
+    (``dense`` / ``moe``, MTP modules as ``moe`` on the last virtual stage)."""
+
+    stages: tuple[int, ...]  # virtual stage of each chunk
+    kinds: tuple[tuple[str, ...], ...]
+    first: bool  # holds virtual stage 0 (the embedding)
+    last: bool  # holds the last virtual stage (LM head, MTP modules)
+
+    @property
+    def dense(self) -> int:
+        return sum(k.count("dense") for k in self.kinds)
+
+    @property
+    def moe(self) -> int:
+        return sum(k.count("moe") for k in self.kinds)
+
+
+def rank_layers(scn: Scenario) -> tuple[Pipeline, list[RankLayers]]:
+    """The schedule (:func:`moesim.simulate.schedules.layout_for`) and every rank's chunks."""
+    pipe, layout = layout_for(scn)
+    out = []
+    for r in range(pipe.ranks):
+        stages = tuple(st for st, _ in pipe.chunks(r))
+        kinds = tuple(tuple(layout.stage_layers[st]) for st in stages)
+        out.append(RankLayers(stages, kinds, 0 in stages, pipe.stages - 1 in stages))
+    return pipe, out
+
+
 def stage_layers(scn: Scenario) -> list[tuple[int, int]]:
-    """``(dense, moe)`` layers of every stage: the layer stack (leading dense layers, then
-    each MoE layer after its ``moe_layer_freq - 1`` dense ones) split into ``pp``
-    contiguous parts, the first parts one layer longer when it does not divide."""
-    m = scn.model
-    nd = m.dense.num_dense_layers if m.dense is not None else 0
-    kinds = np.array([0] * nd + ([0] * (m.moe_layer_freq - 1) + [1]) * m.num_moe_layers)
-    return [(int((p == 0).sum()), int(p.sum())) for p in np.array_split(kinds, scn.parallel.pp)]
+    """``(dense, moe)`` layers of every pipeline rank (MTP modules not included)."""
+    _, ranks = rank_layers(scn)
+    mtp = scn.model.mtp_num_layers
+    return [(r.dense, r.moe - (mtp if r.last else 0)) for r in ranks]
 
 
-def stage_params(scn: Scenario, stage: int, dense: int, moe: int) -> StageParams:
-    """Parameters one GPU of ``stage`` holds, from :func:`moesim.model.count_params`.
+def stage_params(
+    scn: Scenario, stage: int, dense: int, moe: int, *, first: bool | None = None,
+    last: bool | None = None,
+) -> StageParams:  # fmt: skip
+    """Parameters one GPU of pipeline rank ``stage`` holds, from :func:`moesim.model.count_params`.
 
-    Routed experts split over ``ep x etp``, the rest (attention, dense FFNs,
-    routers, shared experts, norms) over ``tp``; the embedding on the first stage,
-    the LM head and the MTP modules on the last (Megatron-Core).
+    ``dense`` and ``moe`` layers of the main model; routed experts split over
+    ``ep x etp``, the rest (attention, dense FFNs, routers, shared experts,
+    norms) over ``tp``; the embedding with the first virtual stage, the LM head
+    and the MTP modules with the last (``first`` / ``last``; None: rank 0 /
+    rank ``pp - 1``, as in 1F1B).
     """
     m, par = scn.model, scn.parallel
+    first = stage == 0 if first is None else first
+    last = stage == par.pp - 1 if last is None else last
     c = count_params(m)
     layers, dense_total = scn.num_layers, scn.num_layers - m.num_moe_layers
     expert_layer = c.experts / m.num_moe_layers
     other = (dense + moe) * c.attention / layers + moe * c.moe_other / m.num_moe_layers
     other += dense * c.dense_ffn / dense_total if dense_total else 0.0
     expert = moe * expert_layer
-    if stage == 0:
+    if first:
         other += c.embedding
-    if stage == par.pp - 1:
+    if last:
         mtp_experts = m.mtp_num_layers * expert_layer
         other += c.lm_head + c.mtp - mtp_experts
         expert += mtp_experts
@@ -150,18 +184,16 @@ def shard_groups(scn: Scenario) -> tuple[int, int]:
 
 def state_bytes(scn: Scenario, sp: StageParams) -> dict[str, float]:
     """params / grads / optimizer bytes of one GPU holding ``sp``, each group sharded by its DP."""
-    par, mem = scn.parallel, scn.memory
+    mem = scn.memory
     edp, dp = shard_groups(scn)
     dist = scn.training.distributed_optimizer
     pe, ge, oe = state_bytes_per_param(mem, scn.model.dtype, edp, distributed=dist)
     po, go, oo = state_bytes_per_param(mem, scn.model.dtype, dp, distributed=dist)
-    # DualPipe: every rank holds two stages (DeepSeek-V3 report, Table 2: parameters 2x)
-    copies = 2.0 if par.pp_schedule == "dualpipe" and par.pp > 1 else 1.0
     train = 1.0 if scn.workload.mode == "training" else 0.0  # inference: weights only
     return {
-        "params": copies * (sp.expert * pe + sp.other * po),
-        "grads": train * copies * (sp.expert * ge + sp.other * go),
-        "optimizer": train * copies * (sp.expert * oe + sp.other * oo),
+        "params": sp.expert * pe + sp.other * po,
+        "grads": train * (sp.expert * ge + sp.other * go),
+        "optimizer": train * (sp.expert * oe + sp.other * oo),
     }
 
 
@@ -293,19 +325,23 @@ def _interleaved(stages: int, vpp: int, m: int) -> F64:
 
 
 def _dualpipe(stages: int, vpp: int, m: int) -> F64:
-    """DeepSeek-V3 report, Table 2: ``PP + 1`` micro-batches of activations on every rank
-    (DualPipeV, its V-shaped variant, holds the same with one copy of the parameters)."""
+    """DeepSeek-V3 report, Table 2: ``PP + 1`` micro-batches of activations on every rank."""
     return np.full(stages, float(min(m, stages + 1)))
 
 
-#: schedule -> micro-batches of one stage's activations in flight on each stage ``[S]``;
-#: ZB-H1 defers weight gradients but keeps 1F1B's activation memory (Qi et al. 2023)
+def _zb_h1(stages: int, vpp: int, m: int) -> F64:
+    """ZB-H1 (Qi et al. 2023): every rank reaches 1F1B's first-stage peak, ``p``, because
+    the weight passes it holds back keep their inputs."""
+    return np.full(stages, float(min(m, stages)))
+
+
+#: closed forms of the micro-batches in flight on each stage ``[S]`` (the memory model walks
+#: the schedule itself, :func:`walk_schedule`; the tests check the two agree)
 SCHEDULES = {
     "1f1b": _one_f_one_b,
-    "zb_h1": _one_f_one_b,
+    "zb_h1": _zb_h1,
     "interleaved": _interleaved,
     "dualpipe": _dualpipe,
-    "dualpipev": _dualpipe,
 }
 
 
@@ -431,33 +467,23 @@ def memory_report(scn: Scenario, hw: HardwareProfile, plan: StepPlan) -> MemoryR
     """Per-GPU memory of the step ``plan`` prices (see the module docstring)."""
     G, S = plan.topo.num_gpus, scn.parallel.pp
     stage_G = np.arange(G) // (G // S)
-    layers = stage_layers(scn)
-    recv_LMG = np.array([[w.recv_rows_G for w in ws] for ws in plan.work])
-    sent_LMG = np.array([[w.sent_rows_G for w in ws] for ws in plan.work])
+    pipe, ranks = rank_layers(scn)
+    recv_LMG, sent_LMG = priced_rows(plan)
     tok_LMG, act_LMG = moe_saved_bytes(scn, recv_LMG, sent_LMG)
-    inflight = inflight_micro_batches(
-        scn.parallel.pp_schedule, S, scn.parallel.vpp, plan.micro_batches
-    )
     parts = {p: np.zeros(G) for p in PARTS}
-    for s, (dense, moe) in enumerate(layers):
+    inflight = np.ones(S)
+    mtp = scn.model.mtp_num_layers
+    for s, rank in enumerate(ranks):
         sel = stage_G == s
-        for name, v in state_bytes(scn, stage_params(scn, s, dense, moe)).items():
+        main_moe = rank.moe - (mtp if rank.last else 0)
+        sp = stage_params(scn, s, rank.dense, main_moe, first=rank.first, last=rank.last)
+        for name, v in state_bytes(scn, sp).items():
             parts[name][sel] = v
-        idx = np.arange(moe) % plan.layers
-        _stage_activations(
-            scn,
-            parts,
-            sel,
-            dense,
-            moe,
-            float(inflight[s]),
-            plan.training,
-            tok_LMG[idx][:, :, sel],
-            act_LMG[idx][:, :, sel],
-            recv_LMG[idx][:, :, sel],
-        )
-        parts["kv_cache"][sel] = kv_cache_bytes(scn, dense + moe)
-        if s == S - 1 and plan.training:
+        moe_idx = np.arange(rank.moe) % plan.layers
+        loads = (tok_LMG[:, :, sel], act_LMG[:, :, sel], recv_LMG[moe_idx][:, :, sel])
+        inflight[s] = _rank_activations(scn, parts, sel, pipe, s, rank, plan, loads)
+        parts["kv_cache"][sel] = kv_cache_bytes(scn, rank.dense + rank.moe)
+        if rank.last and plan.training:
             parts["activations"][sel] += logits_bytes(scn)
     parts["dispatcher"] = dispatcher_bytes(scn, recv_LMG, sent_LMG)
     parts["reserve"][:] = scn.memory.reserve_GiB * GiB
@@ -472,52 +498,137 @@ def memory_report(scn: Scenario, hw: HardwareProfile, plan: StepPlan) -> MemoryR
     )
 
 
-def _stage_activations(
+def priced_rows(plan: StepPlan) -> tuple[F64, F64]:
+    """Rows received and sent ``[L, M, G]`` of every (layer, micro-batch) the engine priced.
+
+    The plan prices only the pairs the schedule runs (:class:`~.plan.WorkTable`);
+    a pair it did not run (DualPipe runs half the micro-batches through each chunk)
+    takes the mean of that layer's priced micro-batches, so memory never forces
+    loads the step does not draw.
+    """
+    G, L, M = plan.topo.num_gpus, plan.work.layers, plan.work.mbs
+    recv, sent = np.full((L, M, G), np.nan), np.full((L, M, G), np.nan)
+    for (layer, mb), w in plan.work.priced().items():
+        recv[layer, mb], sent[layer, mb] = w.recv_rows_G, w.sent_rows_G
+    for a in (recv, sent):
+        known = ~np.isnan(a[:, :, 0])
+        if not known.any():
+            a[:] = 0.0
+            continue
+        fill = np.nanmean(np.where(known[:, :, None], a, np.nan), axis=1, keepdims=True)
+        fill = np.where(np.isnan(fill), np.nanmean(a, axis=(0, 1), keepdims=True), fill)
+        np.copyto(a, np.broadcast_to(fill, a.shape), where=~known[:, :, None])
+    return recv, sent
+
+
+def _rank_activations(
     scn: Scenario,
     parts: dict[str, F64],
     sel: NDArray[np.bool_],
-    dense: int,
-    moe: int,
-    inflight: float,
-    training: bool,
-    tok_LMG: F64,
-    act_LMG: F64,
-    recv_LMG: F64,
-) -> None:
-    """Fill the activation parts of the GPUs ``sel`` of one stage."""
+    pipe: Pipeline,
+    r: int,
+    rank: RankLayers,
+    plan: StepPlan,
+    loads: tuple[F64, F64, F64],
+) -> float:
+    """Fill the activation parts of pipeline rank ``r``'s GPUs; returns its in-flight
+    micro-batches in units of one stage's layers (``L / pp``), see :func:`walk_schedule`."""
+    tok_LMG, act_LMG, recv_LMG = loads
     attn, ffn = dense_layer_bytes(scn)
     b, D = act_bytes(scn.model.dtype), scn.model.hidden_size
     F, T = scn.model.moe_intermediate_size / scn.parallel.etp, scn.workload.tokens_per_gpu
-    one_tok, one_act = (tok_LMG.max((0, 1)), act_LMG.max((0, 1))) if moe else (0.0, 0.0)
-    if not training:  # one layer's working set at a time
-        parts["moe_tokens"][sel] = one_tok
-        parts["moe_expert_act"][sel] = one_act
-        parts["activations"][sel] = attn + (ffn if dense and not moe else 0.0)
-        return
-    rc = Recompute.of(scn)
-    if rc.full:  # only each layer's input is kept; one layer is rebuilt at a time
-        parts["activations"][sel] = inflight * (dense + moe) * T * D * b + attn + ffn * (dense > 0)
+    one_tok = tok_LMG.max((0, 1)) if rank.moe else 0.0
+    one_act = act_LMG.max((0, 1)) if rank.moe else 0.0
+    if not plan.training:  # one layer's working set at a time
         parts["moe_tokens"][sel], parts["moe_expert_act"][sel] = one_tok, one_act
-    else:
-        parts["activations"][sel] = inflight * (dense * (attn + ffn) + moe * attn)
-        if rc.moe:  # the MoE part is rebuilt in backward, one layer at a time
-            parts["moe_tokens"][sel], parts["moe_expert_act"][sel] = one_tok, one_act
-        elif moe:
-            parts["moe_tokens"][sel] = _window(tok_LMG.sum(0), inflight)
-            parts["moe_expert_act"][sel] = _window(act_LMG.sum(0), inflight)
-    trans = recv_LMG.max((0, 1)) * (D + F) * b if moe else np.zeros(int(sel.sum()))
-    if dense:
+        parts["activations"][sel] = attn + (ffn if rank.dense and not rank.moe else 0.0)
+        return 1.0
+    rc = Recompute.of(scn)
+    rebuilt = rc.full or rc.moe  # the MoE part is rebuilt in backward, one layer at a time
+    per_layer = (T * D * b, T * D * b) if rc.full else (attn + ffn, attn)
+    chunks = _chunk_bytes(rank, per_layer, tok_LMG, act_LMG, plan.layers, kept=not rebuilt)
+    peak, inflight = walk_schedule(pipe, r, chunks, plan.micro_batches)
+    parts["activations"][sel] = peak[0] + (attn + ffn * (rank.dense > 0) if rc.full else 0.0)
+    parts["moe_tokens"][sel] = peak[1] + (one_tok if rebuilt else 0.0)
+    parts["moe_expert_act"][sel] = peak[2] + (one_act if rebuilt else 0.0)
+    trans = recv_LMG.max((0, 1)) * (D + F) * b if rank.moe else np.zeros(int(sel.sum()))
+    if rank.dense:
         trans = np.maximum(trans, T * (D + _dense_ffn(scn)) * b)
     parts["transient"][sel] = trans
+    return inflight
 
 
-def _window(x_MG: F64, inflight: float) -> F64:
-    """Largest sum of ``inflight`` consecutive micro-batches per GPU (fractional: scaled)."""
-    M = x_MG.shape[0]
-    n = max(1, min(M, math.ceil(inflight)))
-    c = np.concatenate([np.zeros((1, x_MG.shape[1])), np.cumsum(x_MG, 0)])
-    best = (c[n:] - c[:-n]).max(0)
-    return best * min(inflight, M) / n
+#: one chunk's saved bytes per micro-batch: (dense part, MoE rows ``[M, G]``, MoE act ``[M, G]``)
+Chunk = tuple[float, F64, F64]
+
+
+def _chunk_bytes(
+    rank: RankLayers,
+    per_layer: tuple[float, float],
+    tok_LMG: F64,
+    act_LMG: F64,
+    plan_layers: int,
+    *,
+    kept: bool,
+) -> dict[int, Chunk]:
+    """Saved bytes of each of the rank's chunks (by virtual stage) for one micro-batch.
+
+    ``per_layer`` = (a dense layer, a MoE layer's attention and norms); the rank's
+    MoE layers take the plan's drawn layers in order (cycling when there are more).
+    """
+    out, j = {}, 0
+    M, n = tok_LMG.shape[1], tok_LMG.shape[2]
+    for stage, kinds in zip(rank.stages, rank.kinds, strict=True):
+        moe = kinds.count("moe")
+        idx = np.arange(j, j + moe) % plan_layers
+        j += moe
+        tok = tok_LMG[idx].sum(0) if kept and moe else np.zeros((M, n))
+        act = act_LMG[idx].sum(0) if kept and moe else np.zeros((M, n))
+        out[stage] = (kinds.count("dense") * per_layer[0] + moe * per_layer[1], tok, act)
+    return out
+
+
+#: tasks that free a (stage, micro-batch)'s activations: the (whole or weight) backward
+FREES = ("B", "W")
+
+
+def walk_schedule(
+    pipe: Pipeline, r: int, chunks: dict[int, Chunk], plan_mbs: int
+) -> tuple[tuple[F64, F64, F64], float]:
+    """Peak saved bytes per GPU of rank ``r`` over its schedule, and its in-flight count
+    (most (virtual stage, micro-batch) pairs held at once, in ``L / pp`` layers' worth:
+    Korthikanti's and the DeepSeek-V3 report's unit; :func:`inflight_micro_batches`
+    gives their closed forms).
+
+    Walks the rank's slots in order: a forward ``F`` of (stage, micro-batch) adds
+    that chunk's bytes, a backward ``B`` (or the weight pass ``W`` of a split
+    backward, which still needs the inputs) frees them. In a slot of two lanes
+    both forwards count before either frees. Micro-batch ``i`` uses the plan's
+    loads of micro-batch ``i mod`` (micro-batches drawn). Per GPU, the parts are
+    taken when its total peaks.
+    """
+    n = next(iter(chunks.values()))[1].shape[1]
+    const, tok, act = 0.0, np.zeros(n), np.zeros(n)
+    best = (np.zeros(n), np.zeros(n), np.zeros(n))
+    held = most = 0
+    for slot in pipe.slots[r]:
+        tasks = [t for lane in slot for t in lane]
+        for kind, stage, mb in tasks:
+            if kind == "F":
+                c, i = chunks[stage], mb % plan_mbs
+                const, tok, act, held = const + c[0], tok + c[1][i], act + c[2][i], held + 1
+        most = max(most, held)
+        up = const + tok + act > best[0] + best[1] + best[2]
+        best = (
+            np.where(up, const, best[0]),
+            np.where(up, tok, best[1]),
+            np.where(up, act, best[2]),
+        )
+        for kind, stage, mb in tasks:
+            if kind in FREES:
+                c, i = chunks[stage], mb % plan_mbs
+                const, tok, act, held = const - c[0], tok - c[1][i], act - c[2][i], held - 1
+    return best, most * pipe.ranks / pipe.stages  # in stages' worth of layers
 
 
 def _dense_ffn(scn: Scenario) -> int:

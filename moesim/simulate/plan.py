@@ -11,9 +11,11 @@ GPU and priced once. Backward compute is ``2x`` the forward GEMMs (data and
 weight gradients) and ``1x`` the memory-bound ops (gate, permute, unpermute).
 Every GPU holds and routes ``tokens_per_gpu`` tokens (its sequence-parallel
 shard, see :func:`moesim.simulate.core.tokens_per_step`), so TP does not
-change a GPU's FLOPs, only adds its collectives; pipeline parallelism gives each
-stage ``ceil(layers / pp)`` MoE
-layers and the step a 1F1B bubble ``(m + pp - 1) / m``.
+change a GPU's FLOPs, only adds its collectives (ops of the program,
+:mod:`moesim.simulate.program`). Loads are drawn for the most MoE layers one pipeline rank
+holds (:func:`~moesim.simulate.schedules.moe_layers_per_rank`); each EP group
+reads its own GPUs' rows, so every rank's layers have their own loads.
+:meth:`StepPlan.pp_send` prices a pipeline send between two ranks' groups.
 
 Split-size exchange: a receiver of an uneven dispatch must know how many rows
 arrive, so dispatchers with variable splits first send every peer their
@@ -50,8 +52,10 @@ from moesim.config.scenario import Scenario
 from moesim.costs.curves import eval_curve
 from moesim.costs.model import CostModel
 from moesim.errors import lookup
+from moesim.model import collectives, params
 from moesim.simulate import dense
 from moesim.simulate.loads import Load, LoadModel
+from moesim.simulate.schedules import layout_for, moe_layers_per_rank
 from moesim.simulate.topology import Topology, spec_bandwidths
 from moesim.simulate.traffic import flat_links, hierarchical_links
 
@@ -67,7 +71,7 @@ class LayerWork:
     dispatch: Coflows  # forward dispatch (dispatch dtype)
     combine: Coflows  # forward combine and backward dispatch (combine dtype, reversed)
     grad_dispatch: Coflows  # backward combine: gradients in the dispatch direction
-    etp_s_G: F64  # forward expert-TP all-gather + reduce-scatter seconds on each GPU
+    etp: Coflows | None  # expert-TP all-gather + reduce-scatter of the received rows (etp > 1)
     recompute_s_G: F64  # selective recompute of the routed experts' modules (moe, moe_act)
     recv_rows_G: F64  # rows each GPU's experts run (received, with padding): memory
     sent_rows_G: F64  # rows each GPU puts in its dispatch send buffer: memory
@@ -82,10 +86,48 @@ class LoadStats:
     expert_imbalance: list[float] = field(default_factory=list)
     gpu_imbalance: list[float] = field(default_factory=list)
     sent_rows_per_gpu: list[float] = field(default_factory=list)
-    layer_expert_imbalance: list[float] = field(default_factory=list)  # [layer * mbs + mb]
+    layer_expert_imbalance: dict[int, list[float]] = field(default_factory=dict)  # by layer
 
-    def layer_expert_imbalance_mean(self, layer: int, mbs: int) -> float:
-        return float(np.mean(self.layer_expert_imbalance[layer * mbs : (layer + 1) * mbs]))
+    def layer_expert_imbalance_mean(self, layer: int, mbs: int = 0) -> float:
+        vals = self.layer_expert_imbalance.get(layer)
+        return float(np.mean(vals)) if vals else 0.0
+
+
+class WorkTable:
+    """``work[layer][mb]``: a layer's :class:`LayerWork`, priced the first time it is read.
+
+    Schedules that never run a (layer, micro-batch) pair on a rank (DualPipe runs half
+    the micro-batches through each of a rank's two chunks) never pay for its loads.
+    """
+
+    def __init__(self, make: Callable[[int, int], LayerWork], layers: int, mbs: int) -> None:
+        self._make, self.layers, self.mbs = make, layers, mbs
+        self._done: dict[tuple[int, int], LayerWork] = {}
+
+    def get(self, layer: int, mb: int) -> LayerWork:
+        hit = self._done.get((layer, mb))
+        if hit is None:
+            hit = self._done[layer, mb] = self._make(layer, mb)
+        return hit
+
+    def __getitem__(self, layer: int) -> _WorkRow:
+        return _WorkRow(self, layer)
+
+    def computed(self) -> list[LayerWork]:
+        return list(self._done.values())
+
+    def priced(self) -> dict[tuple[int, int], LayerWork]:
+        """The (layer, micro-batch) pairs priced so far (what the schedule ran)."""
+        return dict(self._done)
+
+
+@dataclass(frozen=True)
+class _WorkRow:
+    table: WorkTable
+    layer: int
+
+    def __getitem__(self, mb: int) -> LayerWork:
+        return self.table.get(self.layer, mb)
 
 
 @dataclass
@@ -98,27 +140,65 @@ class StepPlan:
     micro_batches: int
     training: bool
     compute_s: dict[str, float]  # forward seconds of the per-layer ops equal on all GPUs
-    work: list[list[LayerWork]]  # [layer][micro-batch]
+    work: WorkTable  # [layer][micro-batch]
     stats: LoadStats
     dispatch_row_bytes: float
     slowdown_G: F64
-    grad_allreduce_s: float
-    bubble: float
     capacity: int | None  # rows per expert per capacity domain, None = dropless
     split_exchange_X: F64  # seconds of each group's split-size exchange (0: none)
+    pricer: CommPricer
+    cost: CostModel
+    pp: int = 1
+    #: TP / CP collectives equal in every layer: ``tp`` (one TP block, AG + RS), ``tp2``
+    #: (a dense layer's two blocks), ``cp`` / ``cp_bwd`` (the K/V ring); absent when unused
+    collectives: dict[str, Coflows] = field(default_factory=dict)
+    _sends: dict[tuple[int, int], tuple[Coflows, Coflows]] = field(default_factory=dict)
+
+    @property
+    def groups_per_stage(self) -> int:
+        return self.topo.num_groups // self.pp
+
+    def pp_send(self, src: int, dst: int) -> tuple[Coflows, Coflows]:
+        """Egress (sender's links) and ingress (receiver's links) of one activation send.
+
+        Every GPU of the sending rank's EP group sends its micro-batch's hidden states
+        (``T`` rows in the model dtype) to the GPU of the same position on rank ``dst``:
+        over NVLink when both groups sit in one node, else over the NICs and uplinks.
+        """
+        hit = self._sends.get((src, dst))
+        if hit is None:
+            hit = self._sends[src, dst] = self._price_send(src, dst)
+        return hit
+
+    def _price_send(self, src: int, dst: int) -> tuple[Coflows, Coflows]:
+        gpn, ep, gps = self.topo.gpus_per_node, self.topo.ep, self.groups_per_stage
+        same_node = (src * gps * ep) // gpn == (dst * gps * ep) // gpn
+        nbytes = self.scn.workload.tokens_per_gpu * row_bytes(
+            self.scn.model.hidden_size, self.scn.model.dtype
+        )
+        X, P = self.topo.num_groups, ep
+        per = np.full((X, P), float(nbytes))
+        zero = np.zeros((X, P))
+        su, net = (per, zero) if same_node else (zero, per)
+        return self.pricer.per_gpu(su, net, egress=True), self.pricer.per_gpu(su, net, egress=False)
 
 
 @dataclass(frozen=True)
 class Coflows:
-    """One collective in every group: bytes per link, latency and time alone on the links."""
+    """One collective in every group: bytes per link, latency and time alone on the links.
+
+    ``sent_XT``: bytes one GPU of the group sends on average, per tier (scale-up,
+    network), as the collective moves them (before any calibration scaling).
+    """
 
     demand_XL: F64  # bytes per link
     latency_X: F64  # seconds before the bytes flow
     solo_X: F64  # seconds the bytes take with no other coflow: max_l demand / capacity
+    sent_XT: F64 | None = None
 
     def delayed(self, seconds_X: F64) -> Coflows:
         """The same coflows started ``seconds_X`` later (a step that must finish first)."""
-        return Coflows(self.demand_XL, self.latency_X + seconds_X, self.solo_X)
+        return Coflows(self.demand_XL, self.latency_X + seconds_X, self.solo_X, self.sent_XT)
 
 
 class CommPricer:
@@ -138,6 +218,7 @@ class CommPricer:
         """The coflows of ``rows_XL`` rows of ``row_bytes`` each, one per group."""
         demand = rows_XL * row_bytes
         P = self.topo.ep
+        sent = np.stack([demand[:, :P].sum(-1), demand[:, 2 * P : 3 * P].sum(-1)], -1) / P
         latency = np.zeros(len(demand))
         for tier, sl in self.topo.tier_slices().items():
             per_rank = demand[:, sl][:, :P].sum(-1) / P  # egress ports of the tier
@@ -148,27 +229,69 @@ class CommPricer:
                 bw = eval_curve(fit.bandwidth_GBps, np.maximum(per_rank, 1.0)) * 1e9
                 demand[:, sl] *= (self.spec[tier] / bw)[:, None]
         solo = (demand / self.topo.cap_L).max(-1)
-        return Coflows(demand, latency, solo)
+        return Coflows(demand, latency, solo, sent)
+
+    def per_gpu(
+        self,
+        scaleup_B_XP: F64,
+        network_B_XP: F64,
+        *,
+        egress: bool | None = None,
+        steps_XT: F64 | None = None,
+    ) -> Coflows:
+        """A collective from per-GPU byte demands: each GPU sends and receives them.
+
+        ``scaleup_B_XP`` / ``network_B_XP``: bytes each GPU of each group moves over
+        NVLink / its NIC (and its node's uplinks); ``egress`` True (False) puts only
+        the sending (receiving) side on the links, None both. ``steps_XT``: latency
+        steps per tier (ring hops), default one per tier that carries bytes.
+        """
+        X, P, N = self.topo.num_groups, self.topo.ep, self.topo.nodes_per_group
+        zero = np.zeros((X, P))
+        out_su, in_su = (scaleup_B_XP, scaleup_B_XP)
+        out_net, in_net = (network_B_XP, network_B_XP)
+        if egress is True:
+            in_su, in_net = zero, zero
+        elif egress is False:
+            out_su, out_net = zero, zero
+        M = (self.topo.node_of_P[:, None] == np.arange(N)[None, :]).astype(float)
+        parts = [out_su, in_su, out_net, in_net, out_net @ M, in_net @ M]
+        rows = np.concatenate(parts, axis=-1)
+        lat = np.zeros(X)
+        for t, (tier, B) in enumerate((("scaleup", scaleup_B_XP), ("scaleout", network_B_XP))):
+            per = B.max(-1)
+            steps = np.ones(X) if steps_XT is None else steps_XT[:, t]
+            link_lat = self.cost.link(tier, float(per.max())).latency_s  # type: ignore[arg-type]
+            lat = lat + np.where(per > 0, steps * link_lat, 0.0)
+        cf = self.price(rows, 1.0)  # calibrated fits scale the demand as for an all-to-all
+        sent = np.stack([out_su.mean(-1), out_net.mean(-1)], -1)
+        return Coflows(cf.demand_XL, lat, cf.solo_X, sent)
 
 
-def build_plan(scn: Scenario, hw: HardwareProfile, topo: Topology, seed: int) -> StepPlan:
-    """Price every op of one step of ``scn`` on ``hw`` (see module docstring)."""
+def build_plan(
+    scn: Scenario, hw: HardwareProfile, topo: Topology, seed: int, layers: int | None = None
+) -> StepPlan:
+    """Price every op of one step of ``scn`` on ``hw`` (see module docstring).
+
+    ``layers``: MoE layers per pipeline rank to draw loads for (default: from the
+    scenario's schedule and layer split).
+    """
     cost = CostModel(hw)
     pp = scn.parallel.pp
-    layers = dense.stage_layers(scn)
+    if layers is None:
+        layers = moe_layers_per_rank(*layout_for(scn))
     mbs = scn.workload.micro_batches
     loads = LoadModel(scn, topo, seed, layers)
     stats = LoadStats()
     training = scn.workload.mode == "training"
     pricer = CommPricer(hw, cost, topo)
     exchange = split_exchange_s(scn, topo, pricer)
-    works = [
-        [
-            _layer_work(scn, topo, cost, pricer, loads.load(i, m), stats, training, exchange)
-            for m in range(mbs)
-        ]
-        for i in range(layers)
-    ]
+
+    def make(i: int, m: int) -> LayerWork:
+        load = loads.load(i, m)
+        return _layer_work(scn, topo, cost, pricer, load, stats, training, exchange, i)
+
+    works = WorkTable(make, layers, mbs)
     return StepPlan(
         scn=scn,
         topo=topo,
@@ -180,11 +303,48 @@ def build_plan(scn: Scenario, hw: HardwareProfile, topo: Topology, seed: int) ->
         stats=stats,
         dispatch_row_bytes=row_bytes(scn.model.hidden_size, scn.dispatch_dtype),
         slowdown_G=_slowdowns(scn),
-        grad_allreduce_s=grad_allreduce_s(scn, hw, layers) if training else 0.0,
-        bubble=(mbs + pp - 1) / mbs,
         capacity=loads.capacity_per_domain,
         split_exchange_X=exchange,
+        pricer=pricer,
+        cost=cost,
+        pp=pp,
+        collectives=layer_collectives(scn, topo, pricer),
     )
+
+
+def ring_coflow(
+    pricer: CommPricer, topo: Topology, bytes_G: F64 | float, hops: int, intra_node: bool
+) -> Coflows:
+    """A ring collective in which each GPU sends and receives ``bytes_G`` in ``hops`` steps.
+
+    On NVLink when the ring stays inside a node, else on the NICs; ``[G]`` bytes are
+    in the plan's group-major order.
+    """
+    X, P = topo.num_groups, topo.ep
+    B = np.broadcast_to(np.asarray(bytes_G, dtype=np.float64), (X * P,)).reshape(X, P)
+    zero = np.zeros((X, P))
+    steps = np.zeros((X, 2))
+    steps[:, 0 if intra_node else 1] = hops
+    su, net = (B, zero) if intra_node else (zero, B)
+    return pricer.per_gpu(su, net, steps_XT=steps)
+
+
+def layer_collectives(scn: Scenario, topo: Topology, pricer: CommPricer) -> dict[str, Coflows]:
+    """Coflows of the TP block and CP ring collectives (bytes: :mod:`moesim.model.collectives`)."""
+    m, p, gpn = scn.model, scn.parallel, scn.cluster.gpus_per_node
+    b, T = DTYPE_BYTES[m.dtype], float(scn.workload.tokens_per_gpu)
+    out: dict[str, Coflows] = {}
+    if p.tp > 1:
+        block = collectives.tp_block_bytes(T, m.hidden_size, b, p.tp)
+        hops = 2 * (p.tp - 1)
+        out["tp"] = ring_coflow(pricer, topo, block, hops, p.tp <= gpn)
+        out["tp2"] = ring_coflow(pricer, topo, 2 * block, 2 * hops, p.tp <= gpn)
+    if p.cp > 1 and m.dense is not None:
+        intra = p.tp * p.cp <= gpn
+        for name, bwd in (("cp", False), ("cp_bwd", True)):
+            nbytes = collectives.cp_bytes(T, m.dense, b, p.cp, p.tp, backward=bwd)
+            out[name] = ring_coflow(pricer, topo, nbytes, p.cp - 1, intra)
+    return out
 
 
 #: dispatchers whose splits vary per step, so that counts are exchanged before the rows
@@ -226,6 +386,7 @@ def _layer_work(
     st: LoadStats,
     training: bool,
     exchange_X: F64,
+    layer: int = 0,
 ) -> LayerWork:
     X, P = topo.num_groups, topo.ep
     E, D = scn.model.num_experts, scn.model.hidden_size
@@ -233,7 +394,7 @@ def _layer_work(
     recv_GL = recv_XE.reshape(X * P, E // P)  # by GPU and local expert
     experts_s = cost.experts_s(recv_GL, D, scn.model.moe_intermediate_size, scn.model.dtype)
     rows_XL = dispatch_rows(scn, topo, load)
-    _add_stats(st, load, X, P, E, rows_XL)
+    _add_stats(st, load, X, P, E, rows_XL, layer)
     comb_bytes = row_bytes(D, scn.combine_dtype)
     dispatch = pricer.price(rows_XL, row_bytes(D, scn.dispatch_dtype))
     combine = pricer.price(rows_XL[:, topo.swap_L], comb_bytes)
@@ -242,14 +403,14 @@ def _layer_work(
     regroup_s = np.zeros(X * P)
     if scn.dispatcher in REGROUP and P > 1 and E // P > 1:
         regroup_s = cost.regroup_s(recv_GL.sum(-1), D, scn.model.dtype)
-    experts_s, etp_s = _expert_tp(scn, cost, recv_GL, np.asarray(experts_s, dtype=np.float64))
+    experts_s, etp = _expert_tp(scn, topo, cost, pricer, recv_GL, np.asarray(experts_s))
     return LayerWork(
         experts_s,
         np.asarray(regroup_s, dtype=np.float64),
         dispatch,
         combine,
         grad,
-        etp_s,
+        etp,
         _recompute_experts_s(scn, cost, recv_GL, experts_s),
         etp_group_rows(scn, recv_GL.sum(-1)),
         load.sent_GE.sum(-1, dtype=np.float64),
@@ -267,15 +428,19 @@ def etp_group_rows(scn: Scenario, recv_G: F64) -> F64:
     return np.broadcast_to(rows, (rows.shape[0], etp, P)).reshape(-1).copy()
 
 
-def _expert_tp(scn: Scenario, cost: CostModel, recv_GL: F64, experts_G: F64) -> tuple[F64, F64]:
-    """Expert TP: each GPU runs its ETP group's rows on ``F / etp``; AG + RS seconds.
+def _expert_tp(
+    scn: Scenario, topo: Topology, cost: CostModel, pricer: CommPricer, recv_GL: F64, exp_G: F64
+) -> tuple[F64, Coflows | None]:
+    """Expert TP: each GPU runs its ETP group's rows on ``F / etp``; their AG + RS.
 
     The ETP ranks of one expert are the same EP rank of ``etp`` consecutive
-    groups (ETP is the innermost MoE dimension, see :mod:`.topology`).
+    groups (ETP is the innermost MoE dimension, see :mod:`.topology`). Each GPU
+    sends ``2 (etp - 1) R D b`` with ``R`` the most rows one of its ETP group got.
     """
     etp = scn.parallel.etp
+    experts = np.asarray(exp_G, dtype=np.float64)
     if etp == 1:
-        return experts_G, np.zeros_like(experts_G)
+        return experts, None
     m = scn.model
     G, Lx = recv_GL.shape
     P = scn.parallel.ep
@@ -285,7 +450,9 @@ def _expert_tp(scn: Scenario, cost: CostModel, recv_GL: F64, experts_G: F64) -> 
     experts = np.asarray(cost.experts_s(rows, m.hidden_size, F, m.dtype), dtype=np.float64)
     own = recv_GL.sum(-1).reshape(G // (etp * P), etp, P).max(1, keepdims=True)
     own = np.broadcast_to(own, (G // (etp * P), etp, P)).reshape(G)
-    return experts, dense.etp_s(scn, cost, own)
+    nbytes = collectives.etp_bytes(1.0, m.hidden_size, DTYPE_BYTES[m.dtype], etp) * own
+    intra = etp <= scn.cluster.gpus_per_node
+    return experts, ring_coflow(pricer, topo, nbytes, 2 * (etp - 1), intra)
 
 
 def _recompute_experts_s(scn: Scenario, cost: CostModel, recv_GL: F64, experts_G: F64) -> F64:
@@ -356,14 +523,14 @@ def dispatch_rows(scn: Scenario, topo: Topology, load: Load) -> F64:
     return rows(scn, topo, load)
 
 
-def _add_stats(st: LoadStats, load: Load, X: int, P: int, E: int, rows_XL: F64) -> None:
+def _add_stats(st: LoadStats, load: Load, X: int, P: int, E: int, rows_XL: F64, layer: int) -> None:
     per_expert = load.routed_GE.reshape(X, P, E).sum(1, dtype=np.float64)
     kept_XE = load.kept_GE.reshape(X, P, E).sum(1, dtype=np.float64)
     st.routed += float(per_expert.sum())
     st.kept += float(kept_XE.sum())
     imb = per_expert.max(-1) / np.maximum(per_expert.mean(-1), 1e-12)
     st.expert_imbalance.extend(imb.tolist())
-    st.layer_expert_imbalance.append(float(imb.mean()))
+    st.layer_expert_imbalance.setdefault(layer, []).append(float(imb.mean()))
     per_gpu = kept_XE.reshape(X, P, E // P).sum(-1)
     st.gpu_imbalance.extend((per_gpu.max(-1) / np.maximum(per_gpu.mean(-1), 1e-12)).tolist())
     egress = rows_XL[:, :P].sum(-1) + rows_XL[:, 2 * P : 3 * P].sum(-1)
@@ -375,51 +542,18 @@ def _dense_costs(scn: Scenario, cost: CostModel) -> dict[str, float]:
     return dense.dense_costs(scn, cost)
 
 
-def grad_allreduce_s(scn: Scenario, hw: HardwareProfile, layers: int) -> float:
-    """Ring all-reduce of the step's gradients: experts over EDP, the rest over DP x CP.
-
-    ``2 (n-1)/n · bytes / bw + 2 (n-1) · latency`` per all-reduce, on NVLink
-    when the ranks share a node and on the NICs otherwise.
-    """
-    m, par = scn.model, scn.parallel
-    b = DTYPE_BYTES[m.dtype]
-    n = scn.cluster.num_gpus
-    D, E, ep = m.hidden_size, m.num_experts, par.ep
-    edp, dense_dp = par.expert_dp(n), par.attention_dp(n) * par.cp
-    expert_B = layers * (E // ep) * 3 * D * m.moe_intermediate_size * b / par.etp
-    other_B = (layers * _non_expert_params(scn) + _dense_layer_params(scn) / par.pp) * b / par.tp
-    gpn = scn.cluster.gpus_per_node
-    cost = CostModel(hw)
-    t = _ring_s(cost, edp, expert_B, spans_nodes=ep * par.etp * edp > gpn and edp > 1)
-    return t + _ring_s(cost, dense_dp, other_B, spans_nodes=n // par.pp > gpn)
-
-
-def _ring_s(cost: CostModel, n: int, nbytes: float, spans_nodes: bool) -> float:
-    if n <= 1 or nbytes <= 0:
-        return 0.0
-    moved = 2.0 * (n - 1) / n * nbytes
-    link = cost.link("scaleout" if spans_nodes else "scaleup", moved)
-    return moved / link.bandwidth_Bps + 2 * (n - 1) * link.latency_s
-
-
 def _dense_layer_params(scn: Scenario) -> float:
     """Parameters of the leading dense layers (attention + dense FFN), all stages together."""
     m, d = scn.model, scn.model.dense
     if d is None or not d.num_dense_layers:
         return 0.0
-    attn = m.hidden_size * d.head_dim * (2 * d.num_attention_heads + 2 * d.num_key_value_heads)
     F = d.dense_intermediate_size or m.moe_intermediate_size
-    return float(d.num_dense_layers * (attn + 3 * m.hidden_size * F))
+    attn = params.attention_params(d, m.hidden_size) + m.hidden_size
+    return float(d.num_dense_layers * (attn + params.mlp_params(m.hidden_size, F)))
 
 
 def _non_expert_params(scn: Scenario) -> float:
-    """Parameters per MoE layer outside the routed experts (attention, router, shared)."""
+    """Parameters per MoE layer outside the routed experts (attention, norms, router, shared)."""
     m = scn.model
-    D = m.hidden_size
-    params = float(D * m.num_experts)
-    if m.dense is not None:
-        d = m.dense
-        params += D * d.head_dim * (2 * d.num_attention_heads + 2 * d.num_key_value_heads)
-    F_sh = m.shared_expert_intermediate_size or m.moe_intermediate_size
-    params += m.num_shared_experts * 3 * D * F_sh
-    return params
+    attn = params.attention_params(m.dense, m.hidden_size) if m.dense is not None else 0
+    return float(attn + m.hidden_size + params.moe_other_params(m))

@@ -20,7 +20,7 @@ PHASES = (
     "cp_comm",
     "etp_comm",
     "head",
-    "grad_allreduce",
+    "grad_sync",
     "optimizer",
 )
 
@@ -31,11 +31,20 @@ class SimResult:
 
     ``phases_s``: mean seconds per MoE layer forward on the critical path (the
     slowest GPU of the group for compute, the whole collective for all-to-all),
-    averaged over layers, micro-batches and EP groups; ``grad_allreduce`` is
-    the step's whole gradient all-reduce and ``optimizer`` its optimizer step
-    (0 for inference); ``head`` is per micro-batch (embedding, LM head, loss).
-    ``model_tflops_per_gpu``: model FLOPs (:data:`moesim.model.FORMULA`) per
-    second per GPU; ``mfu``: that over the dtype's dense peak (Megatron / MaxText).
+    averaged over layers, micro-batches and EP groups; ``grad_sync`` is the
+    summed durations of one group's gradient reduce-scatters and parameter
+    all-gathers in the step (overlapped or not, concurrent ones each counted; 0
+    for inference); what of it the step waits for is ``exposed_dp``.
+    ``optimizer``: the optimizer step after it; ``head``: per micro-batch
+    (embedding, LM head, loss). ``model_tflops_per_gpu``: model FLOPs
+    (:data:`moesim.model.FORMULA`) per second per GPU; ``mfu``: that over the
+    dtype's dense peak (Megatron / MaxText).
+    ``step_breakdown_s``: where the step goes, on the critical GPU (most compute)
+    and as the mean over GPUs: ``compute`` + ``exposed_{ep,tp,cp,dp,pp}`` + ``bubble``
+    (+ ``optimizer``) = ``step_time_s``. ``bubble_fraction``: mean bubble / step.
+    ``bytes_per_gpu``: bytes one GPU sends in the step on ``scaleup`` and
+    ``network``, and ``by_kind``. ``alltoall_fraction``: exposed EP all-to-all
+    on the critical GPU / step.
     ``layers``: the same per layer. ``trace_events``: Chrome trace events when
     simulated with ``trace=True`` (not part of :meth:`to_dict`).
     """
@@ -62,6 +71,10 @@ class SimResult:
     provenance: dict[str, Any]
     memory: dict[str, Any] = field(default_factory=dict)  # per-GPU peak, see simulate.memory
     fits: bool = True  # the peak GPU's memory <= its HBM
+    step_breakdown_s: dict[str, dict[str, float]] = field(default_factory=dict)
+    bubble_fraction: float = 0.0
+    bytes_per_gpu: dict[str, Any] = field(default_factory=dict)
+    traffic: dict[str, Any] | None = field(default=None, repr=False)
     trace_events: list[dict[str, Any]] | None = field(default=None, repr=False)
     event_log: list[tuple[str, float]] = field(default_factory=list, repr=False)
 
@@ -72,7 +85,10 @@ class SimResult:
             "dispatch_time_s", "combine_time_s", "alltoall_fraction", "dispatch_bytes_per_gpu",
             "drop_fraction", "load_imbalance", "gpu_load_imbalance", "model_tflops_per_gpu",
             "mfu", "phases_s",
-            "backward_phases_s", "layers", "gpu_utilization", "details", "memory", "fits",
-            "provenance",
+            "backward_phases_s", "layers", "gpu_utilization", "details", "provenance",
+            "step_breakdown_s", "bubble_fraction", "bytes_per_gpu", "memory", "fits",
         ]  # fmt: skip
-        return {k: getattr(self, k) for k in keys}
+        out = {k: getattr(self, k) for k in keys}
+        if self.traffic is not None:
+            out["traffic"] = self.traffic
+        return out
