@@ -59,7 +59,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="parallel processes (default 0 = all cores when there are 16+ runs)",
     )
+    add_feasible_only(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def add_feasible_only(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--feasible-only",
+        action="store_true",
+        help="drop the variants in which some GPU exceeds its HBM (at any seed)",
+    )
 
 
 def axes_from_args(args: argparse.Namespace) -> list[Axis]:
@@ -87,22 +96,48 @@ def compare(
     return [k for k, _ in axes], summarize(variants, records)
 
 
+def drop_infeasible(
+    rows: list[VariantSummary], feasible_only: bool, *, quiet: bool
+) -> tuple[list[VariantSummary], list[VariantSummary]]:
+    """``(rows shown, rows dropped)``; prints one line per dropped variant unless ``quiet``."""
+    if not feasible_only:
+        return rows, []
+    from moesim.explore.summary import feasible
+
+    kept, dropped = feasible(rows)
+    if dropped and not quiet:
+        from moesim.report.tables import err_console
+
+        for s in dropped:
+            peak = s.result.get("memory", {}).get("peak_GiB", float("nan"))
+            err_console.print(
+                f"[red]does not fit[/] {s.variant.label()}: peak {peak:.1f} GiB, "
+                f"P(OOM) {100 * s.p_oom:.0f} % over {len(s.runs)} seed(s)"
+            )
+    return kept, dropped
+
+
 def to_json(
-    args: argparse.Namespace, keys: list[str], rows: list[VariantSummary]
+    args: argparse.Namespace,
+    keys: list[str],
+    rows: list[VariantSummary],
+    dropped: list[VariantSummary] | None = None,
 ) -> dict[str, Any]:
     return {
         "scenario": args.scenario,
         "axes": keys,
         "seeds": args.seeds,
         "variants": [s.to_dict() for s in rows],
+        "infeasible_dropped": [s.variant.label() for s in dropped or []],
         "provenance": provenance(),
     }
 
 
 def run(args: argparse.Namespace) -> int:
     keys, rows = compare(args, show_progress=not args.json)
+    rows, dropped = drop_infeasible(rows, args.feasible_only, quiet=args.json)
     if args.json:
-        json.dump(to_json(args, keys, rows), sys.stdout, indent=1, default=str)
+        json.dump(to_json(args, keys, rows, dropped), sys.stdout, indent=1, default=str)
         sys.stdout.write("\n")
         return 0
     from moesim.report.compare_tables import comparison_table, render_wide

@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seeds", type=int, metavar="N", help="override the sweep file's seeds")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    from moesim.commands.compare import add_feasible_only
+
+    add_feasible_only(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
             prepared=prepared,
         )
     plots = [] if args.no_plots else _plots(outcome)
-    _report(outcome, plots)
+    _report(outcome, plots, feasible_only=args.feasible_only)
     return 0
 
 
@@ -87,12 +90,15 @@ def _plots(outcome: SweepOutcome) -> list[Path]:
     )
 
 
-def _report(outcome: SweepOutcome, plots: list[Path]) -> None:
+def _report(outcome: SweepOutcome, plots: list[Path], *, feasible_only: bool = False) -> None:
+    from moesim.commands.compare import drop_infeasible
     from moesim.report.compare_tables import comparison_table, render_wide
     from moesim.report.tables import console
 
-    rows = outcome.summaries
+    rows, dropped = drop_infeasible(outcome.summaries, feasible_only, quiet=False)
     title = f"{outcome.spec.name or 'sweep'}: {len(rows)} variants"
+    if dropped:
+        title += f" ({len(dropped)} that do not fit dropped)"
     if len(rows) > MAX_TABLE_ROWS:
         first = outcome.spec.metrics[0]
         better = METRICS[first].higher_is_better if first in METRICS else False
@@ -108,8 +114,8 @@ def _report(outcome: SweepOutcome, plots: list[Path]) -> None:
 
 
 def _rank(summary: VariantSummary, key: str, higher_is_better: bool) -> tuple[int, float]:
-    """Sort key: best first, variants without the metric last."""
+    """Sort key: best first, then variants that do not fit, then those without the metric."""
     est = summary.stats.get(key)
     if est is None or not math.isfinite(est.mean):
-        return (1, 0.0)
-    return (0, -est.mean if higher_is_better else est.mean)
+        return (2, 0.0)
+    return (0 if summary.fits else 1, -est.mean if higher_is_better else est.mean)

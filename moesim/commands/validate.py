@@ -4,9 +4,12 @@
 the real expert-parallel layer on N local ranks over a set of configurations,
 simulate each and print predicted vs measured per phase and end to end.
 ``--published``: simulate every cited figure of ``moesim/validation/published.yaml``.
-Neither flag: both, with ``--ep-world 2``. ``--json`` prints one JSON object:
+``--memory``: peak memory of the real MoE layer (forward + backward) measured here
+with the profiler's allocator events against the memory model's prediction.
+No flag: all three, with ``--ep-world 2``. ``--json`` prints one JSON object:
 the EP contract ``{"cases", "median_abs_error", "max_abs_error"}`` (plus
-``"published"`` when both run), or the published report alone.
+``"published"`` and ``"memory"`` when they run too), or the published or
+memory report alone when it is the only one asked for.
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--published", action="store_true", help="predict the cited published figures"
     )
     parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="measure the real MoE layer's peak memory here against the prediction",
+    )
+    parser.add_argument(
         "--only", default=None, metavar="TEXT", help="published rows whose id contains TEXT"
     )
     parser.add_argument(
@@ -57,19 +65,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     worlds = _worlds(args.ep_world)
-    published = args.published or (args.ep_world is None)
-    if args.ep_world is None and not args.published:
+    everything = args.ep_world is None and not args.published and not args.memory
+    published = args.published or everything
+    memory = args.memory or everything
+    if everything:
         worlds = [2]
     _check_counts(args)
     out: dict[str, Any] = {}
     if worlds:
         out.update(_run_ep(args, worlds))
-    if published:
-        pub = _run_published(args)
-        if worlds:
-            out["published"] = pub
+    for name, asked, runner in (("published", published, _run_published),
+                                ("memory", memory, _run_memory)):  # fmt: skip
+        if not asked:
+            continue
+        report = runner(args)
+        if out or worlds or (name == "memory" and published):
+            out[name] = report
         else:
-            out = pub
+            out = report
     if args.json:
         print(json.dumps(out))
     return 0
@@ -190,4 +203,25 @@ def _run_published(args: argparse.Namespace) -> dict[str, Any]:
 
         print_published(report)
     _save(args.out / f"published-{_stamp()}.json", report)
+    return report
+
+
+# -- peak memory of the real layer ------------------------------------------------------
+
+
+def _run_memory(args: argparse.Namespace) -> dict[str, Any]:
+    from moesim.validation import memory
+
+    cases = memory.tiny_cases() if args.tiny else memory.default_cases()
+    if args.json:
+        report = memory.validate_memory(cases).to_dict()
+    else:
+        from moesim.report.progress import progress_bar
+
+        with progress_bar(len(cases), "layer peak memory") as advance:
+            report = memory.validate_memory(cases, progress=advance).to_dict()
+        from moesim.report.validate_tables import print_memory
+
+        print_memory(report)
+    _save(args.out / f"memory-{_stamp()}.json", report)
     return report

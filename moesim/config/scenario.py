@@ -231,6 +231,36 @@ class TrainingConfig(Frozen):
 DISPATCHERS = ("alltoall", "allgather", "hierarchical", "low_latency")
 
 
+class MemoryConfig(Frozen):
+    """What a GPU keeps besides the work: state dtypes, sharding, reserve (recompute is
+    ``workload.recompute_granularity`` / ``recompute_modules``).
+
+    Defaults follow Megatron-Core mixed precision: bf16 weights (``param_dtype``
+    null = ``model.dtype``), fp32 main gradients, fp32 master weights and Adam
+    moments; ``training.distributed_optimizer`` shards master weights and moments
+    over the data-parallel group (DP x CP for non-expert, expert-DP for expert
+    weights); ``parallel.pp_schedule`` sets the micro-batches in flight.
+    """
+
+    reserve_GiB: float = Field(default=0.0, ge=0)  # allocator / framework / NCCL reserve
+    flash_attention: bool = True  # fused attention keeps no s x s scores (as core_attn recompute)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    param_dtype: str | None = None  # None = model.dtype
+    grad_dtype: str = "fp32"
+    optimizer_dtype: str = "fp32"  # master weights (and moments unless moments_dtype)
+    moments_dtype: str | None = None  # None = optimizer_dtype; DeepSeek-V3 keeps AdamW's in bf16
+    kv_cache_dtype: str | None = None  # None = model.dtype
+    dropout: bool = False  # Megatron-style dropout masks (Korthikanti et al.)
+    fused_activation: bool = True  # fused SwiGLU saves 3F per row; unfused (torch eager) 4F
+
+    @field_validator(
+        "param_dtype", "grad_dtype", "optimizer_dtype", "moments_dtype", "kv_cache_dtype"
+    )
+    @classmethod
+    def _dtypes(cls, value: str | None) -> str | None:
+        return None if value is None else check_dtype("", value)
+
+
 class Scenario(Frozen):
     name: str
     hardware: str = "h100-sxm"  # a name in hardware_profiles/ or a path
@@ -241,6 +271,7 @@ class Scenario(Frozen):
     dispatcher: Literal["alltoall", "allgather", "hierarchical", "low_latency"] = "alltoall"
     workload: WorkloadConfig = Field(default_factory=WorkloadConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
 
     @model_validator(mode="after")
     def _cross(self) -> Scenario:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Unit = Literal["tokens_per_s", "seconds", "fraction", "ratio", "bytes", "tflops"]
+Unit = Literal["tokens_per_s", "seconds", "fraction", "ratio", "bytes", "tflops", "GiB"]
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,16 @@ METRICS: dict[str, Metric] = {
         Metric("drop_fraction", "dropped", "fraction", False),
         Metric("load_imbalance", "expert imb.", "ratio", False),
         Metric("gpu_load_imbalance", "GPU imb.", "ratio", False),
+        Metric("memory_peak_GiB", "peak mem.", "GiB", False),
     )
 }
 #: extra per-run numbers that may be plotted but are not table columns
 EXTRA_METRICS: dict[str, Metric] = {
-    "dispatch_bytes_per_gpu": Metric("dispatch_bytes_per_gpu", "dispatch bytes/GPU", "bytes", False)
+    "dispatch_bytes_per_gpu": Metric(
+        "dispatch_bytes_per_gpu", "dispatch bytes/GPU", "bytes", False
+    ),
+    "memory_headroom_GiB": Metric("memory_headroom_GiB", "HBM headroom", "GiB", True),
+    "oom": Metric("oom", "P(some GPU exceeds HBM)", "fraction", False),
 }
 PHASE_PREFIX = "phase_"
 
@@ -70,7 +75,21 @@ def flatten(result: Mapping[str, Any]) -> dict[str, Any]:
     for name, value in (result.get("phases_s") or {}).items():
         if isinstance(value, (int, float)):
             row[f"{PHASE_PREFIX}{name}_s"] = float(value)
+    row.update(memory_columns(result))
     return row
+
+
+def memory_columns(result: Mapping[str, Any]) -> dict[str, float]:
+    """``memory_peak_GiB``, ``memory_headroom_GiB`` and ``oom`` (1.0 when a GPU exceeds HBM;
+    its mean over seeds is the probability that some GPU runs out of memory)."""
+    mem = result.get("memory") or {}
+    if "peak_GiB" not in mem:
+        return {}
+    return {
+        "memory_peak_GiB": float(mem["peak_GiB"]),
+        "memory_headroom_GiB": float(mem["headroom_GiB"]),
+        "oom": 0.0 if result.get("fits", True) else 1.0,
+    }
 
 
 def is_number(value: Any) -> bool:

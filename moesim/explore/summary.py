@@ -23,6 +23,17 @@ class VariantSummary:
     stats: dict[str, Estimate]
 
     @property
+    def p_oom(self) -> float:
+        """Share of the seeds at which some GPU exceeds its HBM (0 when memory is unknown)."""
+        flags = [not r["result"].get("fits", True) for r in self.runs]
+        return sum(flags) / len(flags) if flags else 0.0
+
+    @property
+    def fits(self) -> bool:
+        """Every seed fits in HBM: a variant that runs out at some seed is not feasible."""
+        return self.p_oom == 0.0
+
+    @property
     def result(self) -> dict[str, Any]:
         """The run at the scenario's own seed (what ``moesim simulate`` prints)."""
         return dict(self.runs[0]["result"])
@@ -32,6 +43,8 @@ class VariantSummary:
             "variant": dict(self.variant.values),
             "label": self.variant.label(),
             "result": self.result,
+            "fits": self.fits,
+            "p_oom": self.p_oom,
         }
         if len(self.runs) > 1:
             out["seeds"] = [r["seed"] for r in self.runs]
@@ -55,6 +68,13 @@ def summarize(variants: Sequence[Variant], records: Sequence[Record]) -> list[Va
         stats = {k: t_interval([f[k] for f in flat if is_number(f.get(k))]) for k in keys}
         out.append(VariantSummary(v, runs, stats))
     return out
+
+
+def feasible(
+    summaries: Sequence[VariantSummary],
+) -> tuple[list[VariantSummary], list[VariantSummary]]:
+    """``(fitting, not fitting)`` variants, each in the given order."""
+    return [s for s in summaries if s.fits], [s for s in summaries if not s.fits]
 
 
 def axis_columns(axes_keys: Sequence[str]) -> dict[str, str]:
@@ -91,6 +111,8 @@ def summary_frame(summaries: Sequence[VariantSummary], axes_keys: Sequence[str])
         row.update({cols[k]: s.variant.values.get(k) for k in axes_keys})
         row.setdefault("hardware", s.result.get("hardware"))
         row["n_seeds"] = len(s.runs)
+        row["fits"] = s.fits
+        row["p_oom"] = s.p_oom
         for k, e in s.stats.items():
             row[k] = e.mean
             row[f"{k}_ci95"] = e.half_width

@@ -26,7 +26,9 @@ _SCALES: dict[Unit, list[tuple[float, str]]] = {
     "seconds": [(1.0, "s"), (1e-3, "ms"), (1e-6, "µs"), (1e-9, "ns")],
     "bytes": [(1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1.0, "B")],
     "tflops": [(1.0, "TFLOP/s/GPU")],
+    "GiB": [(1.0, "GiB")],
 }
+NO_FIT_STYLE = "bold red"
 
 
 # -- numbers ------------------------------------------------------------------
@@ -107,12 +109,17 @@ def comparison_table(
     Each metric column has one unit (in its header), chosen from its largest value.
     """
     seeds = max((len(s.runs) for s in summaries), default=1)
-    caption = "best per column in bold green; second line: change against the first row"
+    caption = (
+        "best per column (among variants that fit) in bold green; second line: change "
+        "against the first row; red: some GPU exceeds its HBM, not ranked"
+    )
     if seeds > 1:
         caption += f"; mean ± 95 % interval over {seeds} seeds, ≈ = intervals overlap"
+        caption += "; fits: share of seeds at which some GPU runs out of memory"
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     for key in axes_keys:
         table.add_column(short_name(key), justify="left", no_wrap=True)
+    table.add_column("fits", justify="left", no_wrap=True)
     cols = [METRICS[k] for k in metrics if k in METRICS]
     scales = {}
     for m in cols:
@@ -120,15 +127,34 @@ def comparison_table(
         scale, suffix = unit_scale(_max_abs([e.mean for e in ests if e is not None]), m.unit)
         scales[m.key] = scale
         table.add_column(f"{m.title}\n{suffix}", justify="right", no_wrap=True)
-    best = {m.key: best_rows(m, [s.stats.get(m.key) for s in summaries]) for m in cols}
+    best = {
+        m.key: best_rows(m, [s.stats.get(m.key) if s.fits else None for s in summaries])
+        for m in cols
+    }
     ref = summaries[0].stats if summaries else {}
     for i, s in enumerate(summaries):
-        cells: list[Text | str] = [format_value(s.variant.values.get(k)) for k in axes_keys]
+        style = "" if s.fits else NO_FIT_STYLE
+        cells: list[Text | str] = [
+            Text(format_value(s.variant.values.get(k)), style=style) for k in axes_keys
+        ]
+        cells.append(fits_text(s.p_oom, len(s.runs)))
         for m in cols:
             est, r = s.stats.get(m.key), ref.get(m.key)
-            cells.append(_cell(m, est, r, scales[m.key], i, i in best[m.key]))
+            cell = _cell(m, est, r, scales[m.key], i, i in best[m.key])
+            if m.key == "memory_peak_GiB" and not s.fits:
+                cell.stylize(NO_FIT_STYLE)
+            cells.append(cell)
         table.add_row(*cells)
     return table
+
+
+def fits_text(p_oom: float, seeds: int) -> Text:
+    """``yes`` (green), ``NO`` (red), or with several seeds ``P(OOM) 40 %`` (red)."""
+    if p_oom == 0.0:
+        return Text("yes", style="green")
+    if p_oom == 1.0 or seeds == 1:
+        return Text("NO", style=NO_FIT_STYLE)
+    return Text(f"P(OOM) {100 * p_oom:.0f} %", style=NO_FIT_STYLE)
 
 
 def _cell(

@@ -47,12 +47,22 @@ def summary_table(r: Any) -> Table:
             "/".join(f"{100 * r.gpu_utilization[k]:.0f}%" for k in ("mean", "min", "max")),
         ),
         ("GPUs / EP groups / mode", f"{d['num_gpus']} / {d['ep_groups']} / {d['mode']}"),
+        *_memory_rows(r),
         ("dispatcher", f"{d['dispatcher']} ({d['dispatch_dtype']} → {d['combine_dtype']})"),
         ("simulation events", f"{d['sim_events']:,}"),
     ]
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def _memory_rows(r: Any) -> list[tuple[str, str]]:
+    m = r.memory
+    if not m:
+        return []
+    verdict = "fits" if r.fits else "[bold red]DOES NOT FIT[/]"
+    where = f"GPU {m['peak_gpu']}, stage {m['peak_stage']}"
+    return [("peak memory", f"{m['peak_GiB']:.1f} of {m['hbm_GiB']:.1f} GiB ({where}): {verdict}")]
 
 
 STEP_PARTS = {
@@ -137,11 +147,53 @@ def layers_table(r: Any) -> Table:
     return table
 
 
+PART_TITLES = {
+    "params": "parameters",
+    "grads": "gradients",
+    "optimizer": "optimizer state",
+    "activations": "activations (attention, norms, dense FFN)",
+    "moe_tokens": "MoE received + returned rows",
+    "moe_expert_act": "MoE expert intermediates, router, shared",
+    "transient": "backward working set",
+    "dispatcher": "dispatcher buffers",
+    "kv_cache": "KV cache",
+    "reserve": "allocator / framework reserve",
+}
+
+
+def memory_table(r: Any) -> Table:
+    """The peak GPU's memory by part, its HBM and whether it fits (red when it does not)."""
+    m = r.memory
+    verdict = "[green]fits[/]" if r.fits else "[bold red]DOES NOT FIT[/]"
+    title = (
+        f"Memory: peak {m['peak_GiB']:.1f} GiB on GPU {m['peak_gpu']} (stage "
+        f"{m['peak_stage']}) of {m['hbm_GiB']:.1f} GiB HBM: {verdict}"
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("part")
+    table.add_column("GiB", justify="right")
+    for key, value in m["parts_GiB"].items():
+        if value > 0:
+            table.add_row(PART_TITLES.get(key, key), f"{value:.2f}")
+    style = "green" if r.fits else "bold red"
+    table.add_row("headroom", f"[{style}]{m['headroom_GiB']:.2f}[/]")
+    table.add_row("mean / min over GPUs", f"{m['mean_GiB']:.1f} / {m['min_GiB']:.1f}")
+    table.add_row(
+        "rows received by one GPU (peak / mean / bound)",
+        f"{m['recv_rows_peak']:,.0f} / {m['recv_rows_mean']:,.0f} / {m['recv_rows_bound']:,.0f}",
+    )
+    inflight = ", ".join(f"{v:g}" for v in m["inflight_micro_batches"][:8])
+    table.add_row(f"micro-batches in flight per stage ({m['schedule']})", inflight)
+    return table
+
+
 def render_result(r: Any, trace_path: str | None = None) -> None:
-    """Print the summary, phase and layer tables of a simulation."""
+    """Print the summary, phase, layer and memory tables of a simulation."""
     render(summary_table(r))
     render(step_table(r))
     render(phases_table(r))
     render(layers_table(r))
+    if r.memory:
+        render(memory_table(r))
     if trace_path:
         console.print(f"Chrome trace written to {trace_path} (open in https://ui.perfetto.dev)")

@@ -164,3 +164,38 @@ def print_published(report: dict[str, Any]) -> None:
         f"|error|: median {report['median_abs_error']:.1%}, worst {report['max_abs_error']:.1%}; "
         f"{report['within_20pct']} of {n} rows within 20 %"
     )
+
+
+def memory_table(report: dict[str, Any]) -> Table:
+    """One row per layer shape: measured and predicted peak (MiB), error, the biggest parts."""
+    table = Table(
+        title="MoE layer peak memory on this CPU (forward + backward): predicted vs measured",
+        title_justify="left",
+    )
+    for col in ("case", "measured MiB", "predicted MiB", "error", "rows kept", "largest parts"):
+        table.add_column(col, justify="left" if col in ("case", "largest parts") else "right")
+    limit = report["tolerance"]
+    for r in report["cases"]:
+        parts = sorted(r["parts_bytes"].items(), key=lambda kv: -kv[1])
+        biggest = ", ".join(
+            f"{k} {v / 2**20:.1f}" for k, v in parts[:3] if k != "kept_rows_predicted"
+        )
+        table.add_row(
+            r["label"],
+            f"{r['measured_bytes'] / 2**20:,.2f}",
+            f"{r['predicted_bytes'] / 2**20:,.2f}",
+            _err(r["error"], limit),
+            f"{r['kept_rows']:,}",
+            biggest,
+        )
+    return table
+
+
+def print_memory(report: dict[str, Any]) -> None:
+    from moesim.report.compare_tables import render_wide
+
+    render_wide(memory_table(report))
+    console.print(
+        f"|error|: median {report['median_abs_error']:.1%}, worst {report['max_abs_error']:.1%} "
+        f"(target {report['tolerance']:.0%}); measured by {report['method']}"
+    )

@@ -15,6 +15,7 @@ from moesim.io import provenance
 from moesim.model import FORMULA, model_flops_per_token
 from moesim.simulate.dense import optimizer_s
 from moesim.simulate.engine import THREADS, EngineResult, Recorder, run_engine
+from moesim.simulate.memory import memory_report
 from moesim.simulate.gradsync import GradSync
 from moesim.simulate.plan import StepPlan, build_plan
 from moesim.simulate.program import BWD, KINDS, Program
@@ -129,6 +130,7 @@ def _result(
     crit = int(np.argmax(eng.busy_G))
     crit_parts = breakdown(eng, crit) | {"optimizer": optimizer}
     util = eng.busy_G / max(step, 1e-300)
+    mem = memory_report(scn, hw, plan)
     return SimResult(
         scenario=scn.name,
         hardware=hw.name,
@@ -156,6 +158,8 @@ def _result(
         bubble_fraction=float(eng.exposed_KG["bubble"].mean()) / step if step > 0 else 0.0,
         bytes_per_gpu=_bytes(eng),
         provenance=_provenance(),
+        memory=mem.to_dict(scn),
+        fits=mem.fits,
         trace_events=_chrome(rec, plan) if trace else None,
         event_log=list(rec.log),
     )

@@ -73,6 +73,8 @@ class LayerWork:
     grad_dispatch: Coflows  # backward combine: gradients in the dispatch direction
     etp: Coflows | None  # expert-TP all-gather + reduce-scatter of the received rows (etp > 1)
     recompute_s_G: F64  # selective recompute of the routed experts' modules (moe, moe_act)
+    recv_rows_G: F64  # rows each GPU's experts run (received, with padding): memory
+    sent_rows_G: F64  # rows each GPU puts in its dispatch send buffer: memory
 
 
 @dataclass
@@ -113,6 +115,10 @@ class WorkTable:
 
     def computed(self) -> list[LayerWork]:
         return list(self._done.values())
+
+    def priced(self) -> dict[tuple[int, int], LayerWork]:
+        """The (layer, micro-batch) pairs priced so far (what the schedule ran)."""
+        return dict(self._done)
 
 
 @dataclass(frozen=True)
@@ -408,7 +414,20 @@ def _layer_work(
         grad,
         etp,
         _recompute_experts_s(scn, cost, recv_GL, experts_s),
+        etp_group_rows(scn, recv_GL.sum(-1)),
+        load.sent_GE.sum(-1, dtype=np.float64),
     )
+
+
+def etp_group_rows(scn: Scenario, recv_G: F64) -> F64:
+    """Rows each GPU's expert GEMMs hold: its own, or with expert TP its ETP group's
+    (gathered before the GEMMs; the ETP ranks are the same EP rank of ``etp``
+    consecutive groups, as in :func:`_expert_tp`)."""
+    etp, P = scn.parallel.etp, scn.parallel.ep
+    if etp == 1:
+        return recv_G
+    rows = recv_G.reshape(-1, etp, P).sum(1, keepdims=True)
+    return np.broadcast_to(rows, (rows.shape[0], etp, P)).reshape(-1).copy()
 
 
 def _expert_tp(

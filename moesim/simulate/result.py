@@ -69,6 +69,8 @@ class SimResult:
     gpu_utilization: dict[str, Any]
     details: dict[str, Any]
     provenance: dict[str, Any]
+    memory: dict[str, Any] = field(default_factory=dict)  # per-GPU peak, see simulate.memory
+    fits: bool = True  # the peak GPU's memory <= its HBM
     step_breakdown_s: dict[str, dict[str, float]] = field(default_factory=dict)
     bubble_fraction: float = 0.0
     bytes_per_gpu: dict[str, Any] = field(default_factory=dict)
@@ -84,7 +86,7 @@ class SimResult:
             "drop_fraction", "load_imbalance", "gpu_load_imbalance", "model_tflops_per_gpu",
             "mfu", "phases_s",
             "backward_phases_s", "layers", "gpu_utilization", "details", "provenance",
-            "step_breakdown_s", "bubble_fraction", "bytes_per_gpu",
+            "step_breakdown_s", "bubble_fraction", "bytes_per_gpu", "memory", "fits",
         ]  # fmt: skip
         out = {k: getattr(self, k) for k in keys}
         if self.traffic is not None:
