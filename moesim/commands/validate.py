@@ -52,10 +52,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=Path("results/validation"),
         help="where bench results, the calibrated profile and the report JSON go",
     )
+    parser.add_argument(
+        "--gpu-tables",
+        action="store_true",
+        help="predicted vs measured per phase on imported GPU tables (H100, H200), "
+        "each configuration held out of the fit",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "gpu_tables", False):
+        return _run_gpu_tables(args)
     worlds = _worlds(args.ep_world)
     published = args.published or (args.ep_world is None)
     if args.ep_world is None and not args.published:
@@ -191,3 +199,20 @@ def _run_published(args: argparse.Namespace) -> dict[str, Any]:
         print_published(report)
     _save(args.out / f"published-{_stamp()}.json", report)
     return report
+
+
+# -- imported GPU tables ------------------------------------------------------------------
+
+
+def _run_gpu_tables(args: argparse.Namespace) -> int:
+    from moesim.validation.gpu_tables import validate_gpu_tables
+
+    report = validate_gpu_tables()
+    _save(args.out / f"gpu-tables-{_stamp()}.json", report)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    from moesim.report.validate_tables import print_gpu_tables
+
+    print_gpu_tables(report)
+    return 0

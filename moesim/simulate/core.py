@@ -13,6 +13,7 @@ from moesim.errors import ConfigError
 from moesim.io import provenance
 from moesim.simulate.engine import THREADS, EngineResult, Recorder, run_engine
 from moesim.simulate.plan import StepPlan, build_plan
+from moesim.simulate.ranges import out_of_range
 from moesim.simulate.result import PHASES, SimResult
 from moesim.simulate.topology import build_topology
 
@@ -94,7 +95,7 @@ def _result(
         else {},
         layers=_layers(rec, plan),
         gpu_utilization=_utilization(util),
-        details=_details(scn, plan, eng, stage, tokens),
+        details=_details(scn, plan, eng, stage, tokens) | {"out_of_range": out_of_range(scn, hw)},
         provenance=_provenance(),
         trace_events=_chrome(rec, plan) if trace else None,
         event_log=list(rec.log),
