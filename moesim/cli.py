@@ -26,7 +26,10 @@ COMMANDS: dict[str, str] = {
     "sweep": "a grid of variants from a sweep file: table, CSV/parquet and plots",
     "validate": "predicted vs measured on this machine and vs published figures",
     "profiles": "list hardware profiles with their key figures",
+    "import": "import public measured GPU kernel tables (aiconfigurator) as results",
 }
+#: subcommands whose module name differs from the command (``import`` is a keyword)
+MODULES: dict[str, str] = {"import": "importer"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"moesim {__version__}")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, help_text in COMMANDS.items():
-        module = importlib.import_module(f"moesim.commands.{name.replace('-', '_')}")
+        module = importlib.import_module(
+            f"moesim.commands.{MODULES.get(name, name.replace('-', '_'))}"
+        )
         sub = subs.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(sub)
         sub.set_defaults(_module=module)

@@ -20,7 +20,7 @@ from moesim.measure import bench
 from moesim.measure.bench import BenchInterrupted, run_bench
 from moesim.measure.ceilings import apply_ceilings
 from moesim.measure.grids import load_grid_file
-from moesim.measure.results import COLUMNS, read_results
+from moesim.measure.results import ALL_COLUMNS, read_results
 from moesim.measure.suites import SUITES, Suite
 
 TINY = {
@@ -44,7 +44,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object, di
 def test_every_suite_produces_ok_rows(tiny_run: tuple) -> None:
     path, df, _meta = tiny_run
     assert path.parent.name == "cpu" and path.suffix == ".parquet"
-    assert list(df.columns) == list(COLUMNS)
+    assert list(df.columns) == list(ALL_COLUMNS)  # bench columns + (empty) provenance
     assert (df["status"] == "ok").all(), df[df["status"] != "ok"]["status"].tolist()
     assert set(df[df.suite == "gating"]["op"]) == set(ROUTERS)
     disp = df[df.suite == "dispatch"]

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from moesim.measure.results import (
-    COLUMNS,
+    ALL_COLUMNS,
     ResultsError,
     read_results,
     results_path,
@@ -49,7 +49,7 @@ def test_round_trip_with_metadata(tmp_path: Path, suffix: str) -> None:
     path = write_results(to_frame(ROWS), tmp_path / f"r{suffix}", META)
     df, meta = read_results(path)
     assert meta == META
-    assert list(df.columns) == list(COLUMNS)
+    assert list(df.columns) == list(ALL_COLUMNS)
     assert df.loc[0, "samples_s"] == [9e-5, 1e-4, 1.1e-4]
     assert df.loc[1, "samples_s"] == []
     assert df.loc[0, "tokens_per_expert"] == "[100, 28, 0, 0]"

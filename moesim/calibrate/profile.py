@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from moesim.calibrate import results
+from moesim.calibrate import gpu, results
 from moesim.calibrate.crossval import MIN_ROWS, family_error, heldout_predictions
 from moesim.calibrate.families import FALLBACK, FAMILIES, Family, Parts
 from moesim.calibrate.fit import noise_scale
@@ -78,9 +78,20 @@ def calibrate(
         if progress is not None:
             progress(fam.name)
         fitted.add(fam, df, base, source, forced.get(fam.name))
-    fallbacks = _fallbacks(fitted.missing, strict, files)
+    measured = _gpu_tables(df, base, source, progress)  # imported GPU tables (moesim import)
+    fitted.errors.update(measured.errors)
+    fallbacks = _fallbacks(fitted.missing, strict and not measured.errors, files)
+    if measured.errors:
+        fallbacks = [
+            f"{f.name}: not in the measured tables; priced by {FALLBACK[f.name]}"
+            for f, _ in fitted.missing
+        ]
+        source = source.model_copy(update={"measured_by": _measured_by(df)})
     if not fitted.errors and not fitted.notes:
         raise UserError(f"{_names(files)}: no suite has {MIN_ROWS}+ usable rows to fit")
+    parts = fitted.parts.as_dict()
+    parts["gemm"] = {**parts["gemm"], **measured.parts.gemm}
+    parts["alltoall"] = {**gpu.alltoall_tiers(measured.parts), **parts["alltoall"]}
     cal = Calibration(
         source=source,
         dtype=_dtype(df),
@@ -88,7 +99,11 @@ def calibrate(
         fallbacks=fallbacks,
         notes=fitted.notes,
         strategies=fitted.strategies,
-        **fitted.parts.as_dict(),
+        gemm_table=measured.parts.gemm_table,
+        collectives=measured.parts.collectives,
+        deepep=measured.parts.deepep,
+        ranges=measured.parts.ranges,
+        **parts,
     )
     profile = _profile(base, cal, name or f"{base.name}-calibrated", files)
     families = {k: e.model_dump() for k, e in fitted.errors.items()}
@@ -131,6 +146,28 @@ class _Fitted:
             self.notes.append(f"{fam.name}: fitted on {len(rows)} rows; no shape to hold out")
         if wins:
             self.strategies[fam.name] = wins
+
+
+def _gpu_tables(
+    df: pd.DataFrame, base: HardwareProfile, source: CalibrationSource, progress: Progress | None
+) -> gpu.GpuFit:
+    if not df["suite"].isin(gpu.SUITES).any():
+        return gpu.GpuFit()
+    return gpu.fit_all(df, base, source, progress)
+
+
+def _measured_by(df: pd.DataFrame) -> str:
+    """``aiconfigurator_core 0.12.0: gemm trtllm 1.3.0rc20 (collected ...), ...``."""
+    if "source" not in df or not (df["source"].astype(str) != "").any():
+        return ""
+    src = str(df["source"].astype(str).mode().iloc[0])
+    parts = []
+    for suite, g in df.groupby("suite"):
+        first = g.iloc[0]
+        parts.append(
+            f"{suite} {first['framework']} {first['source_version']} ({first['collected']})"
+        )
+    return f"{src}: " + "; ".join(parts)
 
 
 def check_strategies(df: pd.DataFrame, wanted: dict[str, str]) -> dict[str, str]:

@@ -60,10 +60,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=Path("results/validation"),
         help="where bench results, the calibrated profile and the report JSON go",
     )
+    parser.add_argument(
+        "--gpu-tables",
+        action="store_true",
+        help="predicted vs measured per phase on imported GPU tables (H100, H200), "
+        "each configuration held out of the fit",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "gpu_tables", False):
+        return _run_gpu_tables(args)
     worlds = _worlds(args.ep_world)
     everything = args.ep_world is None and not args.published and not args.memory
     published = args.published or everything
@@ -225,3 +233,20 @@ def _run_memory(args: argparse.Namespace) -> dict[str, Any]:
         print_memory(report)
     _save(args.out / f"memory-{_stamp()}.json", report)
     return report
+
+
+# -- imported GPU tables ------------------------------------------------------------------
+
+
+def _run_gpu_tables(args: argparse.Namespace) -> int:
+    from moesim.validation.gpu_tables import validate_gpu_tables
+
+    report = validate_gpu_tables()
+    _save(args.out / f"gpu-tables-{_stamp()}.json", report)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    from moesim.report.validate_tables import print_gpu_tables
+
+    print_gpu_tables(report)
+    return 0

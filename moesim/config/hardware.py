@@ -8,6 +8,7 @@ calibrated profile adds a ``calibration`` section of fitted curves (written by
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -36,6 +37,21 @@ class Curve(Frozen):
         return self
 
 
+class GemmShapeSpec(Frozen):
+    """Spec-model GEMM shape efficiency (profiles without measurements, e.g. MI300X).
+
+    A GEMM ``m x n x k`` runs as ``ceil(m/tile_m) * ceil(n/tile_n)`` output tiles
+    in waves over ``compute_units``; the padded tiles and the last partial wave
+    do no useful work, so the large-GEMM efficiency is multiplied by
+    ``(m n / (tiles * tile_m tile_n)) * (waves / ceil(waves))``. A small GEMM
+    is then bound by its bytes (roofline), as the measured tables show.
+    """
+
+    tile_m: int = Field(default=128, ge=1)
+    tile_n: int = Field(default=128, ge=1)
+    compute_units: int = Field(ge=1)
+
+
 class GPUSpec(Frozen):
     name: str
     peak_tflops: dict[str, float]  # dense, per dtype
@@ -44,6 +60,7 @@ class GPUSpec(Frozen):
     gemm_efficiency: Fraction = Field(gt=0, le=1)  # large GEMM, fraction of dense peak
     memory_efficiency: Fraction = Field(gt=0, le=1)  # streaming copy, fraction of hbm_GBps
     kernel_launch_us: float = Field(ge=0)
+    gemm_shape: GemmShapeSpec | None = None  # shape-dependent spec GEMM efficiency
 
     @field_validator("peak_tflops")
     @classmethod
@@ -97,7 +114,12 @@ class GemmFit(Frozen):
 
     latency_us: float = Field(ge=0)
     per_expert_us: float = Field(default=0.0, ge=0)
-    tflops: Curve  # x = FLOPs of one expert's work in the call
+    tflops: Curve  # x = FLOPs of one expert's work in the call (or its tokens, see tflops_by)
+    # measured GPU tables: each active expert also streams its weights at weight_GBps,
+    # and the rate curve is read at the expert's tokens (``tflops_by: tokens``)
+    weight_GBps: float | None = Field(default=None, gt=0)
+    tflops_by: Literal["flops", "tokens"] = "flops"
+    scan_ps: float = Field(default=0.0, ge=0)  # ps per (routed row x hidden) the kernel scans
 
 
 class CommFit(Frozen):
@@ -108,6 +130,32 @@ class CommFit(Frozen):
 
     latency_us: float = Field(ge=0)
     bandwidth_GBps: Curve  # x = bytes a rank sends to other ranks
+
+
+class GemmTable(Frozen):
+    """Measured GEMM seconds on a grid: ``log t`` trilinear in ``(log m, log n, log k)``.
+
+    ``latency_us`` is C-ordered ``[m][n][k]``; outside the grid the nearest edge
+    is used (and :meth:`moesim.costs.CostModel.out_of_range` says so).
+    """
+
+    m: list[int] = Field(min_length=1)
+    n: list[int] = Field(min_length=1)
+    k: list[int] = Field(min_length=1)
+    latency_us: list[float]
+
+    @model_validator(mode="after")
+    def _size(self) -> GemmTable:
+        want = len(self.m) * len(self.n) * len(self.k)
+        if len(self.latency_us) != want:
+            raise FieldError("latency_us", len(self.latency_us), f"must have {want} values")
+        for axis in ("m", "n", "k"):
+            v = getattr(self, axis)
+            if any(b <= a for a, b in pairwise(v)) or v[0] <= 0:
+                raise FieldError(axis, v, "must be positive and strictly increasing")
+        if any(not t > 0 for t in self.latency_us):
+            raise FieldError("latency_us", "...", "all values must be > 0")
+        return self
 
 
 class FamilyError(Frozen):
@@ -127,6 +175,7 @@ class CalibrationSource(Frozen):
     created: str
     calibrated_commit: str | None = None  # commit of the code that fitted the curves
     quick: bool | None = None  # measured with ``moesim bench --quick``
+    measured_by: str | None = None  # imported tables: package, version, frameworks, tables
 
 
 class Calibration(Frozen):
@@ -146,6 +195,14 @@ class Calibration(Frozen):
     # family -> {strategy: shapes it priced}; a curve prices the fastest measured
     # strategy per shape (what a tuned system runs) unless one was chosen (--strategy)
     strategies: dict[str, dict[str, int]] = Field(default_factory=dict)
+    # measured GPU tables (moesim import): GEMM seconds by (m, n, k) per recipe
+    # (bf16, fp8, fp8_block), collectives per "<kind>.<gpus>" (x = message bytes),
+    # DeepEP per "<mode>.<op>[.<sms>]" (x = bytes a rank sends to other ranks)
+    gemm_table: dict[str, GemmTable] = Field(default_factory=dict)
+    collectives: dict[str, CommFit] = Field(default_factory=dict)
+    deepep: dict[str, CommFit] = Field(default_factory=dict)
+    # family -> axis -> [lo, hi] measured; predictions outside are flagged
+    ranges: dict[str, dict[str, list[float]]] = Field(default_factory=dict)
 
 
 class HardwareProfile(Frozen):

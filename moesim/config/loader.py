@@ -156,12 +156,31 @@ def _model_in(annotation: Any) -> Any:
     return None
 
 
+#: suffix of a measured profile (fitted to imported GPU tables) in ``calibrated/``
+MEASURED_SUFFIX = "-measured"
+#: suffix that names a spec profile explicitly where a measured one is shipped
+SPEC_SUFFIX = "-spec"
+
+
 def resolve_profile_path(name_or_path: str, *, relative_to: Path | None = None) -> Path:
-    """A hardware profile given by name (``h100-sxm``) or path."""
+    """A hardware profile given by name (``h100-sxm``) or path.
+
+    Naming scheme: ``NAME`` is the measured profile
+    ``calibrated/NAME-measured.yaml`` where one is shipped, else the spec
+    profile ``NAME.yaml``; ``NAME-spec`` is always the spec profile and
+    ``NAME-measured`` always the measured one.
+    """
     candidates = [Path(name_or_path)]
     if relative_to is not None:
         candidates.append(relative_to / name_or_path)
     if not name_or_path.endswith((".yaml", ".yml")):
+        spec = name_or_path.endswith(SPEC_SUFFIX)
+        stem = name_or_path[: -len(SPEC_SUFFIX)] if spec else name_or_path
+        for d in profile_dirs():
+            if spec:
+                candidates.append(d / f"{stem}.yaml")
+                continue
+            candidates.append(d / "calibrated" / f"{stem}{MEASURED_SUFFIX}.yaml")
         for d in profile_dirs():
             candidates += [d / f"{name_or_path}.yaml", d / "calibrated" / f"{name_or_path}.yaml"]
     for c in candidates:
@@ -175,11 +194,23 @@ def resolve_profile_path(name_or_path: str, *, relative_to: Path | None = None) 
 
 
 def known_profiles() -> list[str]:
+    """Every profile name; ``NAME-spec`` too where ``NAME`` resolves to a measured profile."""
     names: set[str] = set()
     for d in profile_dirs():
         names.update(p.stem for p in d.glob("*.yaml"))
         names.update(p.stem for p in (d / "calibrated").glob("*.yaml"))
+    measured = {n[: -len(MEASURED_SUFFIX)] for n in names if n.endswith(MEASURED_SUFFIX)}
+    names.update(f"{n}{SPEC_SUFFIX}" for n in measured if n in names)
     return sorted(names)
+
+
+def measured_alias(name: str) -> bool:
+    """Whether the plain name ``name`` resolves to a shipped measured profile."""
+    if name.endswith((".yaml", ".yml", SPEC_SUFFIX, MEASURED_SUFFIX)):
+        return False
+    return any(
+        (d / "calibrated" / f"{name}{MEASURED_SUFFIX}.yaml").is_file() for d in profile_dirs()
+    )
 
 
 def load_hardware(

@@ -9,6 +9,7 @@ Every method is vectorised over leading array axes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,11 +17,13 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from moesim.config.base import DTYPE_BYTES
-from moesim.config.hardware import GemmFit, HardwareProfile, MemoryOpFit
-from moesim.costs import work
+from moesim.config.hardware import CommFit, GemmFit, GemmTable, HardwareProfile, MemoryOpFit
+from moesim.costs import tables, work
 from moesim.costs.curves import eval_curve
 
 Tier = Literal["scaleup", "scaleout"]
+#: GEMM table keys a dtype may be priced from, in order (fp8: per-tensor, then block scales)
+GEMM_RECIPES = {"fp8": ("fp8", "fp8_block"), "bf16": ("bf16",), "fp16": ("bf16",)}
 MEMORY_OPS = ("gating", "permute", "unpermute", "copy")
 F64 = NDArray[np.float64]
 
@@ -74,6 +77,11 @@ class CostModel:
         op = f"gating.{kind}" if kind else "gating"
         mem = self.memory_s(op, nbytes)
         flops = work.gate_flops(T, D, E)
+        if self.cal is not None and "gating" not in self.cal.memory and self.cal.gemm_table:
+            # measured GPU tables: the router GEMM (bf16 logits) plus the memory-bound rest
+            logits = self.gemm_s(T, E, D, "bf16")
+            rest = work.gate_bytes(T, 0, E, K, DTYPE_BYTES[dtype]) / self._mem_Bps
+            return np.asarray(logits + rest, dtype=np.float64)
         if self.cal is not None and "gating" in self.cal.memory:
             fit = self._memory_fit(op)
             if fit is not None and fit.tflops is not None:
@@ -92,22 +100,53 @@ class CostModel:
         return self.memory_s("regroup", work.regroup_bytes(M, D, DTYPE_BYTES[dtype]))
 
     # -- GEMMs -------------------------------------------------------------
-    def experts_s(self, tokens_XE: ArrayLike, D: int, F: int, dtype: str) -> F64:
+    def experts_s(
+        self,
+        tokens_XE: ArrayLike,
+        D: int,
+        F: int,
+        dtype: str,
+        scanned_rows: ArrayLike | None = None,
+    ) -> F64:
         """One grouped expert-FFN call per row of ``tokens_XE`` (tokens per local expert).
 
         Returns seconds with the leading shape ``X``. Experts with zero tokens
-        cost nothing beyond the call's fixed latency.
+        cost nothing beyond the call's fixed latency. ``scanned_rows``: routed
+        rows the kernel expands and finalizes (default: its own rows; a fused
+        MoE fed every token of the group, as after an all-gather, scans ``T*K``),
+        priced by a measured fit's ``scan_ps``.
         """
         m = np.asarray(tokens_XE, dtype=np.float64)
         flops = work.expert_flops(m, D, F)
         fit = self._gemm_fit(dtype)
         if fit is None:
             nbytes = work.expert_bytes(m, D, F, DTYPE_BYTES[dtype])
-            per = np.maximum(flops / self._flops(dtype), nbytes / self._mem_Bps)
+            rate: float | F64 = self._flops(dtype)
+            shape = self.hw.gpu.gemm_shape
+            if shape is not None:  # spec shape efficiency: gate/up (m x 2F) and down (m x D)
+                eff = tables.shape_efficiency(shape, m, 2 * F) * (2 / 3) + tables.shape_efficiency(
+                    shape, m, D
+                ) * (1 / 3)
+                rate = rate * np.maximum(eff, 1e-6)
+            per = np.where(m > 0, np.maximum(flops / rate, nbytes / self._mem_Bps), 0.0)
             return self._launch_s + per.sum(axis=-1)
-        tflops = eval_curve(fit.tflops, np.maximum(flops, 1.0)) * 1e12
-        per = np.where(m > 0, fit.per_expert_us * 1e-6 + flops / tflops, 0.0)
-        return fit.latency_us * 1e-6 + per.sum(axis=-1)
+        x = m if fit.tflops_by == "tokens" else flops
+        tflops = (
+            eval_curve(fit.tflops, np.maximum(x, 1e-3 if fit.tflops_by == "tokens" else 1.0)) * 1e12
+        )
+        fixed = fit.per_expert_us * 1e-6
+        if fit.weight_GBps is not None:  # weights streamed once per active expert
+            fixed = fixed + 3.0 * D * F * DTYPE_BYTES[dtype] / (fit.weight_GBps * 1e9)
+        per = np.where(m > 0, fixed + flops / tflops, 0.0)
+        out = fit.latency_us * 1e-6 + per.sum(axis=-1)
+        if fit.scan_ps:
+            rows = (
+                m.sum(axis=-1)
+                if scanned_rows is None
+                else np.asarray(scanned_rows, dtype=np.float64)
+            )
+            out = out + rows * D * fit.scan_ps * 1e-12
+        return np.asarray(out, dtype=np.float64)
 
     def dense_s(self, flops: ArrayLike, nbytes: ArrayLike, dtype: str) -> F64:
         """A dense op (attention, shared expert, dense FFN): roofline or GEMM curve."""
@@ -118,6 +157,107 @@ class CostModel:
             return self._launch_s + np.maximum(f / self._flops(dtype), b / self._mem_Bps)
         tflops = eval_curve(fit.tflops, np.maximum(f, 1.0)) * 1e12
         return fit.latency_us * 1e-6 + f / tflops
+
+    # -- lookups over measured GPU tables (issue 11); spec fallbacks otherwise -------
+    def gemm_s(
+        self, m: ArrayLike, n: ArrayLike, k: ArrayLike, dtype: str, recipe: str | None = None
+    ) -> F64:
+        """One GEMM ``[m, k] x [k, n]`` in ``dtype``: measured table, else the spec roofline.
+
+        ``recipe`` picks a table (``fp8_block``); by default ``fp8`` prices from the
+        per-tensor table, then the block-scaled one. The spec roofline is
+        ``launch + max(flops / (peak * eff * shape eff), bytes / (hbm * eff))``,
+        the shape efficiency only where the profile has ``gpu.gemm_shape``.
+        Broadcasts over array arguments.
+        """
+        tab = self._gemm_table(dtype, recipe)
+        if tab is not None:
+            return tables.table_s(tab, m, n, k)
+        mq, nq, kq = (np.asarray(v, dtype=np.float64) for v in (m, n, k))
+        flops = 2.0 * mq * nq * kq
+        nbytes = (mq * kq + kq * nq + mq * nq) * DTYPE_BYTES.get(dtype, 2.0)
+        rate: float | F64 = self._flops(dtype)
+        if self.hw.gpu.gemm_shape is not None:
+            rate = rate * np.maximum(tables.shape_efficiency(self.hw.gpu.gemm_shape, mq, nq), 1e-6)
+        return np.asarray(self._launch_s + np.maximum(flops / rate, nbytes / self._mem_Bps))
+
+    def _gemm_table(self, dtype: str, recipe: str | None) -> GemmTable | None:
+        if self.cal is None or not self.cal.gemm_table:
+            return None
+        for key in (recipe,) if recipe else GEMM_RECIPES.get(dtype, (dtype,)):
+            if key in self.cal.gemm_table:
+                return self.cal.gemm_table[key]
+        return None
+
+    def collective_s(self, kind: str, gpus: int, nbytes: ArrayLike) -> F64:
+        """One NCCL collective (``all_reduce``, ``all_gather``, ``reduce_scatter``,
+        ``alltoall``) over ``gpus`` GPUs of ``nbytes`` (nccl-tests' message size).
+
+        Calibrated: the fitted curve for that GPU count, or the nearest measured
+        count (:meth:`out_of_range` reports it). Spec: a ring on NVLink inside a
+        node, on the NICs across nodes: ``factor(n) * bytes / bw + steps(n) * latency``.
+        """
+        b = np.asarray(nbytes, dtype=np.float64)
+        if gpus <= 1:
+            return np.zeros(b.shape)
+        if self.cal is not None and self.cal.collectives:
+            key, _ = tables.nearest_key(list(self.cal.collectives), kind, gpus)
+            if key is not None:
+                return tables.curve_s(self.cal.collectives[key], b)
+        factor, steps = tables.RING[kind]
+        tier: Tier = "scaleup" if gpus <= self.hw.node.gpus_per_node else "scaleout"
+        link = self.link(tier)
+        return np.where(
+            b > 0, steps(gpus) * link.latency_s + factor(gpus) * b / link.bandwidth_Bps, 0.0
+        )
+
+    def deepep_s(
+        self,
+        mode: str,
+        op: str,
+        tokens: ArrayLike,
+        hidden: int,
+        topk: int,
+        world: int = 8,
+        sms: int | None = None,
+        experts: int | None = None,
+    ) -> F64 | None:
+        """DeepEP ``mode`` (``ll``, ``normal``) ``op`` (``dispatch``, ``combine``) seconds, or None.
+
+        ``tokens`` per rank, each sent to ``topk`` experts; priced on the bytes a
+        rank sends to the other ranks (fp8 rows with scales for dispatch, bf16
+        for combine). None when the profile has no DeepEP measurements.
+        """
+        fit = self.deepep_fit(mode, op, sms)
+        if fit is None:
+            return None
+        nbytes = deepep_bytes(op, tokens, hidden, topk, world, experts, mode)
+        return tables.curve_s(fit, nbytes)
+
+    def deepep_fit(self, mode: str, op: str, sms: int | None = None) -> CommFit | None:
+        if self.cal is None or not self.cal.deepep:
+            return None
+        name = f"{mode}.{op}"
+        if name in self.cal.deepep:
+            return self.cal.deepep[name]
+        keys = sorted(
+            (k for k in self.cal.deepep if k.startswith(name + ".sms")),
+            key=lambda k: int(k.rsplit("sms", 1)[1]),
+        )
+        if sms is not None and f"{name}.sms{sms}" in self.cal.deepep:
+            return self.cal.deepep[f"{name}.sms{sms}"]
+        return self.cal.deepep[keys[-1]] if keys else None
+
+    def out_of_range(self, family: str, **values: ArrayLike) -> list[dict[str, object]]:
+        """Where ``values`` (axis -> value(s)) leave ``family``'s measured range.
+
+        Each item: ``{"family", "axis", "value", "lo", "hi", "factor"}`` (factor:
+        how far beyond the edge, >= 1). Empty for spec profiles (nothing measured)
+        and for families or axes without a recorded range.
+        """
+        if self.cal is None or family not in self.cal.ranges:
+            return []
+        return [{"family": family, **o} for o in tables.outside(self.cal.ranges[family], values)]
 
     def _flops(self, dtype: str) -> float:
         return self.hw.peak_tflops(dtype) * 1e12 * self.hw.gpu.gemm_efficiency
@@ -163,6 +303,31 @@ class CostModel:
         lat = np.array([c.latency_s for c in flat]).reshape(b.shape)
         bw = np.array([c.bandwidth_Bps for c in flat]).reshape(b.shape)
         return lat + b / bw
+
+
+def deepep_bytes(
+    op: str,
+    tokens: ArrayLike,
+    hidden: int,
+    topk: int,
+    world: int,
+    experts: int | None = None,
+    mode: str = "ll",
+) -> F64:
+    """Bytes a rank sends to the other ranks in one DeepEP call (uniform routing).
+
+    Low-latency mode sends one message per (token, expert) copy; normal mode
+    sends a token once per destination rank, so with ``experts`` given its
+    copies are the expected distinct other ranks among the ``topk`` experts:
+    ``(world - 1) (1 - C(E - E/world, K) / C(E, K))``.
+    """
+    row = hidden + 4.0 * math.ceil(hidden / 128) if op == "dispatch" else 2.0 * hidden
+    share = (world - 1) / world if world > 1 else 1.0
+    copies = topk * share
+    if mode == "normal" and experts and world > 1 and experts % world == 0:
+        miss = math.comb(experts - experts // world, topk) / math.comb(experts, topk)
+        copies = (world - 1) * (1.0 - miss)
+    return np.asarray(tokens, dtype=np.float64) * copies * row
 
 
 def _by_dtype(fits: dict[str, GemmFit], dtype: str, measured: str) -> GemmFit | None:

@@ -58,6 +58,17 @@ COLUMNS: dict[str, tuple[str, Any]] = {
     "busbw_GBps": ("float", float("nan")),
     "status": ("str", "ok"),
 }
+#: provenance columns of imported (not locally measured) rows: empty for ``moesim bench``
+#: files; files written before they existed read back with these defaults
+PROVENANCE_COLUMNS: dict[str, tuple[str, Any]] = {
+    "source": ("str", ""),  # e.g. "aiconfigurator_core 0.12.0"
+    "source_version": ("str", ""),  # the framework version the table was collected with
+    "framework": ("str", ""),  # trtllm, sglang, vllm, nccl
+    "kernel": ("str", ""),  # the table's kernel_source
+    "collected": ("str", ""),  # collection date
+    "table": ("str", ""),  # the source table, relative to the package's data folder
+}
+ALL_COLUMNS: dict[str, tuple[str, Any]] = {**COLUMNS, **PROVENANCE_COLUMNS}
 
 _ARROW = {
     "str": pa.string(),
@@ -90,15 +101,34 @@ def to_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """
     records = []
     for row in rows:
-        unknown = set(row) - set(COLUMNS)
+        unknown = set(row) - set(ALL_COLUMNS)
         if unknown:
             raise ValueError(f"unknown result columns {sorted(unknown)}")
-        records.append({c: _coerce(c, row.get(c, COLUMNS[c][1])) for c in COLUMNS})
-    return pd.DataFrame.from_records(records, columns=list(COLUMNS))
+        records.append({c: _coerce(c, row.get(c, ALL_COLUMNS[c][1])) for c in ALL_COLUMNS})
+    return pd.DataFrame.from_records(records, columns=list(ALL_COLUMNS))
+
+
+def frame_from_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Vectorised :func:`to_frame` for a DataFrame (large imports): defaults filled, types set.
+
+    Raises :class:`ValueError` for a column that is not a result column.
+    """
+    unknown = set(df.columns) - set(ALL_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown result columns {sorted(unknown)}")
+    out = pd.DataFrame(index=df.index)
+    for c, (kind, default) in ALL_COLUMNS.items():
+        if kind == "list":
+            out[c] = [[] for _ in range(len(df))] if c not in df else df[c]
+            continue
+        col = df[c] if c in df else pd.Series(default, index=df.index)
+        cast = {"int": "int64", "float": "float64", "str": "object"}[kind]
+        out[c] = col.fillna(default).astype(cast) if kind != "str" else col.fillna("").astype(str)
+    return out.reset_index(drop=True)
 
 
 def _coerce(column: str, value: Any) -> Any:
-    kind, default = COLUMNS[column]
+    kind, default = ALL_COLUMNS[column]
     if value is None:
         value = default
     if kind == "list":
@@ -118,14 +148,14 @@ def write_results(df: pd.DataFrame, path: str | Path, meta: Mapping[str, Any]) -
     sidecar. ``meta`` must be JSON-serialisable. Returns the path.
     """
     path = Path(path)
-    frame = to_frame([{str(k): v for k, v in r.items()} for r in df.to_dict("records")])
+    frame = frame_from_columns(df)
     meta_json = json.dumps(dict(meta), sort_keys=True, default=str)
     if path.suffix == ".csv":
         csv = frame.assign(samples_s=[json.dumps(s) for s in frame["samples_s"]])
         _publish(_sidecar(path), lambda tmp: tmp.write_text(meta_json + "\n", encoding="utf-8"))
         return _publish(path, lambda tmp: csv.to_csv(tmp, index=False))
     table = _to_arrow(frame).replace_schema_metadata({META_KEY: meta_json.encode()})
-    return _publish(path, lambda tmp: pq.write_table(table, tmp))
+    return _publish(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
 def _publish(path: Path, write: Callable[[Path], object]) -> Path:
@@ -141,8 +171,8 @@ def _publish(path: Path, write: Callable[[Path], object]) -> Path:
 
 
 def _to_arrow(frame: pd.DataFrame) -> pa.Table:
-    schema = pa.schema([(c, _ARROW[kind]) for c, (kind, _) in COLUMNS.items()])
-    arrays = [pa.array(frame[c].tolist(), type=schema.field(c).type) for c in COLUMNS]
+    schema = pa.schema([(c, _ARROW[kind]) for c, (kind, _) in ALL_COLUMNS.items()])
+    arrays = [pa.array(frame[c].tolist(), type=schema.field(c).type) for c in ALL_COLUMNS]
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
@@ -166,6 +196,9 @@ def read_results(path: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise ResultsError(f"{path}: not a moesim bench file; missing columns {missing}")
+    for c, (_, default) in PROVENANCE_COLUMNS.items():
+        if c not in frame.columns:
+            frame[c] = default
     return frame, meta
 
 
@@ -180,7 +213,7 @@ def _read_parquet(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
 
 
 def _read_csv(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    text_cols = {c: str for c, (kind, _) in COLUMNS.items() if kind == "str"}
+    text_cols = {c: str for c, (kind, _) in ALL_COLUMNS.items() if kind == "str"}
     frame = pd.read_csv(path, dtype=text_cols, keep_default_na=False, na_values=[""])
     for column in text_cols:
         if column in frame:

@@ -107,10 +107,14 @@ def phases_table(r: Any) -> Table:
         table.add_column(col, justify="left" if col == "phase" else "right")
     per_layer = {k: v for k, v in r.phases_s.items() if k != "grad_sync"}
     total = sum(per_layer.values()) or 1.0
+    from moesim.simulate.ranges import marks
+
+    outside = marks(r.details.get("out_of_range", []))
     for name, sec in per_layer.items():
         bwd = r.backward_phases_s.get(name)
+        label = f"{name} ⚠ outside measured range: {outside[name]}" if name in outside else name
         table.add_row(
-            name, _time(sec), f"{100 * sec / total:.1f} %", "—" if bwd is None else _time(bwd)
+            label, _time(sec), f"{100 * sec / total:.1f} %", "—" if bwd is None else _time(bwd)
         )
     table.add_row("gradient sync (step, summed)", _time(r.phases_s.get("grad_sync", 0.0)), "", "")
     return table

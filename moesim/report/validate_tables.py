@@ -198,4 +198,41 @@ def print_memory(report: dict[str, Any]) -> None:
     console.print(
         f"|error|: median {report['median_abs_error']:.1%}, worst {report['max_abs_error']:.1%} "
         f"(target {report['tolerance']:.0%}); measured by {report['method']}"
+
+
+def print_gpu_tables(report: dict[str, Any], limit: float = 0.15) -> None:
+    """Predicted vs measured per phase on imported GPU tables (held-out configurations)."""
+    table = Table(
+        title="Predicted vs measured GPU tables, EP 8, each configuration held out of the fit"
+    )
+    for col in (
+        "system",
+        "model",
+        "regime",
+        "tokens/rank",
+        "phase",
+        "measured",
+        "predicted",
+        "error",
+    ):
+        table.add_column(
+            col,
+            justify="right" if col in ("tokens/rank", "measured", "predicted", "error") else "left",
+        )
+    for c in report["cases"]:
+        meas = "not measured" if c["measured_s"] is None else f"{c['measured_s'] * 1e6:,.1f} us"
+        err = "—" if c["error"] is None else _err(c["error"], limit)
+        table.add_row(
+            c["system"], c["model"], c["regime"], str(c["tokens_per_rank"]), c["phase"], meas,
+            f"{c['predicted_s'] * 1e6:,.1f} us", err,
+        )  # fmt: skip
+    console.print(table)
+    med = report["median_abs_error"]
+    if med is None:
+        console.print("no measured case")
+        return
+    verdict = "met" if med <= limit else "missed"
+    console.print(
+        f"|error|: median {med:.1%}, worst {report['max_abs_error']:.1%} over "
+        f"{report['n_measured']} measured cases; target median <= {limit:.0%}: {verdict}"
     )

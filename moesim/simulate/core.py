@@ -20,6 +20,7 @@ from moesim.simulate.gradsync import GradSync
 from moesim.simulate.plan import StepPlan, build_plan
 from moesim.simulate.program import BWD, KINDS, Program
 from moesim.simulate.program import PHASES as PHASES_INFO
+from moesim.simulate.ranges import out_of_range
 from moesim.simulate.result import PHASES, SimResult
 from moesim.simulate.schedules import Pipeline, layout_for, moe_layers_per_rank
 from moesim.simulate.topology import build_topology
@@ -150,7 +151,7 @@ def _result(
         backward_phases_s={p: _mean(rec, p + BWD) for p in LAYER_COLUMNS} if plan.training else {},
         layers=_layers(rec, plan),
         gpu_utilization=_utilization(util),
-        details=_details(scn, plan, pipe, eng, tokens),
+        details=_details(scn, plan, pipe, eng, tokens) | {"out_of_range": out_of_range(scn, hw)},
         step_breakdown_s={
             "critical_gpu": crit_parts,
             "mean": breakdown(eng, None) | {"optimizer": optimizer},

@@ -1,0 +1,105 @@
+"""Lookups over measured GPU tables: GEMM grids, collective and DeepEP curves, ranges.
+
+Legend: Q = query points (any leading shape, flattened internally).
+Everything is vectorised numpy; nothing here fits or reads files.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from moesim.config.hardware import CommFit, GemmShapeSpec, GemmTable
+from moesim.costs.curves import eval_curve
+
+F64 = NDArray[np.float64]
+
+#: collective -> (bus factor of the bytes, latency steps) of a ring on n GPUs, as
+#: functions of n: nccl-tests' busbw factors (all_reduce 2(n-1)/n, others (n-1)/n)
+RING: dict[str, tuple[Any, Any]] = {
+    "all_reduce": (lambda n: 2.0 * (n - 1) / n, lambda n: 2 * (n - 1)),
+    "all_gather": (lambda n: (n - 1) / n, lambda n: n - 1),
+    "reduce_scatter": (lambda n: (n - 1) / n, lambda n: n - 1),
+    "alltoall": (lambda n: (n - 1) / n, lambda n: 1),
+}
+
+
+def _axis(points: list[int], q_Q: F64) -> tuple[NDArray[np.int64], NDArray[np.int64], F64]:
+    """Lower/upper grid index and weight of the upper one, linear in log, clamped."""
+    lx = np.log(np.asarray(points, dtype=np.float64))
+    lq = np.log(np.clip(q_Q, points[0], points[-1]).astype(np.float64))
+    if lx.size == 1:
+        z = np.zeros(lq.shape, dtype=np.int64)
+        return z, z, np.zeros(lq.shape)
+    hi = np.clip(np.searchsorted(lx, lq, side="right"), 1, lx.size - 1)
+    lo = hi - 1
+    w = (lq - lx[lo]) / (lx[hi] - lx[lo])
+    return lo, hi, np.clip(w, 0.0, 1.0)
+
+
+def table_s(tab: GemmTable, m: ArrayLike, n: ArrayLike, k: ArrayLike) -> F64:
+    """Seconds of GEMMs ``m x n x k`` from ``tab`` (broadcast shapes), log-trilinear."""
+    mq, nq, kq = np.broadcast_arrays(*(np.asarray(v, dtype=np.float64) for v in (m, n, k)))
+    shape = mq.shape
+    mq, nq, kq = mq.ravel(), nq.ravel(), kq.ravel()
+    L = np.log(np.asarray(tab.latency_us, dtype=np.float64)).reshape(
+        len(tab.m), len(tab.n), len(tab.k)
+    )
+    (m0, m1, wm), (n0, n1, wn), (k0, k1, wk) = (
+        _axis(tab.m, mq),
+        _axis(tab.n, nq),
+        _axis(tab.k, kq),
+    )
+    out = np.zeros(mq.shape)
+    for im, fm in ((m0, 1 - wm), (m1, wm)):
+        for i_n, fn in ((n0, 1 - wn), (n1, wn)):
+            for ik, fk in ((k0, 1 - wk), (k1, wk)):
+                out += fm * fn * fk * L[im, i_n, ik]
+    return (np.exp(out) * 1e-6).reshape(shape)
+
+
+def shape_efficiency(spec: GemmShapeSpec, m: ArrayLike, n: ArrayLike) -> F64:
+    """Fraction of the large-GEMM rate a ``m x n`` output keeps (tile padding, last wave)."""
+    mq = np.maximum(np.asarray(m, dtype=np.float64), 1.0)
+    nq = np.maximum(np.asarray(n, dtype=np.float64), 1.0)
+    tm, tn = np.ceil(mq / spec.tile_m), np.ceil(nq / spec.tile_n)
+    pad = mq * nq / (tm * tn * spec.tile_m * spec.tile_n)
+    waves = tm * tn / spec.compute_units
+    return np.asarray(pad * waves / np.ceil(waves), dtype=np.float64)
+
+
+def curve_s(fit: CommFit, nbytes: ArrayLike) -> F64:
+    """``latency + bytes / bandwidth(bytes)`` of a fitted line (zero bytes: zero)."""
+    b = np.asarray(nbytes, dtype=np.float64)
+    bw = eval_curve(fit.bandwidth_GBps, np.maximum(b, 1.0)) * 1e9
+    return np.where(b > 0, fit.latency_us * 1e-6 + b / bw, 0.0)
+
+
+def nearest_key(keys: list[str], prefix: str, gpus: int) -> tuple[str | None, int | None]:
+    """The ``<prefix>.<n>`` key whose GPU count is nearest ``gpus`` (in log), and that count."""
+    counts = [int(k.rsplit(".", 1)[1]) for k in keys if k.rsplit(".", 1)[0] == prefix]
+    if not counts:
+        return None, None
+    best = min(counts, key=lambda c: (abs(math.log(c / max(gpus, 1))), -c))
+    return f"{prefix}.{best}", best
+
+
+def outside(ranges: dict[str, list[float]], values: dict[str, ArrayLike]) -> list[dict[str, Any]]:
+    """Axes where ``values`` leave the measured ``[lo, hi]``, with the factor beyond the edge."""
+    out = []
+    for axis, v in values.items():
+        if axis not in ranges:
+            continue
+        lo, hi = ranges[axis]
+        arr = np.asarray(v, dtype=np.float64)
+        if arr.size == 0:
+            continue
+        vmin, vmax = float(arr.min()), float(arr.max())
+        if vmax > hi * (1 + 1e-9):
+            out.append({"axis": axis, "value": vmax, "lo": lo, "hi": hi, "factor": vmax / hi})
+        elif vmin < lo * (1 - 1e-9) and vmin > 0:
+            out.append({"axis": axis, "value": vmin, "lo": lo, "hi": hi, "factor": lo / vmin})
+    return out

@@ -1,0 +1,225 @@
+"""Measured GPU tables: importer on the installed aiconfigurator tables, fits, profiles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moesim.calibrate import gpu
+from moesim.cli import main
+from moesim.config.hardware import Calibration, CalibrationSource
+from moesim.config.loader import load_hardware
+from moesim.costs import CostModel
+from moesim.errors import UserError
+
+aic = pytest.importorskip("moesim.gpudata.aiconfigurator")
+HAVE_TABLES = __import__("importlib").util.find_spec("aiconfigurator_core") is not None
+needs_tables = pytest.mark.skipif(not HAVE_TABLES, reason="aiconfigurator-core not installed")
+SRC = CalibrationSource(results=["synthetic"], device="synthetic", created="test")
+
+
+def _small(kind: str, raw: pd.DataFrame) -> pd.DataFrame:
+    if kind == "gemm":
+        return raw[raw["m"].isin([64, 4096]) & raw["n"].isin([4096]) & raw["k"].isin([4096])]
+    if kind == "moe":
+        return raw[(raw["hidden_size"] == 7168) & (raw["num_tokens"] == 512)]
+    return raw
+
+
+@needs_tables
+def test_import_real_h200_tables_units_and_provenance() -> None:
+    imp = aic.import_system("h200_sxm", "trtllm", subset=_small)
+    r = imp.rows
+    assert imp.device_name == "NVIDIA H200"
+    assert {"gemm", "moe", "collective", "deepep_ll", "deepep_normal"} <= set(r["suite"])
+    # nccl: 268435456 half elements all-reduced on 8 GPUs (message bytes = 2x elements)
+    raw = pd.read_parquet(aic.data_root() / imp.tables["nccl"])
+    one = raw[
+        (raw.op_name == "all_reduce") & (raw.num_gpus == 8) & (raw.nccl_dtype == "half")
+    ].iloc[-1]
+    row = r[
+        (r.suite == "collective") & (r.op == "all_reduce") & (r.world == 8) & (r.dtype == "fp16")
+    ]
+    row = row[row.msg_bytes == one.message_size * 2.0]
+    assert len(row) >= 1 and one.latency * 1e-3 in list(row.median_s)  # ms -> s, same rows
+    g = r[(r.suite == "gemm") & (r["T"] == 4096) & (r.strategy == "bfloat16")].iloc[0]
+    assert g.flops == 2.0 * 4096**3 and 300 < g.achieved_TFLOPs < 989  # below the bf16 peak
+    assert set(r["source"]) == {f"aiconfigurator_core {aic.package_version()}"}
+    assert (r["framework"] != "").all() and (r["kernel"] != "").all() and (r["table"] != "").all()
+    assert set(r[r.suite == "gemm"]["framework"]) == {"trtllm"}
+
+
+@needs_tables
+def test_a100_has_no_deepep_and_says_so() -> None:
+    imp = aic.import_system("a100_sxm", subset=lambda k, raw: raw.head(50))
+    assert any("deepep_ll" in s for s in imp.skipped)
+    assert imp.device_name.startswith("NVIDIA A100")
+
+
+@needs_tables
+def test_unknown_system_and_framework_list_what_exists() -> None:
+    with pytest.raises(UserError, match=r"unknown system; available: .*h200_sxm"):
+        aic.import_system("h900_sxm")
+    with pytest.raises(UserError, match=r"--framework = 'jax'.*available: .*trtllm"):
+        aic.import_system("h200_sxm", "jax")
+    assert main(["import", "aiconfigurator", "--system", "nope"]) == 2
+
+
+def test_missing_package_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(aic.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match="pip install"):
+        aic.data_root()
+
+
+def test_missing_column_names_file_and_column(tmp_path: Path) -> None:
+    d = tmp_path / "x_sxm" / "gemm" / "trtllm" / "1.0"
+    d.mkdir(parents=True)
+    bad = pd.DataFrame(
+        {"framework": ["T"], "version": ["1"], "device": ["G"], "kernel_source": ["k"], "m": [1]}
+    )
+    bad.to_parquet(d / "gemm_perf.parquet")
+    with pytest.raises(UserError, match=r"gemm_perf.parquet: column 'gemm_dtype' missing"):
+        aic.import_system("x_sxm", root=tmp_path)
+    out = tmp_path / "out"
+    assert not out.exists()  # nothing written
+
+
+# -- fitted families on synthetic data with known parameters -------------------------
+
+
+def _gemm_truth(m: np.ndarray, n: np.ndarray, k: np.ndarray) -> np.ndarray:
+    eff = 600e12 * m / (m + 128.0)
+    return 5e-6 + np.maximum(2 * m * n * k / eff, (n * k * 2) / 3e12)
+
+
+def test_gemm_grid_recovers_a_held_out_weight_shape() -> None:
+    ms, ns, ks = (
+        [1, 4, 16, 64, 256, 1024, 4096],
+        [512, 1024, 2048, 4096, 8192],
+        [512, 1024, 2048, 4096],
+    )
+    M, N, K = (a.ravel() for a in np.meshgrid(ms, ns, ks, indexing="ij"))
+    rows = pd.DataFrame(
+        {"T": M, "F": N, "D": K, "median_s": _gemm_truth(M * 1.0, N * 1.0, K * 1.0)}
+    )
+    held = (rows.F == 2048) & (rows.D == 1024)
+    tab = gpu.gemm_grid(rows[~held])
+    cm = CostModel(
+        load_hardware("h200-sxm-spec").model_copy(
+            update={"calibration": Calibration(source=SRC, gemm_table={"bf16": tab})}
+        )
+    )
+    pred = cm.gemm_s(rows[held]["T"], 2048, 1024, "bf16")
+    assert np.max(np.abs(pred / rows[held]["median_s"] - 1)) < 0.1
+    # a measured point comes back exactly (5 significant digits)
+    assert float(cm.gemm_s(64, 4096, 4096, "bf16")) == pytest.approx(
+        _gemm_truth(64.0, 4096.0, 4096.0), rel=1e-4
+    )
+
+
+def test_experts_line_recovers_known_parameters() -> None:
+    rng = np.random.default_rng(0)
+    active = rng.integers(1, 33, 300).astype(float)
+    tok = np.exp(rng.uniform(0, np.log(2000), 300))
+    pick = rng.integers(0, 2, 300)  # two model shapes: per-expert and weight terms separable
+    D, F = np.where(pick, 4096.0, 7168.0), np.where(pick, 1536.0, 2048.0)
+    flops = 6 * tok * D * F
+    wbytes = 3 * D * F * 1.0
+    scan = active * tok * D
+    t = 20e-6 + 3e-12 * scan + active * (1e-6 + wbytes / 3000e9 + flops / 700e12)
+    g = gpu.fit_experts_line(active, tok, flops, wbytes, scan, t)
+    assert g.latency_us == pytest.approx(20.0, rel=0.05)
+    assert g.weight_GBps == pytest.approx(3000.0, rel=0.05)
+    assert g.scan_ps == pytest.approx(3.0, rel=0.1)
+    assert np.median(g.tflops.y) == pytest.approx(700.0, rel=0.05)
+
+
+def test_collective_line_recovers_latency_and_bandwidth() -> None:
+    size = np.geomspace(1e3, 1e9, 40)
+    t = 12e-6 + size / 300e9
+    fit = gpu._line_fit(size, pd.Series(t), 5e-6)
+    assert fit.latency_us == pytest.approx(12.0, rel=0.05)
+    assert fit.bandwidth_GBps.y[-1] == pytest.approx(300.0, rel=0.02)
+
+
+def test_shape_folds_hold_out_whole_shapes() -> None:
+    rows = pd.DataFrame(
+        {"D": [1, 1, 2, 2, 3, 3], "K": [8] * 6, "E": [8] * 6, "median_s": [1, 2, 3, 4, 5, 6]}
+    )
+    ids = gpu.shape_folds(rows, ("D", "K", "E"), folds=3)
+    for d in (1, 2, 3):
+        assert len(set(ids[d == rows.D])) == 1
+    assert len(set(ids)) == 3
+
+
+# -- profiles: names, round trip, ranges -------------------------------------------------
+
+
+def test_measured_profile_by_plain_name_spec_by_suffix() -> None:
+    measured = load_hardware("h200-sxm")
+    spec = load_hardware("h200-sxm-spec")
+    assert measured.calibration is not None and measured.calibration.source.measured_by
+    assert spec.calibration is None and spec.name == "h200-sxm"
+    for name in ("h100-sxm", "b200", "a100-sxm-80gb"):
+        assert load_hardware(name).calibration is not None, name
+
+
+@needs_tables
+def test_profile_round_trip(tmp_path: Path) -> None:
+    from moesim.calibrate import calibrate, write_profile
+    from moesim.measure.results import write_results
+
+    def sub(kind: str, raw: pd.DataFrame) -> pd.DataFrame:
+        if kind == "gemm":
+            return raw[
+                raw["n"].isin([1024, 2048, 4096]) & raw["k"].isin([1024, 4096]) & (raw["m"] <= 4096)
+            ]
+        if kind == "moe":
+            return raw[raw["hidden_size"].isin([2048, 4096]) & (raw["moe_ep_size"] <= 8)]
+        if kind == "deepep_normal":
+            return raw[raw["dispatch_sms"] == 24]
+        return raw
+
+    imp = aic.import_system(
+        "h200_sxm", subset=sub, kinds=("gemm", "moe", "nccl", "deepep_ll", "deepep_normal")
+    )
+    res = write_results(imp.rows, tmp_path / "t.parquet", {"complete": True})
+    rep = calibrate([res], base=load_hardware("h200-sxm-spec"), name="rt")
+    out = write_profile(rep.profile, tmp_path / "rt.yaml")
+    back = load_hardware(str(out))
+    assert back == rep.profile
+    a, b = CostModel(rep.profile), CostModel(back)
+    assert float(a.gemm_s(100, 2000, 3000, "bf16")) == float(b.gemm_s(100, 2000, 3000, "bf16"))
+    assert float(a.collective_s("all_reduce", 8, 1e6)) == float(
+        b.collective_s("all_reduce", 8, 1e6)
+    )
+    assert back.calibration is not None and "gemm.bf16" in back.calibration.errors
+    assert "aiconfigurator_core" in (back.calibration.source.measured_by or "")
+    # measured range: 8 GPUs is inside, 64 is 8x above; tokens beyond 1e6 flagged
+    assert a.out_of_range("collective.all_reduce", gpus=8) == []
+    far = a.out_of_range("collective.all_reduce", gpus=64)
+    assert far and far[0]["factor"] == pytest.approx(8.0)
+
+
+def test_simulate_lists_out_of_range_phases() -> None:
+    from moesim.config.loader import load_scenario
+    from moesim.simulate import simulate
+
+    scn = load_scenario("scenarios/mixtral-8x7b-8xh100.yaml")
+    res = simulate(scn, load_hardware("h100-sxm"), seed=0)
+    items = res.details["out_of_range"]
+    assert isinstance(items, list)
+    assert all({"phase", "axis", "factor", "lo", "hi"} <= set(i) for i in items)
+    assert simulate(scn, load_hardware("h100-sxm-spec"), seed=0).details["out_of_range"] == []
+
+
+def test_spec_shape_efficiency_penalises_small_gemms() -> None:
+    hw = load_hardware("mi300x")
+    assert hw.gpu.gemm_shape is not None
+    cm = CostModel(hw)
+    big = 2 * 8192**3 / float(cm.gemm_s(8192, 8192, 8192, "bf16"))
+    skinny = 2 * 200 * 8192 * 8192 / float(cm.gemm_s(200, 8192, 8192, "bf16"))
+    assert skinny < big  # tile padding (200 of 256 rows) and partial waves
