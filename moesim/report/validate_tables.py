@@ -198,6 +198,7 @@ def print_memory(report: dict[str, Any]) -> None:
     console.print(
         f"|error|: median {report['median_abs_error']:.1%}, worst {report['max_abs_error']:.1%} "
         f"(target {report['tolerance']:.0%}); measured by {report['method']}"
+    )
 
 
 def print_gpu_tables(report: dict[str, Any], limit: float = 0.15) -> None:
