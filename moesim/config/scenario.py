@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from moesim.config.base import FieldError, Frozen, check_dtype
+from moesim.config.dynamics import DynamicsConfig, PlacementConfig
 from moesim.config.router import RouterConfig, RouterSpec
 
 
@@ -82,6 +83,7 @@ class RoutingConfig(Frozen):
     trace: str | None = None  # .npy or .parquet of expert ids [tokens, k] (or [layers, tokens, k])
     persistence: float = Field(default=1.0, ge=0, le=1)  # 1 = same popularity in every layer
     source_skew: float = Field(default=0.0, ge=0)  # extra per-source-GPU variation (Dirichlet)
+    dynamics: DynamicsConfig = Field(default_factory=DynamicsConfig)  # loads over steps
 
     @model_validator(mode="after")
     def _trace(self) -> RoutingConfig:
@@ -117,6 +119,7 @@ class Scenario(Frozen):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     dispatcher: Literal["alltoall", "allgather", "hierarchical", "low_latency"] = "alltoall"
     workload: WorkloadConfig = Field(default_factory=WorkloadConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)  # expert -> GPU
 
     @model_validator(mode="after")
     def _cross(self) -> Scenario:

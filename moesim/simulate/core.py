@@ -152,6 +152,7 @@ def _details(
         "split_exchange_s": float(plan.split_exchange_X.mean()),
         # part of the experts phase (mean over GPUs, layers and micro-batches, forward)
         "regroup_s": float(np.mean([w.regroup_s_G.mean() for ws in plan.work for w in ws])),
+        "placement": dict(plan.placement),
         "sim_events": eng.events,
         "compute_s": dict(plan.compute_s),
     }

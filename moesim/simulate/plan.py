@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -50,6 +51,7 @@ from moesim.costs.curves import eval_curve
 from moesim.costs.model import CostModel
 from moesim.errors import lookup
 from moesim.simulate.loads import Load, LoadModel
+from moesim.simulate.placement import Placer
 from moesim.simulate.topology import Topology, spec_bandwidths
 from moesim.simulate.traffic import flat_links, hierarchical_links
 
@@ -100,6 +102,7 @@ class StepPlan:
     bubble: float
     capacity: int | None  # rows per expert per capacity domain, None = dropless
     split_exchange_X: F64  # seconds of each group's split-size exchange (0: none)
+    placement: dict[str, Any] = field(default_factory=dict)  # Placer.details()
 
 
 @dataclass(frozen=True)
@@ -156,13 +159,14 @@ def build_plan(scn: Scenario, hw: HardwareProfile, topo: Topology, seed: int) ->
     training = scn.workload.mode == "training"
     pricer = CommPricer(hw, cost, topo)
     exchange = split_exchange_s(scn, topo, pricer)
-    works = [
-        [
-            _layer_work(scn, topo, cost, pricer, loads.load(i, m), stats, training, exchange)
-            for m in range(mbs)
-        ]
-        for i in range(layers)
-    ]
+    placer = Placer(scn, topo, loads, layers)  # expert -> GPU slots (contiguous: identity)
+
+    def work_of(i: int, m: int) -> LayerWork:
+        load = loads.load(i, m)
+        placed = placer.apply(load, i)
+        return _layer_work(scn, topo, cost, pricer, placed, stats, training, exchange, load)
+
+    works = [[work_of(i, m) for m in range(mbs)] for i in range(layers)]
     return StepPlan(
         scn=scn,
         topo=topo,
@@ -178,6 +182,7 @@ def build_plan(scn: Scenario, hw: HardwareProfile, topo: Topology, seed: int) ->
         bubble=(mbs + pp - 1) / mbs,
         capacity=loads.capacity_per_domain,
         split_exchange_X=exchange,
+        placement=placer.details(),
     )
 
 
@@ -220,14 +225,16 @@ def _layer_work(
     st: LoadStats,
     training: bool,
     exchange_X: F64,
+    logical: Load | None = None,
 ) -> LayerWork:
+    """``load`` per physical expert slot (placement applied), ``logical`` per expert."""
     X, P = topo.num_groups, topo.ep
-    E, D = scn.model.num_experts, scn.model.hidden_size
+    E, D = load.sent_GE.shape[1], scn.model.hidden_size  # physical slots of a group
     recv_XE = load.sent_GE.reshape(X, P, E).sum(1, dtype=np.float64)  # rows each expert runs
     recv_GL = recv_XE.reshape(X * P, E // P)  # by GPU and local expert
     experts_s = cost.experts_s(recv_GL, D, scn.model.moe_intermediate_size, scn.model.dtype)
     rows_XL = dispatch_rows(scn, topo, load)
-    _add_stats(st, load, X, P, E, rows_XL)
+    _add_stats(st, logical or load, load, X, P, rows_XL)
     comb_bytes = row_bytes(D, scn.combine_dtype)
     dispatch = pricer.price(rows_XL, row_bytes(D, scn.dispatch_dtype))
     combine = pricer.price(rows_XL[:, topo.swap_L], comb_bytes)
@@ -259,7 +266,7 @@ def row_bytes(hidden: int, dtype: str) -> float:
 
 def _per_rank_XPP(scn: Scenario, topo: Topology, load: Load) -> F64:
     """Rows each source sends to each rank: one copy per (token, expert)."""
-    X, P, E = topo.num_groups, topo.ep, scn.model.num_experts
+    X, P, E = topo.num_groups, topo.ep, load.sent_GE.shape[1]
     return load.sent_GE.reshape(X, P, P, E // P).sum(-1).astype(np.float64)
 
 
@@ -297,7 +304,9 @@ def dispatch_rows(scn: Scenario, topo: Topology, load: Load) -> F64:
     return rows(scn, topo, load)
 
 
-def _add_stats(st: LoadStats, load: Load, X: int, P: int, E: int, rows_XL: F64) -> None:
+def _add_stats(st: LoadStats, load: Load, placed: Load, X: int, P: int, rows_XL: F64) -> None:
+    """Expert imbalance from the logical ``load``, GPU imbalance from the ``placed`` one."""
+    E = load.routed_GE.shape[1]
     per_expert = load.routed_GE.reshape(X, P, E).sum(1, dtype=np.float64)
     kept_XE = load.kept_GE.reshape(X, P, E).sum(1, dtype=np.float64)
     st.routed += float(per_expert.sum())
@@ -305,7 +314,8 @@ def _add_stats(st: LoadStats, load: Load, X: int, P: int, E: int, rows_XL: F64) 
     imb = per_expert.max(-1) / np.maximum(per_expert.mean(-1), 1e-12)
     st.expert_imbalance.extend(imb.tolist())
     st.layer_expert_imbalance.append(float(imb.mean()))
-    per_gpu = kept_XE.reshape(X, P, E // P).sum(-1)
+    R = placed.kept_GE.shape[1]
+    per_gpu = placed.kept_GE.reshape(X, P, R).sum(1, dtype=np.float64).reshape(X, P, R // P).sum(-1)
     st.gpu_imbalance.extend((per_gpu.max(-1) / np.maximum(per_gpu.mean(-1), 1e-12)).tolist())
     egress = rows_XL[:, :P].sum(-1) + rows_XL[:, 2 * P : 3 * P].sum(-1)
     st.sent_rows_per_gpu.extend((egress / P).tolist())
