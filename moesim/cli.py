@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "sweep": "a grid of variants from a sweep file: table, CSV/parquet and plots",
     "validate": "predicted vs measured on this machine and vs published figures",
     "profiles": "list hardware profiles with their key figures",
+    "train-router": "train a small MoE on CPU under balancing schemes; record per-step loads",
 }
 
 

@@ -107,5 +107,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from moesim.report.compare_tables import comparison_table, render_wide
 
-    render_wide(comparison_table(rows, keys, title=f"{args.scenario}: {len(rows)} variants"))
+    from moesim.explore.metrics import table_metrics
+
+    metrics = table_metrics([s.result for s in rows])
+    title = f"{args.scenario}: {len(rows)} variants"
+    if "dyn_mean_step_time_s" in metrics:
+        steps = rows[0].result["dynamics"]["summary"]["steps"]
+        title += f", over the first {steps} steps (step time: the static first step)"
+    render_wide(comparison_table(rows, keys, title=title, metrics=metrics))
     return 0

@@ -99,7 +99,10 @@ def _report(outcome: SweepOutcome, plots: list[Path]) -> None:
         ranked = sorted(rows[1:], key=lambda s: _rank(s, first, better))
         rows = [rows[0], *ranked[: MAX_TABLE_ROWS - 1]]
         title += f" (first row, then the best {len(rows) - 1} by {first}; all in summary.csv)"
-    render_wide(comparison_table(rows, outcome.axes_keys, title=title))
+    from moesim.explore.metrics import table_metrics
+
+    metrics = table_metrics([s.result for s in rows])
+    render_wide(comparison_table(rows, outcome.axes_keys, title=title, metrics=metrics))
     for variant, why in outcome.plan.skipped:
         console.print(f"[yellow]skipped[/] {variant.label()}: {why}")
     console.print(f"tables: {outcome.out_dir}/runs.parquet, runs.csv, summary.csv")

@@ -52,10 +52,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=Path("results/validation"),
         help="where bench results, the calibrated profile and the report JSON go",
     )
+    parser.add_argument(
+        "--dynamics",
+        nargs="?",
+        const="results/dynamics/router-dynamics.parquet",
+        default=None,
+        metavar="TRACE.parquet",
+        help="fit the load dynamics to the first part of each measured run (a "
+        "`moesim train-router` trace; default the committed one) and predict the rest",
+    )
+    parser.add_argument(
+        "--capacity-factor",
+        type=float,
+        default=1.25,
+        help="capacity factor of the predicted drop fraction (--dynamics; default 1.25)",
+    )
+    parser.add_argument(
+        "--fit-fraction",
+        type=float,
+        default=0.5,
+        help="share of each run's steps the fit sees (--dynamics; default 0.5)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dynamics is not None:
+        return _run_dynamics(args)
     worlds = _worlds(args.ep_world)
     published = args.published or (args.ep_world is None)
     if args.ep_world is None and not args.published:
@@ -191,3 +214,25 @@ def _run_published(args: argparse.Namespace) -> dict[str, Any]:
         print_published(report)
     _save(args.out / f"published-{_stamp()}.json", report)
     return report
+
+
+# -- load dynamics ------------------------------------------------------------------------
+
+
+def _run_dynamics(args: argparse.Namespace) -> int:
+    """``--dynamics``: fitted process vs the rest of each measured run (alone, not with EP)."""
+    from moesim.validation.dynamics import validate_dynamics
+
+    if args.ep_world is not None or args.published:
+        raise UserError("--dynamics runs alone; leave out --ep-world and --published")
+    report = validate_dynamics(
+        args.dynamics, capacity_factor=args.capacity_factor, fit_fraction=args.fit_fraction
+    )
+    _save(args.out / f"dynamics-{_stamp()}.json", report)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    from moesim.report.dynamics_tables import print_dynamics_validation
+
+    print_dynamics_validation(report)
+    return 0

@@ -54,7 +54,7 @@ class DynamicsConfig(Frozen):
     ``initial_scale`` times as skewed as ``mu``; the router picks by
     ``softmax(z + b)``; ``balancing`` acts on the simulated loads each step:
     ``bias`` is DeepSeek-V3's ``b_i <- b_i + gamma·sign(mean load - load_i)``,
-    ``aux_loss`` pulls ``z_i`` by ``-aux_rate·(load_i / mean - 1)``.
+    ``aux_loss`` moves ``b_i`` by ``-aux_rate·(load_i / mean - 1)``.
     ``source: trace``: the per-step, per-layer loads of a parquet file written by
     ``moesim bench --suite dynamics`` (``run`` picks one of its runs).
     """

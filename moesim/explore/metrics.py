@@ -39,6 +39,21 @@ EXTRA_METRICS: dict[str, Metric] = {
     "dispatch_bytes_per_gpu": Metric("dispatch_bytes_per_gpu", "dispatch bytes/GPU", "bytes", False)
 }
 PHASE_PREFIX = "phase_"
+#: ``result["dynamics"]["summary"][x]`` flattens to ``dyn_x``
+DYNAMICS_PREFIX = "dyn_"
+#: the comparison columns when the runs simulate many steps (``--steps`` / dynamics.steps)
+DYNAMICS_METRICS: dict[str, Metric] = {
+    m.key: m
+    for m in (
+        Metric("dyn_mean_step_time_s", "mean step", "seconds", False),
+        Metric("dyn_extra_fraction_vs_balanced", "vs balanced", "fraction", False),
+        Metric("dyn_mean_drop_fraction", "dropped", "fraction", False),
+        Metric("dyn_mean_expert_imbalance", "expert imb.", "ratio", False),
+        Metric("dyn_final_expert_imbalance", "last imb.", "ratio", False),
+        Metric("dyn_mean_gpu_imbalance", "GPU imb.", "ratio", False),
+        Metric("dyn_time_to_target_s", "to target", "seconds", False),
+    )
+}
 
 
 def metric(key: str) -> Metric:
@@ -47,6 +62,8 @@ def metric(key: str) -> Metric:
         return METRICS[key]
     if key in EXTRA_METRICS:
         return EXTRA_METRICS[key]
+    if key in DYNAMICS_METRICS:
+        return DYNAMICS_METRICS[key]
     if key.startswith(PHASE_PREFIX) and key.endswith("_s"):
         name = key[len(PHASE_PREFIX) : -2]
         return Metric(key, f"{name} time", "seconds", False)
@@ -54,7 +71,7 @@ def metric(key: str) -> Metric:
 
 
 def plottable_metrics() -> list[str]:
-    return [*METRICS, *EXTRA_METRICS]
+    return [*METRICS, *EXTRA_METRICS, *DYNAMICS_METRICS]
 
 
 def flatten(result: Mapping[str, Any]) -> dict[str, Any]:
@@ -68,7 +85,18 @@ def flatten(result: Mapping[str, Any]) -> dict[str, Any]:
     for name, value in (result.get("phases_s") or {}).items():
         if isinstance(value, (int, float)):
             row[f"{PHASE_PREFIX}{name}_s"] = float(value)
+    summary = (result.get("dynamics") or {}).get("summary") or {}
+    for name, value in summary.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            row[f"{DYNAMICS_PREFIX}{name}"] = float(value)
     return row
+
+
+def table_metrics(results: list[Mapping[str, Any]]) -> list[str]:
+    """Comparison columns: the dynamics ones when any run simulated many steps."""
+    if any(r.get("dynamics") for r in results):
+        return ["step_time_s", *DYNAMICS_METRICS]
+    return list(METRICS)
 
 
 def is_number(value: Any) -> bool:

@@ -58,7 +58,12 @@ def simulate(
     plan = build_plan(scenario, hw, topo, seed)
     rec = Recorder(trace_groups=1 if trace else 0, trace_gpus=trace_gpus)
     eng = run_engine(plan, rec)
-    return _result(scenario, hw, seed, plan, eng, trace)
+    result = _result(scenario, hw, seed, plan, eng, trace)
+    if scenario.workload.routing.dynamics.steps > 0:
+        from moesim.simulate.dynamics import run_dynamics
+
+        result.dynamics = run_dynamics(scenario, hw, topo, plan, result.step_time_s, seed)
+    return result
 
 
 def _result(

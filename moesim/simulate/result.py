@@ -27,7 +27,9 @@ class SimResult:
     slowest GPU of the group for compute, the whole collective for all-to-all),
     averaged over layers, micro-batches and EP groups; ``grad_allreduce`` is
     the step's whole gradient all-reduce (0 for inference).
-    ``layers``: the same per layer. ``trace_events``: Chrome trace events when
+    ``layers``: the same per layer. ``dynamics``: with
+    ``workload.routing.dynamics.steps > 0``, a per-step ``series`` and its
+    ``summary`` (:func:`moesim.simulate.dynamics.run_dynamics`). ``trace_events``: Chrome trace events when
     simulated with ``trace=True`` (not part of :meth:`to_dict`).
     """
 
@@ -49,6 +51,7 @@ class SimResult:
     gpu_utilization: dict[str, Any]
     details: dict[str, Any]
     provenance: dict[str, Any]
+    dynamics: dict[str, Any] | None = None  # {"summary", "series"} over steps (--steps N)
     trace_events: list[dict[str, Any]] | None = field(default=None, repr=False)
     event_log: list[tuple[str, float]] = field(default_factory=list, repr=False)
 
@@ -60,4 +63,7 @@ class SimResult:
             "drop_fraction", "load_imbalance", "gpu_load_imbalance", "phases_s",
             "backward_phases_s", "layers", "gpu_utilization", "details", "provenance",
         ]  # fmt: skip
-        return {k: getattr(self, k) for k in keys}
+        out = {k: getattr(self, k) for k in keys}
+        if self.dynamics is not None:
+            out["dynamics"] = self.dynamics
+        return out
