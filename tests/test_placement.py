@@ -91,7 +91,7 @@ def test_split_is_exact_and_even_on_random_counts() -> None:
 
 def test_bad_redundancy_is_a_config_error() -> None:
     cfg = PlacementConfig(kind="eplb", redundant_experts=3)
-    with pytest.raises(ConfigError, match="placement.redundant_experts"):
+    with pytest.raises(ConfigError, match=r"placement\.redundant_experts"):
         build_placement(cfg, np.ones((1, 8)), 2, 1, None)
 
 

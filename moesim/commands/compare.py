@@ -105,9 +105,8 @@ def run(args: argparse.Namespace) -> int:
         json.dump(to_json(args, keys, rows), sys.stdout, indent=1, default=str)
         sys.stdout.write("\n")
         return 0
-    from moesim.report.compare_tables import comparison_table, render_wide
-
     from moesim.explore.metrics import table_metrics
+    from moesim.report.compare_tables import comparison_table, render_wide
 
     metrics = table_metrics([s.result for s in rows])
     title = f"{args.scenario}: {len(rows)} variants"

@@ -78,13 +78,19 @@ def _plots(outcome: SweepOutcome) -> list[Path]:
     from moesim.report.plots import plot_sweep
 
     title = outcome.spec.name or ""
-    return plot_sweep(
+    paths = plot_sweep(
         outcome.summary,
         outcome.axis_cols,
         outcome.spec.metrics,
         outcome.out_dir / "plots",
         title=title,
     )
+    from moesim.report.dynamics_plots import has_series, plot_series
+
+    if has_series(outcome.records):
+        labels = {v.index: v.label() for v in outcome.plan.variants}
+        paths += plot_series(outcome.records, labels, outcome.out_dir / "plots", title=title)
+    return paths
 
 
 def _report(outcome: SweepOutcome, plots: list[Path]) -> None:

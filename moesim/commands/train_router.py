@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--z-coef", type=float, default=1e-3, help="z_loss coefficient")
     parser.add_argument("--gamma", type=float, default=1e-2, help="bias update speed")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"parquet (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"parquet (default {DEFAULT_OUT})"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

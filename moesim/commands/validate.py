@@ -63,9 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--capacity-factor",
-        type=float,
-        default=1.25,
-        help="capacity factor of the predicted drop fraction (--dynamics; default 1.25)",
+        default="1.25,2.0",
+        metavar="CF[,CF...]",
+        help="capacity factors of the predicted drop fraction (--dynamics; default 1.25,2.0)",
     )
     parser.add_argument(
         "--fit-fraction",
@@ -225,9 +225,13 @@ def _run_dynamics(args: argparse.Namespace) -> int:
 
     if args.ep_world is not None or args.published:
         raise UserError("--dynamics runs alone; leave out --ep-world and --published")
-    report = validate_dynamics(
-        args.dynamics, capacity_factor=args.capacity_factor, fit_fraction=args.fit_fraction
-    )
+    try:
+        cfs = tuple(float(c) for c in args.capacity_factor.split(",") if c.strip())
+    except ValueError:
+        raise UserError(
+            f"--capacity-factor {args.capacity_factor!r}: expected numbers, e.g. 1.25,2.0"
+        ) from None
+    report = validate_dynamics(args.dynamics, capacity_factors=cfs, fit_fraction=args.fit_fraction)
     _save(args.out / f"dynamics-{_stamp()}.json", report)
     if args.json:
         print(json.dumps(report))

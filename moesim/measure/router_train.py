@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +123,8 @@ class MarkovText:
 class MoEBlock(nn.Module):
     """Previous-token mixing, then one MoE layer on moesim's kernels."""
 
+    bias_E: Tensor
+
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__()
         D, Fd, E = cfg.d_model, cfg.d_ff, cfg.experts
@@ -189,7 +191,8 @@ def train_run(cfg: TrainConfig, advance: Callable[[], None] | None = None) -> li
         opt.zero_grad(set_to_none=True)
         (ce + extra).backward()
         opt.step()
-        for layer, (block, load_E) in enumerate(zip(model.blocks, loads, strict=True)):
+        blocks = [cast(MoEBlock, b) for b in model.blocks]
+        for layer, (block, load_E) in enumerate(zip(blocks, loads, strict=True)):
             rows.append(_row(cfg, step, layer, load_E, float(ce.detach()), block.bias_E))
             if cfg.scheme == "bias":
                 block.bias_E.copy_(bias_update(block.bias_E, load_E, cfg.gamma))

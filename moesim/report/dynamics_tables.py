@@ -38,10 +38,14 @@ def summary_table(r: Any) -> Table:
         ("perfectly balanced step", _time(s["balanced_step_time_s"])),
         (
             "extra time vs perfectly balanced",
-            f"{_time(s['extra_time_vs_balanced_s'])} (+{100 * s['extra_fraction_vs_balanced']:.1f} %)",
+            f"{_time(s['extra_time_vs_balanced_s'])} "
+            f"(+{100 * s['extra_fraction_vs_balanced']:.1f} %)",
         ),
         ("mean dropped assignments", f"{100 * s['mean_drop_fraction']:.2f} %"),
-        ("mean / last expert imbalance", f"{s['mean_expert_imbalance']:.2f}x / {s['final_expert_imbalance']:.2f}x"),
+        (
+            "mean / last expert imbalance",
+            f"{s['mean_expert_imbalance']:.2f}x / {s['final_expert_imbalance']:.2f}x",
+        ),
         ("mean GPU imbalance", f"{s['mean_gpu_imbalance']:.2f}x"),
         (
             f"steps to imbalance <= {s['imbalance_target']:.2f}x (10-step mean)",
@@ -56,7 +60,11 @@ def summary_table(r: Any) -> Table:
 def series_table(r: Any) -> Table:
     ser = r.dynamics["series"]
     n = len(ser["step"])
-    idx = sorted({round(i * (n - 1) / (SERIES_ROWS - 1)) for i in range(SERIES_ROWS)}) if n > 1 else [0]
+    idx = (
+        sorted({round(i * (n - 1) / (SERIES_ROWS - 1)) for i in range(SERIES_ROWS)})
+        if n > 1
+        else [0]
+    )
     table = Table(title="Per step (evenly spaced rows; all steps in --json)", title_justify="left")
     for col in ("step", "step time", "dropped", "expert imb.", "GPU imb.", "dispatch/GPU"):
         table.add_column(col, justify="right")
@@ -86,38 +94,51 @@ def render_dynamics(r: Any) -> None:
 
 def print_dynamics_validation(report: dict[str, Any]) -> None:
     """``moesim validate --dynamics``: per run, fitted parameters, predicted vs measured."""
+    from moesim.report.compare_tables import render_wide
     from moesim.report.tables import console
 
     tol = report["tolerance"]
     table = Table(
-        title=f"Load dynamics: fit on the first {100 * report['fit_fraction']:.0f} % of each run, "
-        f"predict the rest (capacity factor {report['capacity_factor']})",
+        title=f"Load dynamics: fit on the first {100 * report['fit_fraction']:.0f} % of each "
+        "measured run, predict the rest from the fitted process alone",
         title_justify="left",
-        caption=f"pass: |drop error| <= {tol['drop_pp']} pp and |max/mean error| <= "
-        f"{100 * tol['max_mean']:.0f} % (means over the predicted steps); "
-        "step MAE: mean per-step absolute error",
+        caption=f"ok: |drop error| <= {tol['drop_pp']} pp and |max/mean error| <= "
+        f"{100 * tol['max_mean']:.0f} % (means over the predicted steps); [95 %]: the predicted "
+        "paths' spread of that mean; step MAE / MAPE: per-step errors",
         caption_justify="left",
     )
-    cols = ("run", "fit / pred. steps", "rho, drift", "rule rate", "drop meas. → pred.",
-            "drop err", "step MAE", "max/mean meas. → pred.", "err", "step MAPE", "ok")  # fmt: skip
+    cols = ("run", "cf", "fit/pred.", "rho, drift", "rule rate", "drop meas. → pred. [95 %]",
+            "err", "step MAE", "max/mean meas. → pred. [95 %]", "err", "step MAPE",
+            "ok")  # fmt: skip
     for c in cols:
         table.add_column(c, justify="left" if c == "run" else "right")
     for r in report["runs"]:
+        lo, hi = r["predicted_drop_pct_band95"]
+        ilo, ihi = r["predicted_max_mean_band95"]
         table.add_row(
             r["run"],
-            f"{r['fit_steps']} / {r['predicted_steps']}",
+            f"{r['capacity_factor']:g}",
+            f"{r['fit_steps']}/{r['predicted_steps']}",
             f"{r['persistence']:.2f}, {r['drift']:.3f}",
             "—" if r["balancing"] == "none" else f"{r['balancing']} {r['rate']:.4f}",
-            f"{r['measured_drop_pct']:.2f} → {r['predicted_drop_pct']:.2f} %",
+            f"{r['measured_drop_pct']:.2f} → {r['predicted_drop_pct']:.2f} % [{lo:.1f}, {hi:.1f}]",
             f"{r['drop_error_pp']:+.2f} pp",
             f"{r['drop_step_mae_pp']:.2f} pp",
-            f"{r['measured_max_mean']:.3f} → {r['predicted_max_mean']:.3f}",
+            f"{r['measured_max_mean']:.3f} → {r['predicted_max_mean']:.3f} [{ilo:.2f}, {ihi:.2f}]",
             f"{100 * r['max_mean_error']:+.1f} %",
             f"{100 * r['max_mean_step_mape']:.1f} %",
             "[green]yes[/]" if r["ok"] else "[red]no[/]",
         )
-    from moesim.report.compare_tables import render_wide
-
     render_wide(table)
-    n_ok = sum(r["ok"] for r in report["runs"])
-    console.print(f"{n_ok} of {len(report['runs'])} runs within tolerance; trace {report['trace']}")
+    for cf in report["capacity_factors"]:
+        rows = [r for r in report["runs"] if r["capacity_factor"] == cf]
+        by: dict[str, list[bool]] = {}
+        for r in rows:
+            by.setdefault(r["scheme"], []).append(r["ok"])
+        parts = ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in by.items())
+        band = sum(r["drop_in_band"] for r in rows)
+        console.print(
+            f"cf {cf:g}: within tolerance {sum(r['ok'] for r in rows)}/{len(rows)} ({parts}); "
+            f"measured drop inside the predicted 95 % band {band}/{len(rows)}"
+        )
+    console.print(f"trace {report['trace']}")

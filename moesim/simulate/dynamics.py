@@ -49,8 +49,8 @@ from moesim.simulate.loads import LoadModel, _block_prod
 from moesim.simulate.placement import build_placement
 from moesim.simulate.plan import (
     REGROUP,
-    CommPricer,
     Coflows,
+    CommPricer,
     StepPlan,
     row_bytes,
 )
@@ -106,7 +106,9 @@ class ParametricProcess:
         b0_LE: F64 | None = None,
     ) -> None:
         self.cfg, self.mu, self.z, self.rng = cfg, mu_LE, z0_LE.copy(), rng
-        self.b = np.zeros_like(self.z) if b0_LE is None else np.broadcast_to(b0_LE, self.z.shape).copy()
+        self.b = (
+            np.zeros_like(self.z) if b0_LE is None else np.broadcast_to(b0_LE, self.z.shape).copy()
+        )
 
     def share(self) -> F64:
         """``[L, E]`` popularity of this step (sums to 1 per layer)."""
@@ -158,7 +160,9 @@ def read_dynamics_trace(path: str | Path, run: str | None, E: int) -> tuple[F64,
     runs = list(dict.fromkeys(df["run"]))
     name = run or runs[0]
     if name not in runs:
-        raise ConfigError(f"no such run; runs: {', '.join(runs)}", field=field.replace("trace", "run"), value=run)
+        raise ConfigError(
+            f"no such run; runs: {', '.join(runs)}", field=field.replace("trace", "run"), value=run
+        )
     return shares_of(df[df["run"] == name], E, str(p)), meta
 
 
@@ -167,7 +171,9 @@ def shares_of(df: Any, E: int, file: str) -> F64:
     df = df.sort_values(["step", "layer"])
     loads = np.asarray(df["load"].tolist(), dtype=np.float64)
     if loads.shape[1] != E:
-        raise ConfigError(f"trace has {loads.shape[1]} experts, model.num_experts is {E}", file=file)
+        raise ConfigError(
+            f"trace has {loads.shape[1]} experts, model.num_experts is {E}", file=file
+        )
     steps, layers = df["step"].nunique(), df["layer"].nunique()
     out = loads.reshape(steps, layers, E)
     return out / np.maximum(out.sum(-1, keepdims=True), 1e-300)
@@ -240,7 +246,9 @@ class StepModel:
         kept = np.maximum(routed - P * self._excess(pi_LE)[:, None, None, :], 0.0)
         sent = kept if not self.pad else np.full_like(kept, P * float(self.cap_S.sum()))  # type: ignore[union-attr]
         B = L * M * X
-        kept_BR, sent_BR = (self._to_slots(a.reshape(L, M * X, E)).reshape(B, -1) for a in (kept, sent))
+        kept_BR, sent_BR = (
+            self._to_slots(a.reshape(L, M * X, E)).reshape(B, -1) for a in (kept, sent)
+        )
         crit = self._crit(sent_BR)
         per_gpu = kept_BR.reshape(B, P, -1).sum(-1)
         r = routed.reshape(B, E)
@@ -282,7 +290,9 @@ class StepModel:
         scn, P, B = self.scn, self.P, sent_BR.shape[0]
         m = scn.model
         recv_GS = sent_BR.reshape(B * P, -1)
-        exp_BP = self.cost.experts_s(recv_GS, m.hidden_size, m.moe_intermediate_size, m.dtype).reshape(B, P)
+        exp_BP = self.cost.experts_s(
+            recv_GS, m.hidden_size, m.moe_intermediate_size, m.dtype
+        ).reshape(B, P)
         reg_BP = np.zeros((B, P))
         if scn.dispatcher in REGROUP and P > 1 and recv_GS.shape[1] > 1:
             reg_BP = self.cost.regroup_s(recv_GS.sum(-1), m.hidden_size, m.dtype).reshape(B, P)
@@ -310,7 +320,9 @@ class StepModel:
         miss_BN = _block_prod(miss_BQ, self.topo_B.nodes_per_group)
         return T * ((1 - miss_BQ) @ self._links["rank"] + (1 - miss_BN) @ self._links["node"])
 
-    def _sum_crit(self, exp_BP: F64, reg_BP: F64, disp: Coflows, comb: Coflows, grad: Coflows) -> float:
+    def _sum_crit(
+        self, exp_BP: F64, reg_BP: F64, disp: Coflows, comb: Coflows, grad: Coflows
+    ) -> float:
         def t(c: Coflows) -> F64:
             return c.latency_X + c.solo_X if self.P > 1 else np.zeros(len(c.solo_X))
 
@@ -353,9 +365,7 @@ def expected_excess(n: float, pi: F64, cap: float) -> F64:
 
 
 # -- the run ----------------------------------------------------------------------------
-def make_process(
-    scn: Scenario, layers: int, seed: int
-) -> ParametricProcess | TraceProcess:
+def make_process(scn: Scenario, layers: int, seed: int) -> ParametricProcess | TraceProcess:
     cfg = scn.workload.routing.dynamics
     E = scn.model.num_experts
     if cfg.source == "trace":
@@ -379,7 +389,12 @@ def make_process(
 
 
 def run_dynamics(
-    scn: Scenario, hw: HardwareProfile, topo: Topology, plan: StepPlan, base_step_s: float, seed: int
+    scn: Scenario,
+    hw: HardwareProfile,
+    topo: Topology,
+    plan: StepPlan,
+    base_step_s: float,
+    seed: int,
 ) -> dict[str, Any]:
     """Simulate ``dynamics.steps`` steps: per-step series and a summary (JSON-ready)."""
     cfg = scn.workload.routing.dynamics
@@ -406,7 +421,13 @@ def run_dynamics(
     return {"summary": summarize(series, cfg, balanced), "series": _thin(series, cfg.series_every)}
 
 
-SERIES = ("step_time_s", "drop_fraction", "expert_imbalance", "gpu_imbalance", "dispatch_bytes_per_gpu")
+SERIES = (
+    "step_time_s",
+    "drop_fraction",
+    "expert_imbalance",
+    "gpu_imbalance",
+    "dispatch_bytes_per_gpu",
+)
 
 
 def _append(series: dict[str, list[float]], pr: Priced, step_s: float, plan: StepPlan) -> None:
@@ -430,7 +451,9 @@ REF_DRAWS = 3
 REACH_WINDOW = 10
 
 
-def summarize(series: dict[str, list[float]], cfg: DynamicsConfig, balanced_s: float) -> dict[str, Any]:
+def summarize(
+    series: dict[str, list[float]], cfg: DynamicsConfig, balanced_s: float
+) -> dict[str, Any]:
     """Means over the run, time to reach ``imbalance_target``, cost vs perfectly balanced."""
     step = np.asarray(series["step_time_s"])
     imb = np.asarray(series["expert_imbalance"])

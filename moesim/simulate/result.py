@@ -29,8 +29,9 @@ class SimResult:
     the step's whole gradient all-reduce (0 for inference).
     ``layers``: the same per layer. ``dynamics``: with
     ``workload.routing.dynamics.steps > 0``, a per-step ``series`` and its
-    ``summary`` (:func:`moesim.simulate.dynamics.run_dynamics`). ``trace_events``: Chrome trace events when
-    simulated with ``trace=True`` (not part of :meth:`to_dict`).
+    ``summary`` (:func:`moesim.simulate.dynamics.run_dynamics`).
+    ``trace_events``: Chrome trace events when simulated with ``trace=True``
+    (not part of :meth:`to_dict`).
     """
 
     scenario: str

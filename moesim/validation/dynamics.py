@@ -10,12 +10,17 @@ with ``persistence`` rho and innovation sd ``drift``), ``e`` the sampling noise
 of ``n`` assignments (variance ``(1 - p)/(n p)``, known). ``mu`` is the mean of
 ``y`` over the last :data:`LEVEL_STEPS` fitted steps; rho and the variance of
 ``x`` come from the pooled lag-0 and lag-1 autocovariances with the noise
-variance taken off lag 0. The run's own balancing is part of what the fit
-absorbs (the process runs with ``balancing: none``).
+variance taken off lag 0. Runs balanced by ``bias`` or ``aux_loss`` are fitted
+with that rule on: ``y - rate·C`` with ``C`` the rule's cumulative signal from
+the observed loads, ``rate`` by grid search (:data:`RATES`) as the value that
+leaves ``y - rate·C`` with the least variance (no trend left); the AR(1) is then
+fitted to ``y - rate·C``. The other schemes' effects are part of what the AR(1)
+absorbs.
 
 The rest of the run is then predicted from the fitted process alone (started
 at the last fitted step's shrunk state, never fed later steps): ``Q`` paths,
-each step's counts drawn ``Multinomial(n, softmax(z))``. Per step, the drop
+each step's counts drawn ``Multinomial(n, softmax(z + b))``, the rule updating
+``b`` from those simulated counts. Per step, the drop
 fraction at capacity factor ``cf`` (capacity ``ceil(cf·n/E)`` per expert, the
 whole step one capacity domain, as :func:`moesim.kernels.gating.expert_capacity`)
 and max/mean load, averaged over paths and layers, are compared with the same
@@ -108,7 +113,7 @@ def predict(fit: Fit, n: int, steps: int, seed: int) -> F64:
     cfg = DynamicsConfig(
         persistence=fit.persistence,
         drift=fit.drift,
-        balancing=fit.balancing,  # type: ignore[arg-type]
+        balancing=fit.balancing,
         gamma=fit.rate,
         aux_rate=fit.rate,
     )
@@ -142,9 +147,11 @@ def validate_run(
     cut = max(2, int(T * fit_fraction))
     fit = fit_process(share_TLE[:cut], n, scheme)
     pred = predict(fit, n, T - cut, seed)
-    p_drop, p_imb = step_metrics(pred, n, cf)  # [Q, T-cut]
+    q_drop, q_imb = step_metrics(pred, n, cf)  # [Q, T-cut]
     m_drop, m_imb = step_metrics(share_TLE[cut:] * n, n, cf)
-    p_drop, p_imb = p_drop.mean(0), p_imb.mean(0)
+    p_drop, p_imb = q_drop.mean(0), q_imb.mean(0)
+    band = 100 * np.percentile(q_drop.mean(1), [2.5, 97.5])  # the mean over the rest, per path
+    ibnd = np.percentile(q_imb.mean(1), [2.5, 97.5])
     drop_err = 100 * (p_drop.mean() - m_drop.mean())
     imb_err = p_imb.mean() / m_imb.mean() - 1.0
     return {
@@ -158,6 +165,10 @@ def validate_run(
         "predicted_drop_pct": 100 * float(p_drop.mean()),
         "drop_error_pp": float(drop_err),
         "drop_step_mae_pp": float(100 * np.abs(p_drop - m_drop).mean()),
+        "predicted_drop_pct_band95": [float(band[0]), float(band[1])],
+        "drop_in_band": bool(band[0] <= 100 * m_drop.mean() <= band[1]),
+        "predicted_max_mean_band95": [float(ibnd[0]), float(ibnd[1])],
+        "max_mean_in_band": bool(ibnd[0] <= m_imb.mean() <= ibnd[1]),
         "measured_max_mean": float(m_imb.mean()),
         "predicted_max_mean": float(p_imb.mean()),
         "max_mean_error": float(imb_err),
@@ -169,7 +180,7 @@ def validate_run(
 def validate_dynamics(
     path: str | Path = DEFAULT_TRACE,
     *,
-    capacity_factor: float = 1.25,
+    capacity_factors: tuple[float, ...] = (1.25,),
     fit_fraction: float = 0.5,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -185,6 +196,10 @@ def validate_dynamics(
             field="--dynamics",
             value=str(path),
         )
+    if not capacity_factors or min(capacity_factors) <= 0:
+        raise ConfigError(
+            "needs capacity factors > 0", field="--capacity-factor", value=capacity_factors
+        )
     if not 0.05 <= fit_fraction <= 0.95:
         raise ConfigError("must be in 0.05..0.95", field="--fit-fraction", value=fit_fraction)
     table = pq.read_table(p)
@@ -198,11 +213,12 @@ def validate_dynamics(
         E = len(rows["load"].iloc[0])
         scheme = str(rows["scheme"].iloc[0])
         share = shares_of(rows, E, str(p))
-        res = validate_run(share, n, capacity_factor, fit_fraction, seed, scheme)
-        runs.append({"run": run, "scheme": scheme, **res})
+        for cf in capacity_factors:
+            res = validate_run(share, n, cf, fit_fraction, seed, scheme)
+            runs.append({"run": run, "scheme": scheme, "capacity_factor": cf, **res})
     return {
         "trace": str(p),
-        "capacity_factor": capacity_factor,
+        "capacity_factors": list(capacity_factors),
         "fit_fraction": fit_fraction,
         "tolerance": {"drop_pp": DROP_TOL_PP, "max_mean": IMBALANCE_TOL},
         "runs": runs,
