@@ -56,10 +56,13 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     for s in schemes:
         TrainConfig(**{**base.__dict__, "scheme": s}).check()
+    from moesim.io import provenance
+
+    prov = provenance()  # the tree as training starts (it may be edited while it runs)
     total = len(schemes) * args.seeds * args.steps
     with progress_bar(total, "training", enabled=not args.no_progress) as advance:
         rows, runs = train_runs(base, schemes, range(args.seeds), advance=lambda: advance(1))
-    path = write_trace(args.out, rows, runs)
+    path = write_trace(args.out, rows, runs, prov)
     for r in runs:
         err_console.print(
             f"{r['run']:>18}: final loss {r['final_loss']:.3f} "

@@ -257,14 +257,22 @@ def _run_meta(cfg: TrainConfig, wall_s: float, rows: list[dict[str, Any]]) -> di
     }
 
 
-def write_trace(path: str | Path, rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> Path:
-    """Parquet of ``rows`` with ``{"runs": runs, "provenance": ...}`` under schema key moesim."""
+def write_trace(
+    path: str | Path,
+    rows: list[dict[str, Any]],
+    runs: list[dict[str, Any]],
+    prov: dict[str, Any] | None = None,
+) -> Path:
+    """Parquet of ``rows`` with ``{"runs": runs, "provenance": ...}`` under schema key moesim.
+
+    ``prov``: the provenance taken when training started (default: now).
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from moesim.io import atomic_write, provenance
 
     table = pa.Table.from_pylist(rows)
-    meta = {"kind": "router-dynamics", "runs": runs, "provenance": provenance()}
+    meta = {"kind": "router-dynamics", "runs": runs, "provenance": prov or provenance()}
     table = table.replace_schema_metadata({META_KEY: json.dumps(meta, default=str).encode()})
     return atomic_write(path, lambda p: pq.write_table(table, p, compression="zstd"))
