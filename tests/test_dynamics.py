@@ -187,3 +187,11 @@ def test_validate_dynamics_cli(tmp_path: Path, capsys) -> None:
     assert main(["validate", "--dynamics", str(trace), "--out", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["runs"][0]["fit_steps"] == 20
     assert main(["validate", "--dynamics", str(tmp_path / "missing.parquet")]) == 2
+
+
+def test_expert_choice_loads_stay_balanced_over_steps() -> None:
+    scn = scenario(*_dyn(f"{DYN}.steps=5", "router.kind=expert_choice", f"{DYN}.balancing=bias"))
+    res = simulate(scn, hardware())
+    s = res.dynamics["summary"]
+    assert s["mean_drop_fraction"] == 0.0 and s["mean_expert_imbalance"] == pytest.approx(1.0)
+    assert res.dynamics["series"]["step_time_s"][0] == pytest.approx(res.step_time_s, rel=1e-9)

@@ -215,13 +215,16 @@ class StepModel:
         self.crit_base = 0.0
         self._links = _link_matrices(topo)
 
-    def calibrate(self, pi_LE: F64, seed: int) -> None:
+    def calibrate(self, pi_LE: F64, seed: int, *, fixed: bool = False) -> None:
         """Reference: this model's critical path on the static step's own loads.
 
         Step times are the engine's static step plus the change of this model's
         critical path against this reference, so model and engine agree on the
         scenario's own (static) loads.
         """
+        if fixed:  # balanced by construction: no noise, no drops
+            self.crit_base = self.price(pi_LE, None, drops=False).crit_s
+            return
         rng = np.random.default_rng([seed, 7])
         self.crit_base = float(np.mean([self.price(pi_LE, rng).crit_s for _ in range(REF_DRAWS)]))
 
@@ -237,13 +240,17 @@ class StepModel:
         self.slots_LR = pl.slot_expert_LR
 
     # -- one step ------------------------------------------------------------------
-    def price(self, pi_LE: F64, rng: np.random.Generator | None) -> Priced:
-        """Draw (``rng``) or take the mean (None) of this step's counts and price them."""
+    def price(self, pi_LE: F64, rng: np.random.Generator | None, *, drops: bool = True) -> Priced:
+        """Draw (``rng``) or take the mean (None) of this step's counts and price them.
+
+        ``drops=False``: loads already within capacity (expert choice, soft MoE).
+        """
         L, M, X, P, E = self.L, self.M, self.X, self.P, self.E
         n = P * self.T
         mean = np.broadcast_to((n * pi_LE)[:, None, None, :], (L, M, X, E))
         routed = mean.copy() if rng is None else self._draw(rng, n, pi_LE)
-        kept = np.maximum(routed - P * self._excess(pi_LE)[:, None, None, :], 0.0)
+        excess = self._excess(pi_LE) if drops else np.zeros_like(pi_LE)
+        kept = np.maximum(routed - P * excess[:, None, None, :], 0.0)
         sent = kept if not self.pad else np.full_like(kept, P * float(self.cap_S.sum()))  # type: ignore[union-attr]
         B = L * M * X
         kept_BR, sent_BR = (
@@ -401,7 +408,11 @@ def run_dynamics(
     model = StepModel(scn, hw, topo, plan)
     static = LoadModel(scn, topo, seed, plan.layers).expected_loads(plan.layers)
     model.place(static)
-    model.calibrate(np.minimum(static, 1.0), seed)
+    fixed = _fixed_inclusion(scn, plan.layers)  # expert choice / soft: loads never move
+    if fixed is None:
+        model.calibrate(np.minimum(static, 1.0), seed)
+    else:
+        model.calibrate(fixed, seed, fixed=True)
     proc = make_process(scn, plan.layers, seed)
     rng = np.random.default_rng([seed, 6])
     K = scn.model.top_k
@@ -413,12 +424,31 @@ def run_dynamics(
         if step == 0 or (pl.rebalance_every and step % pl.rebalance_every == 0):
             model.place(np.mean(window, 0) if window else share * K)
             window = []
-        pr = model.price(routing.inclusion_probs(share, K), rng)
+        if fixed is None:
+            pr = model.price(routing.inclusion_probs(share, K), rng)
+        else:
+            pr = model.price(fixed, None, drops=False)
         proc.observe(pr.load_LE)
         window.append(pr.load_LE / max(pr.routed, 1.0) * K * plan.layers)
         _append(series, pr, base_step_s + plan.bubble * (pr.crit_s - model.crit_base), plan)
     balanced = _balanced_step(model, plan, base_step_s)
     return {"summary": summarize(series, cfg, balanced), "series": _thin(series, cfg.series_every)}
+
+
+def _fixed_inclusion(scn: Scenario, layers: int) -> F64 | None:
+    """Per-token inclusion of router kinds whose loads are balanced by construction.
+
+    Expert choice: every expert takes its capacity, ``capacity / T`` per token;
+    soft MoE: every token reaches every expert. None for token-choice kinds.
+    """
+    E, T = scn.model.num_experts, scn.workload.tokens_per_gpu
+    if scn.router.kind == "soft":
+        return np.ones((layers, E))
+    if scn.router.kind == "expert_choice":
+        cf = scn.router.capacity_factor or 1.0
+        per = capacity.expert_capacity(T, E, scn.model.top_k, cf)
+        return np.full((layers, E), min(per / T, 1.0))
+    return None
 
 
 SERIES = (
