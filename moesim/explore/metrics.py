@@ -36,7 +36,13 @@ METRICS: dict[str, Metric] = {
 }
 #: extra per-run numbers that may be plotted but are not table columns
 EXTRA_METRICS: dict[str, Metric] = {
-    "dispatch_bytes_per_gpu": Metric("dispatch_bytes_per_gpu", "dispatch bytes/GPU", "bytes", False)
+    "dispatch_bytes_per_gpu": Metric(
+        "dispatch_bytes_per_gpu", "dispatch bytes/GPU", "bytes", False
+    ),
+    # routed-expert weights one GPU holds (details.placement): what redundant copies cost
+    "expert_weight_bytes_per_gpu": Metric(
+        "expert_weight_bytes_per_gpu", "expert weights/GPU", "bytes", False
+    ),
 }
 PHASE_PREFIX = "phase_"
 #: ``result["dynamics"]["summary"][x]`` flattens to ``dyn_x``
@@ -85,6 +91,9 @@ def flatten(result: Mapping[str, Any]) -> dict[str, Any]:
     for name, value in (result.get("phases_s") or {}).items():
         if isinstance(value, (int, float)):
             row[f"{PHASE_PREFIX}{name}_s"] = float(value)
+    placement = (result.get("details") or {}).get("placement") or {}
+    if "expert_weight_bytes_per_gpu" in placement:
+        row["expert_weight_bytes_per_gpu"] = float(placement["expert_weight_bytes_per_gpu"])
     summary = (result.get("dynamics") or {}).get("summary") or {}
     for name, value in summary.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -94,9 +103,14 @@ def flatten(result: Mapping[str, Any]) -> dict[str, Any]:
 
 def table_metrics(results: list[Mapping[str, Any]]) -> list[str]:
     """Comparison columns: the dynamics ones when any run simulated many steps."""
+    placed = any(
+        ((r.get("details") or {}).get("placement") or {}).get("kind", "contiguous") != "contiguous"
+        for r in results
+    )
+    extra = ["dispatch_bytes_per_gpu", "expert_weight_bytes_per_gpu"] if placed else []
     if any(r.get("dynamics") for r in results):
-        return ["step_time_s", *DYNAMICS_METRICS]
-    return list(METRICS)
+        return ["step_time_s", *DYNAMICS_METRICS, *extra]
+    return [*METRICS, *extra]
 
 
 def is_number(value: Any) -> bool:
