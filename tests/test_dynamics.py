@@ -195,3 +195,13 @@ def test_expert_choice_loads_stay_balanced_over_steps() -> None:
     s = res.dynamics["summary"]
     assert s["mean_drop_fraction"] == 0.0 and s["mean_expert_imbalance"] == pytest.approx(1.0)
     assert res.dynamics["series"]["step_time_s"][0] == pytest.approx(res.step_time_s, rel=1e-9)
+
+
+def test_rebalancing_the_placement_follows_moving_loads() -> None:
+    base = _dyn(f"{DYN}.steps=60", f"{DYN}.drift=0.0", f"{DYN}.balancing=bias",
+                f"{DYN}.gamma=0.05", "placement.kind=eplb", "placement.redundant_experts=2")  # fmt: skip
+    stale = simulate(scenario(*base), hardware()).dynamics["series"]["gpu_imbalance"]
+    fresh = simulate(scenario(*base, "placement.rebalance_every=10"), hardware())
+    series = fresh.dynamics["series"]["gpu_imbalance"]
+    # placed for step 0's hot experts, a stale placement is off once the bias evens them out
+    assert np.mean(series[-20:]) < np.mean(stale[-20:])
