@@ -70,6 +70,7 @@ def test_cli_writes_a_trace_and_rejects_bad_input(tmp_path: Path, capsys) -> Non
     args = ["train-router", "--schemes", "bias", "--steps", "2", "--layers", "1", "--experts", "8",
             "--batch", "2", "--seq-len", "8", "--no-progress", "--out", str(out)]  # fmt: skip
     assert main(args) == 0 and out.is_file()
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"  # the measured imbalance plot
     assert main(["train-router", "--schemes", "nope", "--out", str(out)]) == 2
     assert "allowed: none" in capsys.readouterr().err
     assert main(["train-router", "--top-k", "9", "--experts", "8", "--out", str(out)]) == 2

@@ -3,7 +3,8 @@
     moesim train-router --schemes none,aux_loss,bias --seeds 3 --steps 300 \\
         --out results/dynamics/router-dynamics.parquet
 
-Writes one parquet trace: a row per (run, step, layer) with the expert loads,
+Writes one parquet trace (and ``OUT.png``, the measured max/mean load per step
+per scheme): a row per (run, step, layer) with the expert loads,
 and under the schema key ``moesim`` every run's settings, router spec, final
 loss, wall time and the provenance (device, versions, commit). The trace feeds
 ``workload.routing.dynamics: {source: trace}`` and ``moesim validate --dynamics``.
@@ -63,10 +64,15 @@ def run(args: argparse.Namespace) -> int:
     with progress_bar(total, "training", enabled=not args.no_progress) as advance:
         rows, runs = train_runs(base, schemes, range(args.seeds), advance=lambda: advance(1))
     path = write_trace(args.out, rows, runs, prov)
+    from moesim.report.dynamics_plots import plot_trace
+
+    cfg = runs[0]["config"]
+    title = f"CPU MoE (E={cfg['experts']}, k={cfg['top_k']}, {cfg['layers']} layers): "
+    png = plot_trace(rows, path.with_suffix(".png"), title=title)
     for r in runs:
         err_console.print(
             f"{r['run']:>18}: final loss {r['final_loss']:.3f} "
             f"(uniform {r['uniform_loss']:.3f}), {r['wall_s']:.1f} s"
         )
-    err_console.print(f"{len(rows)} rows ({len(runs)} runs) -> {path}")
+    err_console.print(f"{len(rows)} rows ({len(runs)} runs) -> {path}; plot {png}")
     return 0

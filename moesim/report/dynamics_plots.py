@@ -72,3 +72,35 @@ def _save(fig: Any, path: Path) -> None:
 
     atomic_write(path, write)
     plt.close(fig)
+
+
+def plot_trace(rows: Any, path: str | Path, *, title: str = "") -> Path:
+    """Measured max/mean expert load per step of a ``train-router`` trace, one line per scheme.
+
+    ``rows``: the trace as a DataFrame (``scheme``, ``seed``, ``step``, ``layer``,
+    ``load``); layers averaged, the line the mean over seeds, the band min..max.
+    """
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    loads = np.asarray(df["load"].tolist(), dtype=np.float64)
+    df = df.assign(imbalance=loads.max(1) / np.maximum(loads.mean(1), 1e-12))
+    per = df.groupby(["scheme", "seed", "step"], sort=False)["imbalance"].mean().reset_index()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for scheme, g in per.groupby("scheme", sort=False):
+        wide = g.pivot(index="step", columns="seed", values="imbalance")
+        x = wide.index.to_numpy()
+        line = ax.plot(x, wide.mean(1), label=str(scheme), lw=1.4)[0]
+        if wide.shape[1] > 1:
+            ax.fill_between(x, wide.min(1), wide.max(1), color=line.get_color(), alpha=0.2, lw=0)
+    seeds = per["seed"].nunique()
+    ax.set_xlabel("training step")
+    ax.set_ylabel("expert load imbalance (max/mean)")
+    band = f"; band: min..max over {seeds} seeds" if seeds > 1 else ""
+    ax.set_title(f"{title}measured max/mean expert load per step{band}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+    _save(fig, out)
+    return out
