@@ -133,11 +133,9 @@ def test_a_recorded_trace_drives_the_steps(tmp_path: Path) -> None:
                          f"{DYN}.steps=40"))  # fmt: skip
     res = simulate(scn, hardware())
     assert len(res.dynamics["series"]["expert_imbalance"]) == 40
-    too_long = scn.model_copy(deep=True)
     bad = scenario(*_dyn(f"{DYN}.source=trace", f"{DYN}.trace={trace}", f"{DYN}.steps=41"))
     with pytest.raises(ConfigError, match="fewer than asked"):
         simulate(bad, hardware())
-    assert too_long is not None
 
 
 def test_simulate_steps_cli_json_and_table(capsys) -> None:
@@ -199,7 +197,8 @@ def test_expert_choice_loads_stay_balanced_over_steps() -> None:
 
 def test_rebalancing_the_placement_follows_moving_loads() -> None:
     base = _dyn(f"{DYN}.steps=60", f"{DYN}.drift=0.0", f"{DYN}.balancing=bias",
-                f"{DYN}.gamma=0.05", "placement.kind=eplb", "placement.redundant_experts=2")  # fmt: skip
+                f"{DYN}.gamma=0.05", "placement.kind=eplb",
+                "placement.redundant_experts=2")  # fmt: skip
     stale = simulate(scenario(*base), hardware()).dynamics["series"]["gpu_imbalance"]
     fresh = simulate(scenario(*base, "placement.rebalance_every=10"), hardware())
     series = fresh.dynamics["series"]["gpu_imbalance"]
