@@ -90,9 +90,11 @@ def plot_trace(rows: Any, path: str | Path, *, title: str = "") -> Path:
     for scheme, g in per.groupby("scheme", sort=False):
         wide = g.pivot(index="step", columns="seed", values="imbalance")
         x = wide.index.to_numpy()
-        line = ax.plot(x, wide.mean(1), label=str(scheme), lw=1.4)[0]
+        line = ax.plot(x, wide.mean(axis=1), label=str(scheme), lw=1.4)[0]
         if wide.shape[1] > 1:
-            ax.fill_between(x, wide.min(1), wide.max(1), color=line.get_color(), alpha=0.2, lw=0)
+            ax.fill_between(
+                x, wide.min(axis=1), wide.max(axis=1), color=line.get_color(), alpha=0.2, lw=0
+            )
     seeds = per["seed"].nunique()
     ax.set_xlabel("training step")
     ax.set_ylabel("expert load imbalance (max/mean)")
