@@ -111,3 +111,22 @@ def test_eplb_lowers_gpu_imbalance_and_adds_memory_in_simulate() -> None:
     assert pe["expert_weight_bytes_per_gpu"] == pytest.approx(
         1.25 * pc["expert_weight_bytes_per_gpu"]
     )
+
+
+def test_impossible_placement_exits_2_naming_file_and_field(capsys) -> None:
+    from pathlib import Path
+
+    from moesim.cli import main
+
+    tiny = str(Path(__file__).resolve().parents[1] / "scenarios/tiny-cpu.yaml")
+    args = [
+        "simulate",
+        tiny,
+        "--set",
+        "placement.kind=eplb",
+        "--set",
+        "placement.redundant_experts=3",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "tiny-cpu.yaml: placement.redundant_experts = 3" in err and err.count("\n") == 0

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from moesim.config.scenario import Scenario
+from moesim.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +54,10 @@ def run(args: argparse.Namespace) -> int:
     scn, hw = load_pair(args.scenario, overrides, args.hardware)
     scn = resolve_dynamics_trace(scn, Path(args.scenario))
     scn = resolve_trace_path(scn, Path(args.scenario))
-    result = simulate(scn, hw, seed=args.seed, trace=bool(args.trace))
+    try:
+        result = simulate(scn, hw, seed=args.seed, trace=bool(args.trace))
+    except ConfigError as err:  # placement / dynamics problems found while simulating
+        raise (err.with_file(args.scenario) if err.file is None else err) from None
     if args.trace:
         from moesim.report.trace import chrome_trace_json
 

@@ -22,7 +22,7 @@ def placement_line(r: Any) -> str:
     return (
         f"placement {p['kind']}{extra}{tier}: {p['experts_per_gpu']} experts/GPU, "
         f"{_bytes(p['expert_weight_bytes_per_gpu'])} routed-expert weights/GPU, "
-        f"max {p['max_copies']} copies"
+        f"up to {p['max_copies']} cop{'y' if p['max_copies'] == 1 else 'ies'} of an expert"
     )
 
 
