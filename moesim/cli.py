@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "validate": "predicted vs measured on this machine and vs published figures",
     "profiles": "list hardware profiles with their key figures",
     "import": "import public measured GPU kernel tables (aiconfigurator) as results",
+    "train-router": "train a small MoE on CPU under balancing schemes; record per-step loads",
 }
 #: subcommands whose module name differs from the command (``import`` is a keyword)
 MODULES: dict[str, str] = {"import": "importer"}

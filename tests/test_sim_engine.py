@@ -17,7 +17,7 @@ from moesim.simulate.topology import build_topology
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = sorted(p.name for p in (REPO / "scenarios").glob("*.yaml"))
-BIG = {"deepseek-v3-2048xh800.yaml"}
+BIG = {"deepseek-v3-2048xh800.yaml", "balancing-deepseek-v3-256xh800.yaml"}  # slow: 200 steps
 ROW_BYTES = 64 * 4  # hidden 64, fp32
 #: split-size exchange before an alltoall dispatch: E/P = 2 int64 counts to the one peer
 EXCHANGE_BYTES = 2 * 8

@@ -140,7 +140,13 @@ def run(args: argparse.Namespace) -> int:
         json.dump(to_json(args, keys, rows, dropped), sys.stdout, indent=1, default=str)
         sys.stdout.write("\n")
         return 0
+    from moesim.explore.metrics import table_metrics
     from moesim.report.compare_tables import comparison_table, render_wide
 
-    render_wide(comparison_table(rows, keys, title=f"{args.scenario}: {len(rows)} variants"))
+    metrics = table_metrics([s.result for s in rows])
+    title = f"{args.scenario}: {len(rows)} variants"
+    if "dyn_mean_step_time_s" in metrics:
+        steps = rows[0].result["dynamics"]["summary"]["steps"]
+        title += f", over the first {steps} steps (step time: the static first step)"
+    render_wide(comparison_table(rows, keys, title=title, metrics=metrics))
     return 0

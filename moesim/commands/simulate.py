@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from moesim.config.scenario import Scenario
+from moesim.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a scenario field, e.g. router.capacity_factor=1.25 (repeatable)",
     )
     parser.add_argument("--seed", type=int, help="random seed (default: workload.seed)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        metavar="N",
+        help="simulate N training steps with per-step loads (workload.routing.dynamics): "
+        "a time series and its summary",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument(
         "--trace", metavar="OUT.json", help="write a Chrome trace (Perfetto) of the first GPUs"
@@ -41,9 +49,22 @@ def run(args: argparse.Namespace) -> int:
     from moesim.io import atomic_write_text
     from moesim.simulate import simulate
 
-    scn, hw = load_pair(args.scenario, args.overrides, args.hardware)
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        if args.steps < 1:
+            from moesim.errors import UserError
+
+            raise UserError(f"--steps {args.steps}: must be >= 1")
+        overrides.append(f"workload.routing.dynamics.steps={args.steps}")
+    scn, hw = load_pair(args.scenario, overrides, args.hardware)
+    scn = resolve_dynamics_trace(scn, Path(args.scenario))
     scn = resolve_trace_path(scn, Path(args.scenario))
-    result = simulate(scn, hw, seed=args.seed, trace=bool(args.trace), traffic=bool(args.traffic))
+    try:
+        result = simulate(
+            scn, hw, seed=args.seed, trace=bool(args.trace), traffic=bool(args.traffic)
+        )
+    except ConfigError as err:  # placement / dynamics problems found while simulating
+        raise (err.with_file(args.scenario) if err.file is None else err) from None
     if args.traffic:
         from moesim.io import atomic_write_json
         from moesim.report.plots import plot_traffic
@@ -60,7 +81,25 @@ def run(args: argparse.Namespace) -> int:
     from moesim.report.sim_tables import render_result
 
     render_result(result, trace_path=args.trace)
+    from moesim.report.dynamics_tables import render_dynamics
+
+    render_dynamics(result)
     return 0
+
+
+def resolve_dynamics_trace(scn: Scenario, scenario_file: Path) -> Scenario:
+    """A relative dynamics trace not found from here is taken relative to the scenario file."""
+    dyn = scn.workload.routing.dynamics
+    if dyn.trace is None or Path(dyn.trace).is_absolute() or Path(dyn.trace).exists():
+        return scn
+    candidate = scenario_file.parent / dyn.trace
+    if not candidate.exists():
+        return scn
+    routing = scn.workload.routing.model_copy(
+        update={"dynamics": dyn.model_copy(update={"trace": str(candidate)})}
+    )
+    workload = scn.workload.model_copy(update={"routing": routing})
+    return scn.model_copy(update={"workload": workload})
 
 
 def resolve_trace_path(scn: Scenario, scenario_file: Path) -> Scenario:

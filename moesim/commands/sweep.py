@@ -81,13 +81,19 @@ def _plots(outcome: SweepOutcome) -> list[Path]:
     from moesim.report.plots import plot_sweep
 
     title = outcome.spec.name or ""
-    return plot_sweep(
+    paths = plot_sweep(
         outcome.summary,
         outcome.axis_cols,
         outcome.spec.metrics,
         outcome.out_dir / "plots",
         title=title,
     )
+    from moesim.report.dynamics_plots import has_series, plot_series
+
+    if has_series(outcome.records):
+        labels = {v.index: v.label() for v in outcome.plan.variants}
+        paths += plot_series(outcome.records, labels, outcome.out_dir / "plots", title=title)
+    return paths
 
 
 def _report(outcome: SweepOutcome, plots: list[Path], *, feasible_only: bool = False) -> None:
@@ -105,7 +111,10 @@ def _report(outcome: SweepOutcome, plots: list[Path], *, feasible_only: bool = F
         ranked = sorted(rows[1:], key=lambda s: _rank(s, first, better))
         rows = [rows[0], *ranked[: MAX_TABLE_ROWS - 1]]
         title += f" (first row, then the best {len(rows) - 1} by {first}; all in summary.csv)"
-    render_wide(comparison_table(rows, outcome.axes_keys, title=title))
+    from moesim.explore.metrics import table_metrics
+
+    metrics = table_metrics([s.result for s in rows])
+    render_wide(comparison_table(rows, outcome.axes_keys, title=title, metrics=metrics))
     for variant, why in outcome.plan.skipped:
         console.print(f"[yellow]skipped[/] {variant.label()}: {why}")
     console.print(f"tables: {outcome.out_dir}/runs.parquet, runs.csv, summary.csv")

@@ -66,12 +66,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="predicted vs measured per phase on imported GPU tables (H100, H200), "
         "each configuration held out of the fit",
     )
+    parser.add_argument(
+        "--dynamics",
+        nargs="?",
+        const="results/dynamics/router-dynamics.parquet",
+        default=None,
+        metavar="TRACE.parquet",
+        help="fit the load dynamics to the first part of each measured run (a "
+        "`moesim train-router` trace; default the committed one) and predict the rest",
+    )
+    parser.add_argument(
+        "--capacity-factor",
+        default="1.25,2.0",
+        metavar="CF[,CF...]",
+        help="capacity factors of the predicted drop fraction (--dynamics; default 1.25,2.0)",
+    )
+    parser.add_argument(
+        "--fit-fraction",
+        type=float,
+        default=0.5,
+        help="share of each run's steps the fit sees (--dynamics; default 0.5)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "gpu_tables", False):
         return _run_gpu_tables(args)
+    if args.dynamics is not None:
+        return _run_dynamics(args)
     worlds = _worlds(args.ep_world)
     everything = args.ep_world is None and not args.published and not args.memory
     published = args.published or everything
@@ -249,4 +272,30 @@ def _run_gpu_tables(args: argparse.Namespace) -> int:
     from moesim.report.validate_tables import print_gpu_tables
 
     print_gpu_tables(report)
+    return 0
+
+
+# -- load dynamics ------------------------------------------------------------------------
+
+
+def _run_dynamics(args: argparse.Namespace) -> int:
+    """``--dynamics``: fitted process vs the rest of each measured run (alone, not with EP)."""
+    from moesim.validation.dynamics import validate_dynamics
+
+    if args.ep_world is not None or args.published:
+        raise UserError("--dynamics runs alone; leave out --ep-world and --published")
+    try:
+        cfs = tuple(float(c) for c in args.capacity_factor.split(",") if c.strip())
+    except ValueError:
+        raise UserError(
+            f"--capacity-factor {args.capacity_factor!r}: expected numbers, e.g. 1.25,2.0"
+        ) from None
+    report = validate_dynamics(args.dynamics, capacity_factors=cfs, fit_fraction=args.fit_fraction)
+    _save(args.out / f"dynamics-{_stamp()}.json", report)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    from moesim.report.dynamics_tables import print_dynamics_validation
+
+    print_dynamics_validation(report)
     return 0

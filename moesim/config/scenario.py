@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from moesim.config.base import FieldError, Frozen, check_dtype
+from moesim.config.dynamics import DynamicsConfig, PlacementConfig
 from moesim.config.router import RouterConfig, RouterSpec
 
 
@@ -167,6 +168,7 @@ class RoutingConfig(Frozen):
     trace: str | None = None  # .npy or .parquet of expert ids [tokens, k] (or [layers, tokens, k])
     persistence: float = Field(default=1.0, ge=0, le=1)  # 1 = same popularity in every layer
     source_skew: float = Field(default=0.0, ge=0)  # extra per-source-GPU variation (Dirichlet)
+    dynamics: DynamicsConfig = Field(default_factory=DynamicsConfig)  # loads over steps
 
     @model_validator(mode="after")
     def _trace(self) -> RoutingConfig:
@@ -272,6 +274,7 @@ class Scenario(Frozen):
     workload: WorkloadConfig = Field(default_factory=WorkloadConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)  # expert -> GPU
 
     @model_validator(mode="after")
     def _cross(self) -> Scenario:

@@ -44,8 +44,27 @@ EXTRA_METRICS: dict[str, Metric] = {
     ),
     "memory_headroom_GiB": Metric("memory_headroom_GiB", "HBM headroom", "GiB", True),
     "oom": Metric("oom", "P(some GPU exceeds HBM)", "fraction", False),
+    # routed-expert weights one GPU holds (details.placement): what redundant copies cost
+    "expert_weight_bytes_per_gpu": Metric(
+        "expert_weight_bytes_per_gpu", "expert weights/GPU", "bytes", False
+    ),
 }
 PHASE_PREFIX = "phase_"
+#: ``result["dynamics"]["summary"][x]`` flattens to ``dyn_x``
+DYNAMICS_PREFIX = "dyn_"
+#: the comparison columns when the runs simulate many steps (``--steps`` / dynamics.steps)
+DYNAMICS_METRICS: dict[str, Metric] = {
+    m.key: m
+    for m in (
+        Metric("dyn_mean_step_time_s", "mean step", "seconds", False),
+        Metric("dyn_extra_fraction_vs_balanced", "vs balanced", "fraction", False),
+        Metric("dyn_mean_drop_fraction", "dropped", "fraction", False),
+        Metric("dyn_mean_expert_imbalance", "expert imb.", "ratio", False),
+        Metric("dyn_final_expert_imbalance", "last imb.", "ratio", False),
+        Metric("dyn_mean_gpu_imbalance", "GPU imb.", "ratio", False),
+        Metric("dyn_time_to_target_s", "to target", "seconds", False),
+    )
+}
 
 
 def metric(key: str) -> Metric:
@@ -54,6 +73,8 @@ def metric(key: str) -> Metric:
         return METRICS[key]
     if key in EXTRA_METRICS:
         return EXTRA_METRICS[key]
+    if key in DYNAMICS_METRICS:
+        return DYNAMICS_METRICS[key]
     if key.startswith(PHASE_PREFIX) and key.endswith("_s"):
         name = key[len(PHASE_PREFIX) : -2]
         return Metric(key, f"{name} time", "seconds", False)
@@ -61,7 +82,7 @@ def metric(key: str) -> Metric:
 
 
 def plottable_metrics() -> list[str]:
-    return [*METRICS, *EXTRA_METRICS]
+    return [*METRICS, *EXTRA_METRICS, *DYNAMICS_METRICS]
 
 
 def flatten(result: Mapping[str, Any]) -> dict[str, Any]:
@@ -76,6 +97,7 @@ def flatten(result: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(value, (int, float)):
             row[f"{PHASE_PREFIX}{name}_s"] = float(value)
     row.update(memory_columns(result))
+    row.update(_placement_and_dynamics(result))
     return row
 
 
@@ -90,6 +112,31 @@ def memory_columns(result: Mapping[str, Any]) -> dict[str, float]:
         "memory_headroom_GiB": float(mem["headroom_GiB"]),
         "oom": 0.0 if result.get("fits", True) else 1.0,
     }
+
+
+def _placement_and_dynamics(result: Mapping[str, Any]) -> dict[str, float]:
+    """Expert weights per GPU (placement) and ``dyn_*`` summary columns (dynamics)."""
+    row: dict[str, float] = {}
+    placement = (result.get("details") or {}).get("placement") or {}
+    if "expert_weight_bytes_per_gpu" in placement:
+        row["expert_weight_bytes_per_gpu"] = float(placement["expert_weight_bytes_per_gpu"])
+    summary = (result.get("dynamics") or {}).get("summary") or {}
+    for name, value in summary.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            row[f"{DYNAMICS_PREFIX}{name}"] = float(value)
+    return row
+
+
+def table_metrics(results: list[Mapping[str, Any]]) -> list[str]:
+    """Comparison columns: the dynamics ones when any run simulated many steps."""
+    placed = any(
+        ((r.get("details") or {}).get("placement") or {}).get("kind", "contiguous") != "contiguous"
+        for r in results
+    )
+    extra = ["dispatch_bytes_per_gpu", "expert_weight_bytes_per_gpu"] if placed else []
+    if any(r.get("dynamics") for r in results):
+        return ["step_time_s", *DYNAMICS_METRICS, *extra]
+    return [*METRICS, *extra]
 
 
 def is_number(value: Any) -> bool:

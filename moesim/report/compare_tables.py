@@ -15,7 +15,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from moesim.explore.metrics import METRICS, Metric, Unit
+from moesim.explore.metrics import METRICS, Metric, Unit, metric
 from moesim.explore.stats import Estimate
 from moesim.explore.summary import VariantSummary
 from moesim.explore.variants import format_value, short_name
@@ -120,7 +120,7 @@ def comparison_table(
     for key in axes_keys:
         table.add_column(short_name(key), justify="left", no_wrap=True)
     table.add_column("fits", justify="left", no_wrap=True)
-    cols = [METRICS[k] for k in metrics if k in METRICS]
+    cols = [metric(k) for k in metrics]
     scales = {}
     for m in cols:
         ests = [s.stats.get(m.key) for s in summaries]

@@ -8,6 +8,11 @@
 - :mod:`~moesim.simulate.capacity` capacity, drops and padding (the kernels'
   definitions, pure numpy);
 - :mod:`~moesim.simulate.loads` per-(layer, micro-batch) loads of every GPU;
+- :mod:`~moesim.simulate.placement` expert -> GPU slots (contiguous, balanced
+  packing, DeepSeek EPLB with replicas), applied to loads before pricing;
+- :mod:`~moesim.simulate.dynamics` per-step loads over a training run
+  (parametric process with a balancing rule, or a measured trace), priced
+  step by step from the plan (``workload.routing.dynamics.steps``);
 - :mod:`~moesim.simulate.topology` / :mod:`~moesim.simulate.traffic` the links
   of each EP group and what each dispatcher puts on them;
 - :mod:`~moesim.simulate.network` the coflow fluid model (max-min fair);

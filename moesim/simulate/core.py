@@ -64,6 +64,10 @@ def simulate(
     res = _result(scenario, hw, seed, plan, pipe, eng, trace)
     if traffic:
         res.traffic = traffic_of(plan, eng)
+    if scenario.workload.routing.dynamics.steps > 0:
+        from moesim.simulate.dynamics import run_dynamics
+
+        res.dynamics = run_dynamics(scenario, hw, topo, plan, res.step_time_s, seed)
     return res
 
 
@@ -250,6 +254,7 @@ def _details(
         "split_exchange_s": float(plan.split_exchange_X.mean()),
         # part of the experts phase (mean over GPUs, layers and micro-batches, forward)
         "regroup_s": float(np.mean([w.regroup_s_G.mean() for w in plan.work.computed()])),
+        "placement": dict(plan.placement),
         "sim_events": eng.events,
         "compute_s": dict(plan.compute_s),
         "model_flops_per_token": model_flops_per_token(scn),

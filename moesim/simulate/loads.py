@@ -94,6 +94,30 @@ class LoadModel:
             return self._from_ids(layer, mb, rng)
         return self._synthetic(layer, rng)
 
+    def expected_loads(self, layers: int) -> F64:
+        """``[layers, E]`` expected assignments per expert and token (sums to K per row).
+
+        Synthetic: the inclusion probabilities of the layer's popularity; trace: the
+        trace layer's id counts; router: the ids the router gives micro-batch 0
+        (one measured batch, as EPLB places from recorded loads); balanced kinds: even.
+        """
+        E, K = self.E, self.K
+        if self.scn.router.kind in ("expert_choice", "soft"):
+            return np.full((layers, E), K / E)
+        if self._pop is not None:
+            return routing.inclusion_probs(self._pop[:layers], K)
+        out = np.empty((layers, E))
+        for i in range(layers):
+            if self._trace is not None:
+                ids = self._trace[i % self._trace.shape[0]]
+                counts = np.bincount(ids.ravel(), minlength=E).astype(np.float64)
+            else:
+                counts = self._from_ids(
+                    i, 0, np.random.default_rng([self.seed, 3, i])
+                ).routed_GE.sum(0)
+            out[i] = counts * K / max(float(np.sum(counts)), 1.0)
+        return out
+
     @property
     def capacity_per_domain(self) -> int | None:
         return None if self.cap_S is None else int(self.cap_S[0])

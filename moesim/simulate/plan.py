@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -55,6 +56,7 @@ from moesim.errors import lookup
 from moesim.model import collectives, params
 from moesim.simulate import dense
 from moesim.simulate.loads import Load, LoadModel
+from moesim.simulate.placement import Placer
 from moesim.simulate.schedules import layout_for, moe_layers_per_rank
 from moesim.simulate.topology import Topology, spec_bandwidths
 from moesim.simulate.traffic import flat_links, hierarchical_links
@@ -150,6 +152,7 @@ class StepPlan:
     cost: CostModel
     loads: LoadModel
     pp: int = 1
+    placement: dict[str, Any] = field(default_factory=dict)  # Placer.details()
     #: TP / CP collectives equal in every layer: ``tp`` (one TP block, AG + RS), ``tp2``
     #: (a dense layer's two blocks), ``cp`` / ``cp_bwd`` (the K/V ring); absent when unused
     collectives: dict[str, Coflows] = field(default_factory=dict)
@@ -287,10 +290,12 @@ def build_plan(
     training = scn.workload.mode == "training"
     pricer = CommPricer(hw, cost, topo)
     exchange = split_exchange_s(scn, topo, pricer)
+    placer = Placer(scn, topo, loads, layers)  # expert -> GPU slots (contiguous: identity)
 
     def make(i: int, m: int) -> LayerWork:
         load = loads.load(i, m)
-        return _layer_work(scn, topo, cost, pricer, load, stats, training, exchange, i)
+        placed = placer.apply(load, i)
+        return _layer_work(scn, topo, cost, pricer, placed, stats, training, exchange, i, load)
 
     works = WorkTable(make, layers, mbs)
     return StepPlan(
@@ -311,6 +316,7 @@ def build_plan(
         loads=loads,
         pp=pp,
         collectives=layer_collectives(scn, topo, pricer),
+        placement=placer.details(),
     )
 
 
@@ -389,14 +395,16 @@ def _layer_work(
     training: bool,
     exchange_X: F64,
     layer: int = 0,
+    logical: Load | None = None,
 ) -> LayerWork:
+    """``load`` per physical expert slot (placement applied), ``logical`` per expert."""
     X, P = topo.num_groups, topo.ep
-    E, D = scn.model.num_experts, scn.model.hidden_size
+    E, D = load.sent_GE.shape[1], scn.model.hidden_size  # physical slots of a group
     recv_XE = load.sent_GE.reshape(X, P, E).sum(1, dtype=np.float64)  # rows each expert runs
     recv_GL = recv_XE.reshape(X * P, E // P)  # by GPU and local expert
     experts_s = cost.experts_s(recv_GL, D, scn.model.moe_intermediate_size, scn.model.dtype)
     rows_XL = dispatch_rows(scn, topo, load)
-    _add_stats(st, load, X, P, E, rows_XL, layer)
+    _add_stats(st, logical or load, load, X, P, rows_XL, layer)
     comb_bytes = row_bytes(D, scn.combine_dtype)
     dispatch = pricer.price(rows_XL, row_bytes(D, scn.dispatch_dtype))
     combine = pricer.price(rows_XL[:, topo.swap_L], comb_bytes)
@@ -487,7 +495,7 @@ def row_bytes(hidden: int, dtype: str) -> float:
 
 def _per_rank_XPP(scn: Scenario, topo: Topology, load: Load) -> F64:
     """Rows each source sends to each rank: one copy per (token, expert)."""
-    X, P, E = topo.num_groups, topo.ep, scn.model.num_experts
+    X, P, E = topo.num_groups, topo.ep, load.sent_GE.shape[1]
     return load.sent_GE.reshape(X, P, P, E // P).sum(-1).astype(np.float64)
 
 
@@ -525,7 +533,11 @@ def dispatch_rows(scn: Scenario, topo: Topology, load: Load) -> F64:
     return rows(scn, topo, load)
 
 
-def _add_stats(st: LoadStats, load: Load, X: int, P: int, E: int, rows_XL: F64, layer: int) -> None:
+def _add_stats(
+    st: LoadStats, load: Load, placed: Load, X: int, P: int, rows_XL: F64, layer: int
+) -> None:
+    """Expert imbalance from the logical ``load``, GPU imbalance from the ``placed`` one."""
+    E = load.routed_GE.shape[1]
     per_expert = load.routed_GE.reshape(X, P, E).sum(1, dtype=np.float64)
     kept_XE = load.kept_GE.reshape(X, P, E).sum(1, dtype=np.float64)
     st.routed += float(per_expert.sum())
@@ -533,7 +545,8 @@ def _add_stats(st: LoadStats, load: Load, X: int, P: int, E: int, rows_XL: F64, 
     imb = per_expert.max(-1) / np.maximum(per_expert.mean(-1), 1e-12)
     st.expert_imbalance.extend(imb.tolist())
     st.layer_expert_imbalance.setdefault(layer, []).append(float(imb.mean()))
-    per_gpu = kept_XE.reshape(X, P, E // P).sum(-1)
+    R = placed.kept_GE.shape[1]
+    per_gpu = placed.kept_GE.reshape(X, P, R).sum(1, dtype=np.float64).reshape(X, P, R // P).sum(-1)
     st.gpu_imbalance.extend((per_gpu.max(-1) / np.maximum(per_gpu.mean(-1), 1e-12)).tolist())
     egress = rows_XL[:, :P].sum(-1) + rows_XL[:, 2 * P : 3 * P].sum(-1)
     st.sent_rows_per_gpu.extend((egress / P).tolist())

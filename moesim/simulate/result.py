@@ -45,8 +45,11 @@ class SimResult:
     ``bytes_per_gpu``: bytes one GPU sends in the step on ``scaleup`` and
     ``network``, and ``by_kind``. ``alltoall_fraction``: exposed EP all-to-all
     on the critical GPU / step.
-    ``layers``: the same per layer. ``trace_events``: Chrome trace events when
-    simulated with ``trace=True`` (not part of :meth:`to_dict`).
+    ``layers``: the same per layer. ``dynamics``: with
+    ``workload.routing.dynamics.steps > 0``, a per-step ``series`` and its
+    ``summary`` (:func:`moesim.simulate.dynamics.run_dynamics`).
+    ``trace_events``: Chrome trace events when simulated with ``trace=True``
+    (not part of :meth:`to_dict`).
     """
 
     scenario: str
@@ -75,6 +78,7 @@ class SimResult:
     bubble_fraction: float = 0.0
     bytes_per_gpu: dict[str, Any] = field(default_factory=dict)
     traffic: dict[str, Any] | None = field(default=None, repr=False)
+    dynamics: dict[str, Any] | None = None  # {"summary", "series"} over steps (--steps N)
     trace_events: list[dict[str, Any]] | None = field(default=None, repr=False)
     event_log: list[tuple[str, float]] = field(default_factory=list, repr=False)
 
@@ -91,4 +95,6 @@ class SimResult:
         out = {k: getattr(self, k) for k in keys}
         if self.traffic is not None:
             out["traffic"] = self.traffic
+        if self.dynamics is not None:
+            out["dynamics"] = self.dynamics
         return out

@@ -1,0 +1,227 @@
+"""Fit the parametric load dynamics to the start of a measured run; predict the rest.
+
+Legend: T = steps, L = layers, E = experts, Q = Monte-Carlo paths.
+
+For each token-choice run of a ``moesim train-router`` trace: the first
+``fit_fraction`` of the steps is all the fit sees. Per layer and expert the
+observed log-share ``y = log(load / sum load)`` is taken as ``mu + x + e``:
+``x`` an AR(1) process (the :class:`~moesim.simulate.dynamics.ParametricProcess`
+with ``persistence`` rho and innovation sd ``drift``), ``e`` the sampling noise
+of ``n`` assignments (variance ``(1 - p)/(n p)``, known). ``mu`` is the mean of
+``y`` over the last :data:`LEVEL_STEPS` fitted steps; rho and the variance of
+``x`` come from the pooled lag-0 and lag-1 autocovariances with the noise
+variance taken off lag 0. Runs balanced by ``bias`` or ``aux_loss`` are fitted
+with that rule on: ``y - rate·C`` with ``C`` the rule's cumulative signal from
+the observed loads, ``rate`` by grid search (:data:`RATES`) as the value that
+leaves ``y - rate·C`` with the least variance (no trend left); the AR(1) is then
+fitted to ``y - rate·C``. The other schemes' effects are part of what the AR(1)
+absorbs.
+
+The rest of the run is then predicted from the fitted process alone (started
+at the last fitted step's shrunk state, never fed later steps): ``Q`` paths,
+each step's counts drawn ``Multinomial(n, softmax(z + b))``, the rule updating
+``b`` from those simulated counts. Per step, the drop
+fraction at capacity factor ``cf`` (capacity ``ceil(cf·n/E)`` per expert, the
+whole step one capacity domain, as :func:`moesim.kernels.gating.expert_capacity`)
+and max/mean load, averaged over paths and layers, are compared with the same
+quantities of the measured steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from moesim.config.dynamics import DynamicsConfig
+from moesim.errors import ConfigError
+from moesim.simulate.dynamics import ParametricProcess, shares_of
+
+F64 = NDArray[np.float64]
+DEFAULT_TRACE = Path("results/dynamics/router-dynamics.parquet")
+#: fitted steps whose mean log-share is the process level mu
+LEVEL_STEPS = 50
+#: Monte-Carlo paths of the prediction
+PATHS = 200
+#: pass thresholds of the issue: drop fraction (absolute) and max/mean (relative)
+DROP_TOL_PP = 0.5
+IMBALANCE_TOL = 0.10
+
+
+@dataclass(frozen=True)
+class Fit:
+    mu_LE: F64
+    z0_LE: F64
+    b0_LE: F64
+    persistence: float
+    drift: float
+    balancing: str
+    rate: float
+
+
+#: balancing rules a run's scheme is fitted with (the others: AR(1) alone)
+SCHEME_RULE = {"bias": "bias", "aux_loss": "aux_loss"}
+#: candidate rule rates (log-share units per step) of the grid search
+RATES = np.r_[0.0, np.geomspace(1e-4, 0.3, 60)]
+
+
+def rule_steps(share_TLE: F64, balancing: str) -> F64:
+    """``[T, L, E]`` cumulative rule signal before each step (rate 1), from observed loads."""
+    mean = share_TLE.mean(-1, keepdims=True)
+    sig = np.sign(mean - share_TLE) if balancing == "bias" else -(share_TLE / mean - 1.0)
+    return np.concatenate([np.zeros_like(sig[:1]), np.cumsum(sig, 0)[:-1]])
+
+
+def fit_process(share_TLE: F64, n: int, scheme: str = "none") -> Fit:
+    """Rule rate by grid search, then AR(1) of the rest with sampling noise removed."""
+    y = np.log(np.maximum(share_TLE, 0.5 / n))
+    balancing = SCHEME_RULE.get(scheme, "none")
+    rate, C = 0.0, np.zeros_like(y)
+    if balancing != "none":
+        C = rule_steps(share_TLE, balancing)
+        rate = min(RATES, key=lambda r: _detrended_var(y - r * C))
+    u = y - rate * C
+    W = min(LEVEL_STEPS, len(u))
+    mu = u[-W:].mean(0)
+    d = u[-W:] - mu
+    noise = float(((1.0 - share_TLE[-W:]) / np.maximum(n * share_TLE[-W:], 0.5)).mean())
+    var_x = max(float((d * d).mean()) - noise, 1e-6)
+    rho = float(np.clip(float((d[1:] * d[:-1]).mean()) / var_x, 0.0, 0.999))
+    z0 = mu + (var_x / (var_x + noise)) * d[-1]
+    b0 = rate * (C[-1] + _rule_signal(share_TLE[-1], balancing))
+    return Fit(mu, z0, b0, rho, math.sqrt(var_x * (1.0 - rho * rho)), balancing, rate)
+
+
+def _rule_signal(share_LE: F64, balancing: str) -> F64:
+    mean = share_LE.mean(-1, keepdims=True)
+    if balancing == "none":
+        return np.zeros_like(share_LE)
+    return np.sign(mean - share_LE) if balancing == "bias" else -(share_LE / mean - 1.0)
+
+
+def _detrended_var(u_TLE: F64) -> float:
+    """Variance of ``u`` around its per-(layer, expert) mean: a trend left in ``u`` adds to it."""
+    return float(((u_TLE - u_TLE.mean(0)) ** 2).mean())
+
+
+def predict(fit: Fit, n: int, steps: int, seed: int) -> F64:
+    """``[Q, steps, L, E]`` predicted counts after the fitted steps; the rule reads them."""
+    cfg = DynamicsConfig(
+        persistence=fit.persistence,
+        drift=fit.drift,
+        balancing=fit.balancing,
+        gamma=fit.rate,
+        aux_rate=fit.rate,
+    )
+    rng = np.random.default_rng(seed)
+    Q = PATHS
+    z0 = np.repeat(fit.z0_LE[None], Q, 0)
+    proc = ParametricProcess(cfg, fit.mu_LE[None], z0, rng, fit.b0_LE[None])
+    proc.z = fit.mu_LE[None] + fit.persistence * (z0 - fit.mu_LE[None])
+    proc.z += fit.drift * rng.standard_normal(z0.shape)
+    out = []
+    for _ in range(steps):
+        counts = rng.multinomial(n, proc.share()).astype(np.float64)
+        out.append(counts)
+        proc.observe(counts)
+    return np.stack(out, axis=1)
+
+
+def step_metrics(counts_TLE: F64, n: int, cf: float) -> tuple[F64, F64]:
+    """Per step (leading axes kept, layers averaged): drop fraction at ``cf``, max/mean load."""
+    E = counts_TLE.shape[-1]
+    cap = math.ceil(cf * n / E)
+    drop = np.maximum(counts_TLE - cap, 0).sum(-1) / n
+    imb = counts_TLE.max(-1) / np.maximum(counts_TLE.mean(-1), 1e-12)
+    return drop.mean(-1), imb.mean(-1)
+
+
+def validate_run(
+    share_TLE: F64, n: int, cf: float, fit_fraction: float, seed: int, scheme: str = "none"
+) -> dict[str, Any]:
+    T = share_TLE.shape[0]
+    cut = max(2, int(T * fit_fraction))
+    fit = fit_process(share_TLE[:cut], n, scheme)
+    pred = predict(fit, n, T - cut, seed)
+    q_drop, q_imb = step_metrics(pred, n, cf)  # [Q, T-cut]
+    m_drop, m_imb = step_metrics(share_TLE[cut:] * n, n, cf)
+    p_drop, p_imb = q_drop.mean(0), q_imb.mean(0)
+    band = 100 * np.percentile(q_drop.mean(1), [2.5, 97.5])  # the mean over the rest, per path
+    ibnd = np.percentile(q_imb.mean(1), [2.5, 97.5])
+    drop_err = 100 * (p_drop.mean() - m_drop.mean())
+    imb_err = p_imb.mean() / m_imb.mean() - 1.0
+    return {
+        "fit_steps": cut,
+        "predicted_steps": T - cut,
+        "persistence": fit.persistence,
+        "drift": fit.drift,
+        "balancing": fit.balancing,
+        "rate": fit.rate,
+        "measured_drop_pct": 100 * float(m_drop.mean()),
+        "predicted_drop_pct": 100 * float(p_drop.mean()),
+        "drop_error_pp": float(drop_err),
+        "drop_step_mae_pp": float(100 * np.abs(p_drop - m_drop).mean()),
+        "predicted_drop_pct_band95": [float(band[0]), float(band[1])],
+        "drop_in_band": bool(band[0] <= 100 * m_drop.mean() <= band[1]),
+        "predicted_max_mean_band95": [float(ibnd[0]), float(ibnd[1])],
+        "max_mean_in_band": bool(ibnd[0] <= m_imb.mean() <= ibnd[1]),
+        "measured_max_mean": float(m_imb.mean()),
+        "predicted_max_mean": float(p_imb.mean()),
+        "max_mean_error": float(imb_err),
+        "max_mean_step_mape": float(np.abs(p_imb / m_imb - 1.0).mean()),
+        "ok": bool(abs(drop_err) <= DROP_TOL_PP and abs(imb_err) <= IMBALANCE_TOL),
+    }
+
+
+def validate_dynamics(
+    path: str | Path = DEFAULT_TRACE,
+    *,
+    capacity_factors: tuple[float, ...] = (1.25,),
+    fit_fraction: float = 0.5,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every token-choice run of the trace: fit on the start, predict the rest (see module)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            "dynamics trace not found (write one with `moesim train-router`)",
+            field="--dynamics",
+            value=str(path),
+        )
+    if not capacity_factors or min(capacity_factors) <= 0:
+        raise ConfigError(
+            "needs capacity factors > 0", field="--capacity-factor", value=capacity_factors
+        )
+    if not 0.05 <= fit_fraction <= 0.95:
+        raise ConfigError("must be in 0.05..0.95", field="--fit-fraction", value=fit_fraction)
+    table = pq.read_table(p)
+    meta = json.loads((table.schema.metadata or {}).get(b"moesim", b"{}"))
+    df = table.to_pandas()
+    runs = []
+    for run, rows in df.groupby("run", sort=False):
+        if rows["scheme"].iloc[0] == "expert_choice":
+            continue  # every expert takes its capacity: nothing to predict
+        n = int(rows["tokens"].iloc[0] * rows["top_k"].iloc[0])
+        E = len(rows["load"].iloc[0])
+        scheme = str(rows["scheme"].iloc[0])
+        share = shares_of(rows, E, str(p))
+        for cf in capacity_factors:
+            res = validate_run(share, n, cf, fit_fraction, seed, scheme)
+            runs.append({"run": run, "scheme": scheme, "capacity_factor": cf, **res})
+    return {
+        "trace": str(p),
+        "capacity_factors": list(capacity_factors),
+        "fit_fraction": fit_fraction,
+        "tolerance": {"drop_pp": DROP_TOL_PP, "max_mean": IMBALANCE_TOL},
+        "runs": runs,
+        "all_ok": all(r["ok"] for r in runs),
+        "trace_provenance": meta.get("provenance"),
+    }

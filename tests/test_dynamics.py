@@ -1,0 +1,206 @@
+"""Load dynamics: the bias rule by hand, the parametric process, per-step pricing, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from scipy import stats
+from test_sim_support import hardware, scenario
+
+from moesim.cli import main
+from moesim.config.dynamics import DynamicsConfig
+from moesim.errors import ConfigError
+from moesim.simulate import simulate
+from moesim.simulate.dynamics import (
+    ParametricProcess,
+    aux_update,
+    bias_update,
+    expected_excess,
+    first_below,
+)
+from moesim.validation.dynamics import fit_process, step_metrics, validate_dynamics
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "scenarios/tiny-cpu.yaml")
+DYN = "workload.routing.dynamics"
+
+
+def test_bias_update_by_hand() -> None:
+    # loads 4, 2, 1, 1: mean 2, sign(mean - load) = -1, 0, +1, +1
+    b = bias_update(np.zeros(4), np.array([4.0, 2, 1, 1]), 0.1)
+    assert b.tolist() == pytest.approx([-0.1, 0.0, 0.1, 0.1])
+    b = bias_update(b, np.array([1.0, 3, 1, 3]), 0.1)  # mean 2: +1, -1, +1, -1
+    assert b.tolist() == pytest.approx([0.0, -0.1, 0.2, 0.0])
+
+
+def test_aux_update_is_proportional_to_the_overload() -> None:
+    b = aux_update(np.zeros(2), np.array([3.0, 1.0]), 0.5)  # mean 2: load/mean - 1 = 0.5, -0.5
+    assert b.tolist() == pytest.approx([-0.25, 0.25])
+
+
+def test_bias_rule_in_the_process_step_by_step() -> None:
+    # no drift, full persistence: z stays; the bias alone moves the shares
+    cfg = DynamicsConfig(persistence=1.0, drift=0.0, balancing="bias", gamma=math.log(3) / 2)
+    z = np.log(np.array([[3.0, 1.0]]))
+    proc = ParametricProcess(cfg, z, z, np.random.default_rng(0))
+    assert proc.share()[0].tolist() == pytest.approx([0.75, 0.25])
+    proc.observe(np.array([[3.0, 1.0]]))  # expert 0 over the mean: b = [-g, +g]
+    assert proc.share()[0].tolist() == pytest.approx([0.5, 0.5])  # 3·e^-g = 1·e^g
+    proc.observe(np.array([[2.0, 2.0]]))  # balanced: sign 0, nothing moves
+    assert proc.share()[0].tolist() == pytest.approx([0.5, 0.5])
+
+
+def test_ar1_without_rule_reverts_to_mu() -> None:
+    cfg = DynamicsConfig(persistence=0.5, drift=0.0)
+    mu = np.zeros((1, 2))
+    proc = ParametricProcess(cfg, mu, np.array([[2.0, 0.0]]), np.random.default_rng(0))
+    proc.observe(np.ones((1, 2)))
+    assert proc.z.tolist() == [[1.0, 0.0]]
+    proc.observe(np.ones((1, 2)))
+    assert proc.z.tolist() == [[0.5, 0.0]]
+
+
+def test_first_below_uses_a_running_mean() -> None:
+    x = np.array([3.0, 3.0, 1.0, 1.0, 1.0])
+    assert first_below(x, 1.5, 1) == 2
+    assert first_below(x, 1.5, 2) == 3  # 2-step means 3, 3, 2, 1, 1
+    assert first_below(np.array([2.0, 2.0]), 1.0, 2) is None
+
+
+@pytest.mark.parametrize(("n", "p", "cap"), [(400, 0.1, 45), (1000, 0.02, 25), (200, 0.3, 70)])
+def test_expected_excess_matches_the_binomial(n: int, p: float, cap: int) -> None:
+    k = np.arange(n + 1)
+    exact = float((np.maximum(k - cap, 0) * stats.binom.pmf(k, n, p)).sum())
+    approx = float(expected_excess(float(n), np.array([p]), float(cap))[0])
+    assert approx == pytest.approx(exact, rel=0.15, abs=0.05)
+
+
+def _dyn(*extra: str) -> tuple[str, ...]:
+    return ("model.num_experts=8", "parallel.ep=2", "workload.tokens_per_gpu=512",
+            "workload.routing={distribution: zipf, zipf_exponent: 1.0}", *extra)  # fmt: skip
+
+
+def test_step_zero_matches_the_static_engine_and_balance_is_cheaper() -> None:
+    scn = scenario(*_dyn(f"{DYN}.steps=30", f"{DYN}.drift=0.0", f"{DYN}.persistence=1.0"))
+    res = simulate(scn, hardware())
+    ser, s = res.dynamics["series"], res.dynamics["summary"]
+    assert len(ser["step_time_s"]) == 30 and s["steps"] == 30
+    # the same popularity as the static step: same step time up to count noise
+    assert ser["step_time_s"][0] == pytest.approx(res.step_time_s, rel=0.05)
+    assert s["balanced_step_time_s"] < s["mean_step_time_s"]
+    assert s["extra_time_vs_balanced_s"] > 0
+
+
+def test_bias_balancing_lowers_imbalance_and_drops_over_steps() -> None:
+    base = _dyn(f"{DYN}.steps=80", f"{DYN}.drift=0.0", "router.capacity_factor=1.25")
+    none = simulate(scenario(*base), hardware()).dynamics
+    bias = simulate(scenario(*base, f"{DYN}.balancing=bias", f"{DYN}.gamma=0.05"), hardware())
+    b = bias.dynamics
+    assert b["series"]["expert_imbalance"][-1] < 0.6 * none["series"]["expert_imbalance"][-1]
+    assert b["summary"]["mean_drop_fraction"] < none["summary"]["mean_drop_fraction"]
+    assert (
+        b["summary"]["steps_to_target"] is not None and none["summary"]["steps_to_target"] is None
+    )
+    again = simulate(scenario(*base, f"{DYN}.balancing=bias", f"{DYN}.gamma=0.05"), hardware())
+    assert again.dynamics == b  # same scenario and seed, same numbers
+
+
+def _trace(path: Path, steps: int = 40, E: int = 8, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for scheme in ("none", "bias"):
+        p = np.full(E, 1.0 / E)
+        for step in range(steps):
+            p = np.exp(np.log(p) + 0.05 * rng.standard_normal(E))
+            p /= p.sum()
+            for layer in range(2):
+                load = rng.multinomial(512, p).tolist()
+                rows.append({"run": f"{scheme}-s0", "scheme": scheme, "seed": 0, "step": step,
+                             "layer": layer, "tokens": 256, "top_k": 2, "load": load})  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_a_recorded_trace_drives_the_steps(tmp_path: Path) -> None:
+    trace = _trace(tmp_path / "t.parquet")
+    scn = scenario(*_dyn(f"{DYN}.source=trace", f"{DYN}.trace={trace}", f"{DYN}.run=bias-s0",
+                         f"{DYN}.steps=40"))  # fmt: skip
+    res = simulate(scn, hardware())
+    assert len(res.dynamics["series"]["expert_imbalance"]) == 40
+    bad = scenario(*_dyn(f"{DYN}.source=trace", f"{DYN}.trace={trace}", f"{DYN}.steps=41"))
+    with pytest.raises(ConfigError, match="fewer than asked"):
+        simulate(bad, hardware())
+
+
+def test_simulate_steps_cli_json_and_table(capsys) -> None:
+    assert main(["simulate", TINY, "--steps", "5", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["dynamics"]["summary"]["steps"] == 5
+    assert set(d["dynamics"]["series"]) >= {"step", "step_time_s", "drop_fraction"}
+    assert main(["simulate", TINY, "--steps", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "Over 5 steps" in out and "perfectly balanced" in out
+    assert main(["simulate", TINY, "--steps", "0"]) == 2
+
+
+def test_compare_shows_dynamics_columns(capsys) -> None:
+    args = ["compare", TINY, "--set", f"{DYN}.steps=5",
+            "--vary", f"{DYN}.balancing=none,bias", "--seeds", "2"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "mean step" in out and "vs balanced" in out and "±" in out
+
+
+def test_fit_recovers_a_known_ar1() -> None:
+    # the fitted process's own output: rho 0.8, drift 0.1, n large (little sampling noise)
+    cfg = DynamicsConfig(persistence=0.8, drift=0.1)
+    mu = np.log(np.linspace(1, 2, 16))[None].repeat(2, 0)
+    proc = ParametricProcess(cfg, mu, mu, np.random.default_rng(1))
+    n = 200_000
+    shares = []
+    for _ in range(400):
+        shares.append(np.random.default_rng(len(shares)).multinomial(n, proc.share()) / n)
+        proc.observe(np.zeros_like(mu))
+    fit = fit_process(np.array(shares), n)
+    assert fit.persistence == pytest.approx(0.8, abs=0.15)
+    assert fit.drift == pytest.approx(0.1, rel=0.3)
+
+
+def test_step_metrics_by_hand() -> None:
+    # n = 8 assignments over E = 2 at cf 1: capacity 4; loads 6, 2 drop 2 of 8
+    drop, imb = step_metrics(np.array([[[6.0, 2.0]]]), 8, 1.0)
+    assert drop.tolist() == [0.25] and imb.tolist() == [1.5]
+
+
+def test_validate_dynamics_cli(tmp_path: Path, capsys) -> None:
+    trace = _trace(tmp_path / "t.parquet")
+    rep = validate_dynamics(trace)
+    assert [r["run"] for r in rep["runs"]] == ["none-s0", "bias-s0"]
+    assert main(["validate", "--dynamics", str(trace), "--out", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["runs"][0]["fit_steps"] == 20
+    assert main(["validate", "--dynamics", str(tmp_path / "missing.parquet")]) == 2
+
+
+def test_expert_choice_loads_stay_balanced_over_steps() -> None:
+    scn = scenario(*_dyn(f"{DYN}.steps=5", "router.kind=expert_choice", f"{DYN}.balancing=bias"))
+    res = simulate(scn, hardware())
+    s = res.dynamics["summary"]
+    assert s["mean_drop_fraction"] == 0.0 and s["mean_expert_imbalance"] == pytest.approx(1.0)
+    assert res.dynamics["series"]["step_time_s"][0] == pytest.approx(res.step_time_s, rel=1e-9)
+
+
+def test_rebalancing_the_placement_follows_moving_loads() -> None:
+    base = _dyn(f"{DYN}.steps=60", f"{DYN}.drift=0.0", f"{DYN}.balancing=bias",
+                f"{DYN}.gamma=0.05", "placement.kind=eplb",
+                "placement.redundant_experts=2")  # fmt: skip
+    stale = simulate(scenario(*base), hardware()).dynamics["series"]["gpu_imbalance"]
+    fresh = simulate(scenario(*base, "placement.rebalance_every=10"), hardware())
+    series = fresh.dynamics["series"]["gpu_imbalance"]
+    # placed for step 0's hot experts, a stale placement is off once the bias evens them out
+    assert np.mean(series[-20:]) < np.mean(stale[-20:])
