@@ -365,3 +365,17 @@ def test_published_folding_rows_have_the_real_shapes(row_id: str, name: str) -> 
 
     row = next(r for r in load_published().rows if r.id == row_id)
     assert count_params(row.scenario.model) == count_params(_model(ORACLE[name]))
+
+
+def test_cli_simulates_a_hf_config_and_exits_2_on_a_bad_one(tmp_path: Path, capsys) -> None:
+    from moesim.cli import main
+
+    path = _scenario_with_hf(tmp_path, QWEN3_30B_A3B, ", num_moe_layers: 2")
+    assert main(["simulate", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mfu"] > 0 and out["details"]["flop_formula"]
+    bad = _scenario_with_hf(tmp_path, QWEN3_30B_A3B | {"rope_kind": "x"})
+    assert main(["simulate", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "config.json: rope_kind: unknown field(s) for qwen3_moe: rope_kind" in err
+    assert "\n" not in err

@@ -29,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trace", metavar="OUT.json", help="write a Chrome trace (Perfetto) of the first GPUs"
     )
+    parser.add_argument(
+        "--traffic",
+        metavar="DIR",
+        help="write traffic.json (one dispatch's GPU x GPU bytes, link utilisation) and heatmaps",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,7 +43,13 @@ def run(args: argparse.Namespace) -> int:
 
     scn, hw = load_pair(args.scenario, args.overrides, args.hardware)
     scn = resolve_trace_path(scn, Path(args.scenario))
-    result = simulate(scn, hw, seed=args.seed, trace=bool(args.trace))
+    result = simulate(scn, hw, seed=args.seed, trace=bool(args.trace), traffic=bool(args.traffic))
+    if args.traffic:
+        from moesim.io import atomic_write_json
+        from moesim.report.plots import plot_traffic
+
+        atomic_write_json(Path(args.traffic) / "traffic.json", result.traffic)
+        plot_traffic(result.traffic or {}, args.traffic)
     if args.trace:
         from moesim.report.trace import chrome_trace_json
 

@@ -204,3 +204,40 @@ def _max_abs(series: pd.Series) -> float:
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def plot_traffic(traffic: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """Heatmaps of one dispatch's GPU x GPU bytes and each link kind's utilisation.
+
+    ``traffic`` is :attr:`moesim.simulate.SimResult.traffic`; writes
+    ``dispatch_matrix.png`` and ``link_utilization.png`` under ``out_dir``.
+    """
+    import numpy as np
+
+    out = Path(out_dir)
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 5))
+    mat = np.asarray(traffic["dispatch_bytes"], dtype=float)
+    im = ax.imshow(mat / 1e6, cmap="viridis")
+    fig.colorbar(im, ax=ax, label="MB")
+    ax.set_xlabel("destination rank (EP group 0)")
+    ax.set_ylabel("source rank")
+    ax.set_title("one dispatch (layer 0, micro-batch 0)")
+    paths.append(_save(fig, out / "dispatch_matrix.png"))
+    kinds = [k for k, v in traffic["link_utilization"].items() if len(v) and len(v[0])]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        im = ax.imshow(np.asarray(traffic["link_utilization"][kind]), aspect="auto",
+                       cmap="magma", vmin=0.0, vmax=1.0)  # fmt: skip
+        ax.set_title(kind)
+        ax.set_xlabel("link (rank / node)")
+    axes[0][0].set_ylabel("EP group")
+    fig.colorbar(im, ax=axes[0].tolist(), label="utilisation over the step")
+    paths.append(_save(fig, out / "link_utilization.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return path

@@ -12,12 +12,19 @@
   of each EP group and what each dispatcher puts on them;
 - :mod:`~moesim.simulate.network` the coflow fluid model (max-min fair);
 - :mod:`~moesim.simulate.plan` pricing with :class:`moesim.costs.CostModel`;
-- :mod:`~moesim.simulate.engine` the SimPy event loop.
+- :mod:`~moesim.simulate.schedules` pipeline schedules (1F1B, interleaved,
+  ZB-H1, DualPipe, DualPipeV) and the layers of each virtual stage;
+- :mod:`~moesim.simulate.program` the op program (compute and collectives on
+  named groups) each task runs, and its API for adding ops;
+- :mod:`~moesim.simulate.gradsync` bucketed gradient reduce-scatter and
+  parameter all-gather (Megatron-Core DDP + distributed optimizer);
+- :mod:`~moesim.simulate.engine` the SimPy event loop that runs the program.
 
 Modelling choices worth knowing (each module says more):
 
-- one SimPy process per (EP group, micro-batch) carrying per-GPU time vectors;
-  compute streams are FIFO, collectives wait for their slowest participant;
+- one SimPy process per (EP group, lane) carrying per-GPU time vectors; an EP
+  group is one pipeline rank of one DP replica; compute streams are FIFO,
+  collectives wait for their slowest participant;
 - EP groups are contiguous blocks of GPUs and never share a link, so each is
   its own network domain; ``ep`` must be a multiple or divisor of
   ``gpus_per_node`` on multi-node clusters;
@@ -29,9 +36,12 @@ Modelling choices worth knowing (each module says more):
 - with ``alltoall`` and more than one expert per rank, the experts phase includes
   sorting the received rows by local expert and back (``details.regroup_s``);
 - backward = 2x forward GEMMs, 1x memory-bound ops, both all-to-alls again in
-  the combine dtype; the DP gradient all-reduce is a ring at the end of the step;
+  the combine dtype; gradients sync once per step in buckets over DP and
+  expert-DP, overlapped with the last backward (``training`` section);
+- pipeline stages send activations and gradients over the fabric; the bubble
+  is what the schedule leaves idle, not a factor;
 - tensor parallelism divides dense work by ``tp`` (its collectives are not
-  modelled); pipeline parallelism prices one stage with a 1F1B bubble.
+  modelled yet).
 """
 
 from moesim.simulate.core import simulate

@@ -38,11 +38,14 @@ def simulate(
     seed: int | None = None,
     trace: bool = False,
     trace_gpus: int = 16,
+    traffic: bool = False,
 ) -> SimResult:
     """Predict one step of ``scenario`` on ``hw`` (see :mod:`moesim.simulate`).
 
     ``seed`` None uses ``scenario.workload.seed``. ``trace`` records Chrome
-    trace events of the first EP group's first ``trace_gpus`` GPUs.
+    trace events of replica 0 of every pipeline rank (the first ``trace_gpus``
+    GPUs of each such EP group). ``traffic`` fills :attr:`SimResult.traffic`
+    (see :func:`traffic_of`).
     """
     seed = scenario.workload.seed if seed is None else int(seed)
     if seed < 0:
@@ -57,7 +60,42 @@ def simulate(
     traced = frozenset(range(0, topo.num_groups, plan.groups_per_stage)) if trace else frozenset()
     rec = Recorder(traced=traced, trace_gpus=trace_gpus)
     eng = run_engine(plan, prog, grad, rec)
-    return _result(scenario, hw, seed, plan, pipe, eng, trace)
+    res = _result(scenario, hw, seed, plan, pipe, eng, trace)
+    if traffic:
+        res.traffic = traffic_of(plan, eng)
+    return res
+
+
+def traffic_of(plan: StepPlan, eng: EngineResult) -> dict[str, Any]:
+    """Where the bytes go: one dispatch's GPU x GPU matrix and each link's utilisation.
+
+    ``dispatch_bytes``: bytes EP group 0's rank ``s`` sends rank ``d`` in the first
+    MoE layer's forward dispatch of micro-batch 0 (rows per (token, expert) copy x
+    row bytes; the diagonal stays in memory). ``link_utilization``: per EP group
+    and link kind (``LINK_KINDS``), bytes the link carried over the step / (its
+    capacity x step time); uplinks of a rail-optimised fabric have no limit (0).
+    """
+    from moesim.simulate.plan import _per_rank_XPP
+    from moesim.simulate.topology import LINK_KINDS
+
+    topo = plan.topo
+    rows = _per_rank_XPP(plan.scn, topo, plan.loads.load(0, 0))[0]
+    P, N = topo.ep, topo.nodes_per_group
+    cap = np.where(np.isfinite(topo.cap_L), topo.cap_L, np.inf)
+    util = eng.link_bytes_XL / (cap * max(eng.step_time_s, 1e-300))
+    sizes = [P, P, P, P, N, N]
+    edges = np.cumsum([0, *sizes])
+    by_kind = {
+        k: util[:, a:b].tolist() for k, a, b in zip(LINK_KINDS, edges[:-1], edges[1:], strict=True)
+    }
+    return {
+        "dispatch_bytes": (rows * plan.dispatch_row_bytes).tolist(),
+        "dispatch_gpus": topo.group_gpus(0).tolist(),
+        "link_utilization": by_kind,
+        "link_utilization_max": {
+            k: float(np.max(v)) if len(v[0]) else 0.0 for k, v in by_kind.items()
+        },
+    }
 
 
 def breakdown(eng: EngineResult, gpu: int | None) -> dict[str, float]:

@@ -37,7 +37,7 @@ import numpy as np
 from moesim.config.base import DTYPE_BYTES
 from moesim.config.scenario import Scenario
 from moesim.simulate.plan import Coflows, StepPlan, _dense_layer_params, _non_expert_params
-from moesim.simulate.program import Op, Program, collective, signal, wait
+from moesim.simulate.program import Op, Program, _shift, collective, signal, wait
 from moesim.simulate.schedules import Pipeline, Task
 
 #: Megatron-Core's default bucket: max(40M, 1M x data-parallel size) parameters
@@ -132,7 +132,8 @@ class GradSync:
                 continue
             first_mb, _ = self.first[r, c]
             if task[0] == "F" and task[2] == first_mb and self._gathers_overlap():
-                return [wait(("gather", r, c, b), "param_all_gather"), *body]
+                # the body's deps index its own ops: shift them past the wait
+                return [wait(("gather", r, c, b), "param_all_gather"), *_shift(body, 1)]
         if task[0] in ("B", "W") and cfg.overlap_grad_reduce and self.last.get((r, c)) == task:
             for bucket in self.buckets[r, c]:
                 if (kind, j) == bucket.layers[-1]:

@@ -148,6 +148,7 @@ class StepPlan:
     split_exchange_X: F64  # seconds of each group's split-size exchange (0: none)
     pricer: CommPricer
     cost: CostModel
+    loads: LoadModel
     pp: int = 1
     #: TP / CP collectives equal in every layer: ``tp`` (one TP block, AG + RS), ``tp2``
     #: (a dense layer's two blocks), ``cp`` / ``cp_bwd`` (the K/V ring); absent when unused
@@ -307,6 +308,7 @@ def build_plan(
         split_exchange_X=exchange,
         pricer=pricer,
         cost=cost,
+        loads=loads,
         pp=pp,
         collectives=layer_collectives(scn, topo, pricer),
     )

@@ -143,33 +143,40 @@ def signal(key: Hashable) -> Op:
 # -- layer ops ------------------------------------------------------------------
 
 
-def _coll(name: str, group: str, cf: Coflows | None, j: int, deps: tuple[int, ...]) -> Op:
-    """A collective, or a no-op (keeping indices for ``deps``) when it has no bytes."""
-    if cf is None:
-        return compute(name, 0.0, j, deps=deps)
-    return collective(name, group, cf, j, deps=deps)
-
-
 def moe_forward(prog: Program, j: int, mb: int, sfx: str = "") -> list[Op]:
-    """``sfx`` renames the phases (``_recompute`` when full recompute re-runs it)."""
+    """``sfx`` renames the phases (``_recompute`` when full recompute re-runs it).
+
+    Collectives a layout does not need (tp = cp = etp = 1) are left out, so the
+    default program is as short as before. The CP ring runs beside the attention
+    (the next op waits for both); the shared experts and their TP collective beside
+    the dispatch.
+    """
     c, w, cf = prog.plan.compute_s, prog.plan.work[j][mb], prog.plan.collectives
-    shared = c["shared_experts"] > 0
-    return [
-        compute("norm" + sfx, c["norm"] / 2, j),  # 0
-        _coll("cp_comm" + sfx, "cp", cf.get("cp"), j, (0,)),  # 1: ring beside the core
-        compute("dense" + sfx, c["dense"], j, deps=(0,)),  # 2
-        _coll("tp_comm" + sfx, "tp", cf.get("tp"), j, (1, 2)),  # 3
-        compute("norm" + sfx, c["norm"] / 2, j),
-        compute("gate" + sfx, c["gate"], j),
-        compute("permute" + sfx, c["permute"], j),  # 6
-        compute("shared_experts" + sfx, c["shared_experts"], j),  # 7
-        _coll("tp_comm" + sfx, "tp", cf.get("tp") if shared else None, j, (7,)),  # 8
-        collective("dispatch" + sfx, "ep", w.dispatch, j, deps=(6,)),  # 9: beside 7-8
-        compute("experts" + sfx, w.experts_s_G + w.regroup_s_G, j, deps=(8, 9)),
-        _coll("etp_comm" + sfx, "etp", w.etp, j, (10,)),
-        collective("combine" + sfx, "ep", w.combine, j),
-        compute("unpermute" + sfx, c["unpermute"], j),
-    ]
+    ring, tp = cf.get("cp"), cf.get("tp")
+    ops = [compute("norm" + sfx, c["norm"], j)]  # the layer's two RMSNorms
+    join: tuple[int, ...] | None = None
+    if ring is not None:
+        ops.append(collective("cp_comm" + sfx, "cp", ring, j, deps=(0,)))
+        join = (1, 2)
+    ops.append(compute("dense" + sfx, c["dense"], j, deps=(0,)))
+    if tp is not None:
+        ops.append(collective("tp_comm" + sfx, "tp", tp, j, deps=join))
+        join = None
+    ops.append(compute("gate" + sfx, c["gate"], j, deps=join))
+    ops.append(compute("permute" + sfx, c["permute"], j))
+    permuted = len(ops) - 1
+    ops.append(compute("shared_experts" + sfx, c["shared_experts"], j))
+    if c["shared_experts"] > 0 and tp is not None:
+        ops.append(collective("tp_comm" + sfx, "tp", tp, j))
+    shared = len(ops) - 1
+    ops.append(collective("dispatch" + sfx, "ep", w.dispatch, j, deps=(permuted,)))
+    experts = w.experts_s_G + w.regroup_s_G
+    ops.append(compute("experts" + sfx, experts, j, deps=(shared, len(ops) - 1)))
+    if w.etp is not None:
+        ops.append(collective("etp_comm" + sfx, "etp", w.etp, j))
+    ops.append(collective("combine" + sfx, "ep", w.combine, j))
+    ops.append(compute("unpermute" + sfx, c["unpermute"], j))
+    return ops
 
 
 def _recompute(prog: Program, j: int, mb: int) -> list[Op]:
@@ -202,47 +209,58 @@ def moe_backward(prog: Program, j: int, mb: int, part: str) -> list[Op]:
             compute("shared_experts" + sfx, gemm * c["shared_experts"], j),
             compute("dense" + sfx, gemm * c["dense"], j),
         ]
-    shared = c["shared_experts"] > 0
+    tp, ring = cf.get("tp"), cf.get("cp_bwd")
     pre = _recompute(prog, j, mb)
-    body = [
-        compute("unpermute" + BWD, c["unpermute"], j),  # 0
-        compute("shared_experts" + BWD, gemm * c["shared_experts"], j),  # 1
-        _coll("tp_comm" + BWD, "tp", cf.get("tp") if shared else None, j, (1,)),  # 2
-        collective("combine" + BWD, "ep", w.grad_dispatch, j, deps=(0,)),  # 3: beside 1-2
-        _coll("etp_comm" + BWD, "etp", w.etp, j, (3,)),
-        compute("experts" + BWD, experts, j),
-        collective("dispatch" + BWD, "ep", w.combine, j),  # 6
-        compute("permute" + BWD, c["permute"], j, deps=(2, 6)),
-        compute("gate" + BWD, c["gate"], j),
-        compute("norm" + BWD, c["norm"] / 2, j),
-        _coll("tp_comm" + BWD, "tp", cf.get("tp"), j, (9,)),
-        _coll("cp_comm" + BWD, "cp", cf.get("cp_bwd"), j, (10,)),  # 11
-        compute("dense" + BWD, gemm * c["dense"], j, deps=(10,)),  # 12: beside the ring
-        compute("norm" + BWD, c["norm"] / 2, j, deps=(11, 12)),
-    ]
+    ops = [compute("unpermute" + BWD, c["unpermute"], j)]
+    ops.append(compute("shared_experts" + BWD, gemm * c["shared_experts"], j))
+    if c["shared_experts"] > 0 and tp is not None:
+        ops.append(collective("tp_comm" + BWD, "tp", tp, j))
+    shared = len(ops) - 1
+    ops.append(collective("combine" + BWD, "ep", w.grad_dispatch, j, deps=(0,)))  # beside
+    if w.etp is not None:
+        ops.append(collective("etp_comm" + BWD, "etp", w.etp, j))
+    ops.append(compute("experts" + BWD, experts, j))
+    ops.append(collective("dispatch" + BWD, "ep", w.combine, j))
+    ops.append(compute("permute" + BWD, c["permute"], j, deps=(shared, len(ops) - 1)))
+    ops.append(compute("gate" + BWD, c["gate"], j))
+    if tp is not None:
+        ops.append(collective("tp_comm" + BWD, "tp", tp, j))
+    join: tuple[int, ...] | None = None
+    if ring is not None:
+        before = len(ops) - 1
+        ops.append(collective("cp_comm" + BWD, "cp", ring, j, deps=(before,)))
+        ops.append(compute("dense" + BWD, gemm * c["dense"], j, deps=(before,)))
+        join = (len(ops) - 2, len(ops) - 1)
+    else:
+        ops.append(compute("dense" + BWD, gemm * c["dense"], j))
+    ops.append(compute("norm" + BWD, c["norm"], j, deps=join))
+    body = ops
     return pre + _shift(body, len(pre))
 
 
 def dense_forward(prog: Program, j: int, mb: int) -> list[Op]:
+    """A dense layer; with CP its ring runs beside it, with TP its two blocks' AG + RS."""
     cf = prog.plan.collectives
-    return [
-        compute("dense_layer", 0.0, j),  # 0: anchor for the two below
-        _coll("cp_comm", "cp", cf.get("cp"), j, (0,)),
-        compute("dense_layer", prog.plan.compute_s["dense_layer"], j, deps=(0,)),
-        _coll("tp_comm", "tp", cf.get("tp2"), j, (1, 2)),  # attention and FFN blocks
-    ]
+    ops = [compute("dense_layer", prog.plan.compute_s["dense_layer"], j)]
+    if "cp" in cf:
+        ops = [compute("dense_layer", 0.0, j), collective("cp_comm", "cp", cf["cp"], j)]
+        ops.append(compute("dense_layer", prog.plan.compute_s["dense_layer"], j, deps=(0,)))
+    if "tp2" in cf:
+        deps = (1, 2) if "cp" in cf else None
+        ops.append(collective("tp_comm", "tp", cf["tp2"], j, deps=deps))
+    return ops
 
 
 def dense_backward(prog: Program, j: int, mb: int, part: str) -> list[Op]:
     gemm = {"B": 2.0, "Bi": 1.0, "W": 1.0}[part]
     sfx = WGRAD if part == "W" else BWD
     ops = [compute("dense_layer" + sfx, gemm * prog.plan.compute_s["dense_layer"], j)]
+    cf = prog.plan.collectives
     if part != "W":
-        cf = prog.plan.collectives
-        ops += [
-            _coll("tp_comm" + sfx, "tp", cf.get("tp2"), j, (0,)),
-            _coll("cp_comm" + sfx, "cp", cf.get("cp_bwd"), j, (1,)),
-        ]
+        if "tp2" in cf:
+            ops.append(collective("tp_comm" + sfx, "tp", cf["tp2"], j))
+        if "cp_bwd" in cf:
+            ops.append(collective("cp_comm" + sfx, "cp", cf["cp_bwd"], j))
     return ops
 
 

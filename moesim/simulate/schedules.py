@@ -318,10 +318,13 @@ class Layout:
     stage_layers: list[list[str]]
 
 
-def split_layers(kinds: list[str], stages: int, first: int | None, last: int | None) -> Layout:
+def split_layers(
+    kinds: list[str], stages: int, first: int | None, last: int | None, how: str = ""
+) -> Layout:
     """Contiguous layers per virtual stage: ``first``/``last`` fixed, the rest even.
 
-    Raises :class:`~moesim.errors.ConfigError` when the rest does not split evenly.
+    Raises :class:`~moesim.errors.ConfigError` when the rest does not split evenly;
+    ``how`` says where the stage count came from (for the message).
     """
     n = len(kinds)
     if stages == 1:
@@ -330,12 +333,12 @@ def split_layers(kinds: list[str], stages: int, first: int | None, last: int | N
     rest_stages = stages - len(fixed)
     rest = n - sum(fixed)
     if rest < 0 or (rest_stages == 0 and rest) or (rest_stages and rest % rest_stages):
-        hint = "set parallel.pp_first_stage_layers / pp_last_stage_layers so the rest splits"
         raise ConfigError(
-            f"{n} layers (dense + MoE) do not split over {stages} virtual stages "
-            f"(pp x vpp, or 2 x pp for dualpipev) with first={first}, last={last}; {hint}",
+            f"{n} layers (dense + MoE) do not split over {stages} virtual stages{how} "
+            f"with pp_first_stage_layers={first}, pp_last_stage_layers={last}; "
+            + _split_hint(n, stages),
             field="parallel.pp",
-            value=stages,
+            value=stages if not how else how.strip(" ()"),
         )
     each = rest // rest_stages if rest_stages else 0
     sizes = [each] * stages
@@ -348,6 +351,16 @@ def split_layers(kinds: list[str], stages: int, first: int | None, last: int | N
         out.append(kinds[at : at + size])
         at += size
     return Layout(out)
+
+
+def _split_hint(n: int, stages: int) -> str:
+    each = -(-n // stages)
+    left = n - (stages - 1) * each
+    if n % stages == 0:
+        return "unset pp_first_stage_layers / pp_last_stage_layers"
+    if left > 0:
+        return f"e.g. set parallel.pp_last_stage_layers={left} ({stages - 1} stages of {each})"
+    return "choose pp (x vpp) dividing the layer count, or set pp_first/last_stage_layers"
 
 
 def layout_for(scn: Scenario) -> tuple[Pipeline, Layout]:
@@ -364,9 +377,11 @@ def layout_for(scn: Scenario) -> tuple[Pipeline, Layout]:
     # (moe_layer_freq), then the MTP modules' MoE layers on the last stage
     block = ["dense"] * (m.moe_layer_freq - 1) + ["moe"]
     kinds = ["dense"] * dense + block * m.num_moe_layers + ["moe"] * m.mtp_num_layers
-    return pipe, split_layers(
-        kinds, pipe.stages, par.pp_first_stage_layers, par.pp_last_stage_layers
-    )
+    how = f" (pp={par.pp} x vpp={par.vpp})" if par.vpp > 1 else ""
+    if pipe.v_shape:
+        how = f" (2 x pp={par.pp}, DualPipeV)"
+    first, last = par.pp_first_stage_layers, par.pp_last_stage_layers
+    return pipe, split_layers(kinds, pipe.stages, first, last, how)
 
 
 def moe_layers_per_rank(pipe: Pipeline, layout: Layout) -> int:
