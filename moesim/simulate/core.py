@@ -15,8 +15,8 @@ from moesim.io import provenance
 from moesim.model import FORMULA, model_flops_per_token
 from moesim.simulate.dense import optimizer_s
 from moesim.simulate.engine import THREADS, EngineResult, Recorder, run_engine
-from moesim.simulate.memory import memory_report
 from moesim.simulate.gradsync import GradSync
+from moesim.simulate.memory import memory_report
 from moesim.simulate.plan import StepPlan, build_plan
 from moesim.simulate.program import BWD, KINDS, Program
 from moesim.simulate.program import PHASES as PHASES_INFO
