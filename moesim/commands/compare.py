@@ -105,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
         json.dump(to_json(args, keys, rows), sys.stdout, indent=1, default=str)
         sys.stdout.write("\n")
         return 0
-    from moesim.report.compare_tables import comparison_table, render_wide
+    from moesim.report.compare_tables import comparison_table
+    from moesim.report.tables import render
 
-    render_wide(comparison_table(rows, keys, title=f"{args.scenario}: {len(rows)} variants"))
+    title = f"{args.scenario}: {len(rows)} variants"
+    render(comparison_table(rows, keys, title=title), key_columns=max(1, len(keys)))
     return 0

@@ -233,8 +233,8 @@ def _seed(scn: Scenario, seed: int | None) -> int:
 def _show(report: CalibrationReport, records: list[Record], scenario_path: str) -> None:
     from moesim.explore.summary import summarize
     from moesim.explore.variants import Variant
-    from moesim.report.compare_tables import comparison_table, phases_table, render_wide
-    from moesim.report.tables import console
+    from moesim.report.compare_tables import comparison_table, phases_table
+    from moesim.report.tables import console, render
 
     fits = ", ".join(f"{name} {err['mape']:.0%}" for name, err in report.families.items())
     console.print(f"calibration fit error (held-out MAPE): {fits or 'none'}")
@@ -242,9 +242,9 @@ def _show(report: CalibrationReport, records: list[Record], scenario_path: str) 
         console.print(f"  [dim]fallback: {line}[/]")
     variants = [Variant(r["index"], r["variant"]) for r in records]
     rows = summarize(variants, records)
-    render_wide(comparison_table(rows, ["hardware"], title=f"{scenario_path}: one step"))
+    render(comparison_table(rows, ["hardware"], title=f"{scenario_path}: one step"))
     results = {r["variant"]["hardware"]: r["result"] for r in records}
-    render_wide(phases_table(results, title="where the time of one MoE layer goes (forward)"))
+    render(phases_table(results, title="where the time of one MoE layer goes (forward)"))
 
 
 def _save(

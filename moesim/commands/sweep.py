@@ -88,8 +88,8 @@ def _plots(outcome: SweepOutcome) -> list[Path]:
 
 
 def _report(outcome: SweepOutcome, plots: list[Path]) -> None:
-    from moesim.report.compare_tables import comparison_table, render_wide
-    from moesim.report.tables import console
+    from moesim.report.compare_tables import comparison_table
+    from moesim.report.tables import console, render
 
     rows = outcome.summaries
     title = f"{outcome.spec.name or 'sweep'}: {len(rows)} variants"
@@ -99,7 +99,9 @@ def _report(outcome: SweepOutcome, plots: list[Path]) -> None:
         ranked = sorted(rows[1:], key=lambda s: _rank(s, first, better))
         rows = [rows[0], *ranked[: MAX_TABLE_ROWS - 1]]
         title += f" (first row, then the best {len(rows) - 1} by {first}; all in summary.csv)"
-    render_wide(comparison_table(rows, outcome.axes_keys, title=title))
+    render(
+        comparison_table(rows, outcome.axes_keys, title=title), key_columns=len(outcome.axes_keys)
+    )
     for variant, why in outcome.plan.skipped:
         console.print(f"[yellow]skipped[/] {variant.label()}: {why}")
     console.print(f"tables: {outcome.out_dir}/runs.parquet, runs.csv, summary.csv")

@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where bench results, the calibrated profile and the report JSON go",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument(
+        "--verbose", action="store_true", help="with --published: each figure's full note"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -188,6 +191,6 @@ def _run_published(args: argparse.Namespace) -> dict[str, Any]:
             report = run_published(table, only=args.only, advance=advance).to_dict()
         from moesim.report.validate_tables import print_published
 
-        print_published(report)
+        print_published(report, verbose=args.verbose)
     _save(args.out / f"published-{_stamp()}.json", report)
     return report

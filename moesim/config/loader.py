@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from moesim.config.base import FieldError
 from moesim.config.hardware import HardwareProfile
+from moesim.config.keys import canonical_key
 from moesim.config.scenario import Scenario
 from moesim.errors import ConfigError
 
@@ -191,9 +192,22 @@ def load_hardware(
 
 
 def load_scenario(path: str | Path, overrides: Iterable[str] = ()) -> Scenario:
-    """Load and validate a scenario file, with ``--set`` overrides applied first."""
-    data = apply_overrides(read_yaml(path), overrides)
+    """Load and validate a scenario file, with ``--set`` overrides applied first.
+
+    Override keys are dotted paths or their short aliases (``top_k=2`` is
+    ``model.top_k=2``), resolved by :func:`moesim.config.keys.canonical_key`.
+    """
+    data = apply_overrides(read_yaml(path), scenario_overrides(overrides))
     return validate(Scenario, data, file=str(path))
+
+
+def scenario_overrides(overrides: Iterable[str]) -> list[str]:
+    """``['top_k=2']`` -> ``['model.top_k=2']``: short keys resolved, unknown keys refused."""
+    out = []
+    for text in overrides:
+        key, _ = parse_override(text)
+        out.append(f"{canonical_key(key, flag='--set')}={text.partition('=')[2]}")
+    return out
 
 
 def load_pair(

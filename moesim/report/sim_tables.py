@@ -86,7 +86,7 @@ def layers_table(r: Any) -> Table:
         "expert_imbalance",
     ]
     for col in cols:
-        table.add_column(col.replace("_", " "), justify="right")
+        table.add_column(col.replace("_", "\n"), justify="right")
     rows = r.layers
     if len(rows) > MAX_LAYER_ROWS:
         half = MAX_LAYER_ROWS // 2
