@@ -16,7 +16,6 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from moesim.config.loader import load_scenario
-from moesim.explore.runner import auto_jobs, plan, run_tasks
 from moesim.explore.variants import Axis, check_axes, expand, hardware_axis, parse_vary
 from moesim.io import provenance
 
@@ -74,17 +73,17 @@ def compare(
     args: argparse.Namespace, *, show_progress: bool
 ) -> tuple[list[str], list[VariantSummary]]:
     """Run every variant; returns the varied keys and one summary per variant."""
-    axes = axes_from_args(args)
-    base = load_scenario(args.scenario, args.set).model_dump(mode="json")
-    variants = expand(axes)
-    p = plan(base, variants, seeds=args.seeds, file=args.scenario)
-    jobs = auto_jobs(len(p.tasks), args.jobs)
-    from moesim.explore.summary import summarize
+    from moesim import api
     from moesim.report.progress import progress_bar
 
-    with progress_bar(len(p.tasks), "simulating", enabled=show_progress) as advance:
-        records = run_tasks(p.tasks, jobs=jobs, progress=advance)
-    return [k for k, _ in axes], summarize(variants, records)
+    axes = axes_from_args(args)
+    base = load_scenario(args.scenario, args.set)
+    total = len(expand(axes)) * max(1, args.seeds)
+    with progress_bar(total, "simulating", enabled=show_progress) as advance:
+        result = api.compare(
+            base, axes, seeds=args.seeds, jobs=args.jobs, progress=advance, file=args.scenario
+        )
+    return result.axes, result.rows
 
 
 def to_json(

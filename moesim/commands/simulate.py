@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-
-from moesim.config.scenario import Scenario
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="dotted.key=value",
-        help="override a scenario field, e.g. router.capacity_factor=1.25 (repeatable)",
+        help="override a scenario field: dotted path or short name, e.g. "
+        "router.capacity_factor=1.25 or top_k=2 (repeatable)",
     )
     parser.add_argument("--seed", type=int, help="random seed (default: workload.seed)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -32,13 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesim.config.loader import load_pair
+    from moesim import api
     from moesim.io import atomic_write_text
-    from moesim.simulate import simulate
 
-    scn, hw = load_pair(args.scenario, args.overrides, args.hardware)
-    scn = resolve_trace_path(scn, Path(args.scenario))
-    result = simulate(scn, hw, seed=args.seed, trace=bool(args.trace))
+    scn = api.load_scenario(args.scenario, overrides=args.overrides)
+    result = api.simulate(
+        scn, args.hardware, seed=args.seed, trace=bool(args.trace), file=args.scenario
+    )
     if args.trace:
         from moesim.report.trace import chrome_trace_json
 
@@ -50,16 +48,3 @@ def run(args: argparse.Namespace) -> int:
 
     render_result(result, trace_path=args.trace)
     return 0
-
-
-def resolve_trace_path(scn: Scenario, scenario_file: Path) -> Scenario:
-    """A relative trace path that is not found from here is taken relative to the scenario file."""
-    routing = scn.workload.routing
-    if routing.trace is None or Path(routing.trace).is_absolute() or Path(routing.trace).exists():
-        return scn
-    candidate = scenario_file.parent / routing.trace
-    if not candidate.exists():
-        return scn
-    new_routing = routing.model_copy(update={"trace": str(candidate)})
-    workload = scn.workload.model_copy(update={"routing": new_routing})
-    return scn.model_copy(update={"workload": workload})
