@@ -35,12 +35,11 @@ from moesim.config.loader import (
 )
 from moesim.config.scenario import ModelConfig, Scenario
 from moesim.errors import ConfigError
-from moesim.explore.runner import Progress, auto_jobs, plan, run_tasks
+from moesim.explore.runner import Plan, Progress, auto_jobs, plan, run_tasks
 from moesim.explore.summary import VariantSummary, summarize, summary_frame
 from moesim.explore.sweep import SweepOutcome, run_sweep
-from moesim.explore.variants import Axis, check_axes, expand
+from moesim.explore.variants import Axis, Variant, check_axes, expand
 from moesim.simulate import SimResult
-
 from moesim.simulate import simulate as _simulate
 
 __all__ = [
@@ -180,13 +179,42 @@ def compare(
     0 picks all cores when there are enough runs to repay a pool's start.
     ``file`` (the scenario's path) resolves relative profiles and names errors.
     """
+    planned = plan_comparison(scenario, vary, seeds=seeds, file=file)
+    return run_comparison(planned, jobs=jobs, progress=progress)
+
+
+@dataclass
+class PlannedComparison:
+    """Every variant validated and paired with its profile; nothing run yet."""
+
+    axes: list[str]
+    variants: list[Variant]
+    plan: Plan
+
+
+def plan_comparison(
+    scenario: ScenarioSource,
+    vary: Mapping[str, Sequence[Any]] | Sequence[Axis],
+    *,
+    seeds: int = 1,
+    file: str | None = None,
+) -> PlannedComparison:
+    """The first half of :func:`compare`: bad variants fail here, before any run."""
     scn = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
     axes = _axes(vary)
     check_axes(axes)
     variants = expand(axes)
     p = plan(scn.model_dump(mode="json"), variants, seeds=seeds, file=file)
-    records = run_tasks(p.tasks, jobs=auto_jobs(len(p.tasks), jobs), progress=progress)
-    return Comparison([k for k, _ in axes], summarize(variants, records))
+    return PlannedComparison([k for k, _ in axes], variants, p)
+
+
+def run_comparison(
+    planned: PlannedComparison, *, jobs: int = 1, progress: Progress | None = None
+) -> Comparison:
+    """The second half of :func:`compare`: run the planned tasks and summarise them."""
+    tasks = planned.plan.tasks
+    records = run_tasks(tasks, jobs=auto_jobs(len(tasks), jobs), progress=progress)
+    return Comparison(planned.axes, summarize(planned.variants, records))
 
 
 def _axes(vary: Mapping[str, Sequence[Any]] | Sequence[Axis]) -> list[Axis]:

@@ -16,7 +16,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from moesim.config.loader import load_scenario
-from moesim.explore.variants import Axis, check_axes, expand, hardware_axis, parse_vary
+from moesim.explore.variants import Axis, check_axes, hardware_axis, parse_vary
 from moesim.io import provenance
 
 if TYPE_CHECKING:
@@ -78,11 +78,9 @@ def compare(
 
     axes = axes_from_args(args)
     base = load_scenario(args.scenario, args.set)
-    total = len(expand(axes)) * max(1, args.seeds)
-    with progress_bar(total, "simulating", enabled=show_progress) as advance:
-        result = api.compare(
-            base, axes, seeds=args.seeds, jobs=args.jobs, progress=advance, file=args.scenario
-        )
+    planned = api.plan_comparison(base, axes, seeds=args.seeds, file=args.scenario)
+    with progress_bar(len(planned.plan.tasks), "simulating", enabled=show_progress) as advance:
+        result = api.run_comparison(planned, jobs=args.jobs, progress=advance)
     return result.axes, result.rows
 
 
