@@ -33,9 +33,9 @@ from moesim.kernels.experts import experts_forward
 from moesim.kernels.gating import Routing, route, router_logits
 from moesim.measure.distributed import default_backend, launch
 from moesim.measure.ep_probe import keep_freed_memory, pin_rank, usable_cores
+from moesim.phases import COMPUTE_PHASES, MOE_LAYER_PHASES
 
-PHASES = ("gate", "permute", "dispatch", "experts", "combine", "unpermute")
-COMPUTE_PHASES = ("gate", "permute", "experts", "unpermute")
+PHASES = MOE_LAYER_PHASES  # one source: moesim/phases.py
 #: parts of a phase also reported: the split-size exchange at the start of dispatch and
 #: the regroup of received rows by local expert (and back) inside the experts phase
 SUB_PHASES = ("dispatch_counts", "experts_regroup")

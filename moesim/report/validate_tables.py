@@ -7,9 +7,8 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
+from moesim.phases import MOE_LAYER_PHASES as PHASES
 from moesim.report.tables import Footnotes, console, render
-
-PHASES = ("gate", "permute", "dispatch", "experts", "combine", "unpermute")
 
 
 def _ms(seconds: float) -> str:

@@ -11,31 +11,11 @@ from moesim.config.hardware import HardwareProfile
 from moesim.config.scenario import Scenario
 from moesim.errors import ConfigError
 from moesim.io import provenance
+from moesim.phases import BACKWARD_PHASES, LAYER_PHASES
 from moesim.simulate.engine import THREADS, EngineResult, Recorder, run_engine
 from moesim.simulate.plan import StepPlan, build_plan
 from moesim.simulate.result import PHASES, SimResult
 from moesim.simulate.topology import build_topology
-
-BACKWARD = (
-    "unpermute_bwd",
-    "combine_bwd",
-    "experts_bwd",
-    "dispatch_bwd",
-    "permute_bwd",
-    "gate_bwd",
-    "dense_bwd",
-    "shared_experts_bwd",
-)
-LAYER_COLUMNS = (
-    "dense",
-    "gate",
-    "permute",
-    "dispatch",
-    "experts",
-    "combine",
-    "unpermute",
-    "shared_experts",
-)
 
 
 def simulate(
@@ -89,7 +69,7 @@ def _result(
         load_imbalance=float(np.mean(st.expert_imbalance)),
         gpu_load_imbalance=float(np.mean(st.gpu_imbalance)),
         phases_s=phases,
-        backward_phases_s={p.removesuffix("_bwd"): _mean(rec, p) for p in BACKWARD}
+        backward_phases_s={p.removesuffix("_bwd"): _mean(rec, p) for p in BACKWARD_PHASES}
         if plan.training
         else {},
         layers=_layers(rec, plan),
@@ -112,7 +92,7 @@ def _layers(rec: Recorder, plan: StepPlan) -> list[dict[str, float]]:
     rows = []
     for i in range(plan.layers):
         row: dict[str, float] = {"layer": float(i)}
-        for name in LAYER_COLUMNS:
+        for name in LAYER_PHASES:
             arr = rec.layer_sum.get(name)
             row[name] = float(arr[i]) / per if arr is not None else 0.0
         row["expert_imbalance"] = plan.stats.layer_expert_imbalance_mean(i, plan.micro_batches)
