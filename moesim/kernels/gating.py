@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moesim.config.base import FieldError
-from moesim.config.router import ROUTER_KINDS, RouterSpec
+from moesim.config.router import ROUTER_KINDS, TOP1_KINDS, RouterSpec
 from moesim.errors import ConfigError
 
 __all__ = [
@@ -260,7 +260,7 @@ ROUTERS: dict[str, RouterFn] = {
 assert tuple(ROUTERS) == ROUTER_KINDS, "ROUTERS must implement exactly ROUTER_KINDS"
 
 _NO_AUX = ("expert_choice", "hash", "soft")
-_SINGLE = ("switch_top1", "sigmoid_top1")
+_SINGLE = TOP1_KINDS
 
 
 # ------------------------------------------------------------------ capacity
