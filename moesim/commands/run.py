@@ -99,15 +99,6 @@ RUN_CPU_QUICK_GRID: dict[str, dict[str, list]] = {
     "experts": {"T": [64, 128, 256], "D": [128], "F": [256], "E": [16], "K": [2], "skew": [0.0]},
     "alltoall": {"msg_bytes": [2**14, 2**17, 2**20], "split": ["even"]},
 }
-#: substrings of a CUDA device name -> the spec profile it is calibrated from
-GPU_PROFILES = {
-    "H100": "h100-sxm",
-    "H200": "h200-sxm",
-    "H800": "h800-sxm",
-    "A100": "a100-sxm-80gb",
-    "B200": "b200",
-    "MI300": "mi300x",
-}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -166,12 +157,17 @@ def _device(choice: str) -> str:
 
 
 def _base_profile(name: str | None, device: str) -> HardwareProfile:
-    """The spec profile to calibrate: given, matched to the GPU's name, or cpu-local."""
+    """The spec profile to calibrate: given, matched to the GPU's name, or cpu-local.
+
+    An unknown GPU is refused (exit 2, "pass --base"), as ``moesim calibrate`` does:
+    both use :data:`moesim.calibrate.profile.DEVICE_PROFILES`.
+    """
     if name is None and device == "cuda":
         import torch
 
-        gpu = torch.cuda.get_device_name()
-        name = next((p for key, p in GPU_PROFILES.items() if key in gpu), "h100-sxm")
+        from moesim.calibrate.profile import base_profile_name
+
+        name = base_profile_name("cuda", torch.cuda.get_device_name())
     return load_hardware(name or "cpu-local")
 
 
