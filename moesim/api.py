@@ -41,6 +41,7 @@ from moesim.explore.sweep import SweepOutcome, run_sweep
 from moesim.explore.variants import Axis, Variant, check_axes, expand
 from moesim.simulate import SimResult
 from moesim.simulate import simulate as _simulate
+from moesim.simulate.budget import check_budget
 
 __all__ = [
     "Comparison",
@@ -138,6 +139,7 @@ def simulate(
     """
     scn = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
     hw = hardware_for(scn, hardware, file=file)
+    check_budget(scn, file=file)
     if hardware is not None:
         name = hardware if isinstance(hardware, str) else hw.name
         scn = scn.model_copy(update={"hardware": name})
