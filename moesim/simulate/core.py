@@ -12,6 +12,7 @@ from moesim.config.scenario import Scenario
 from moesim.errors import ConfigError
 from moesim.io import provenance
 from moesim.phases import BACKWARD_PHASES, LAYER_PHASES
+from moesim.simulate.budget import check_budget
 from moesim.simulate.engine import THREADS, EngineResult, Recorder, run_engine
 from moesim.simulate.plan import StepPlan, build_plan
 from moesim.simulate.result import PHASES, SimResult
@@ -34,6 +35,7 @@ def simulate(
     seed = scenario.workload.seed if seed is None else int(seed)
     if seed < 0:
         raise ConfigError("must be >= 0 (seeds numpy's generator)", field="seed", value=seed)
+    check_budget(scenario)  # refuse, with the estimate, what would not finish or fit
     topo = build_topology(scenario, hw)
     plan = build_plan(scenario, hw, topo, seed)
     rec = Recorder(trace_groups=1 if trace else 0, trace_gpus=trace_gpus)
