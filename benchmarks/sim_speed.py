@@ -71,9 +71,6 @@ GROWTH_GRID = [
 
 def fit_growth() -> None:
     """Fit moesim.simulate.budget's coefficients (non-negative, relative error)."""
-    import numpy as np
-    from scipy.optimize import nnls
-
     time_terms, mem_terms, cpu, rss = [], [], [], []
     for G, Ly, E, mb, ep in GROWTH_GRID:
         r = measure(G, Ly, E, mb, ep)
@@ -84,6 +81,11 @@ def fit_growth() -> None:
         rss.append(r["peak_bytes"])
         print(f"G={G} Ly={Ly} E={E} mb={mb} ep={ep}: {r['cpu_s']:.2f} CPU s, "
               f"{r['peak_bytes'] / 2**20:.0f} MiB", flush=True)  # fmt: skip
+    # imported only now: a child's peak RSS starts at its parent's (fork), so the
+    # parent stays small while it measures
+    import numpy as np
+    from scipy.optimize import nnls
+
     for name, terms, y in (("seconds", time_terms, cpu), ("bytes", mem_terms, rss)):
         A, b = np.array(terms, float), np.array(y, float)
         coef, _ = nnls(A / b[:, None], np.ones_like(b))
