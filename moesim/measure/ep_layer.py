@@ -1,7 +1,7 @@
 """A real expert-parallel MoE layer over ``torch.distributed``, timed per phase.
 
 Each of R ranks holds E/R experts (contiguous: rank r owns experts
-``r*L .. r*L+L-1``, L = E/R) and its own T tokens. One step is
+``r*El .. r*El+El-1``, El = E/R) and its own T tokens. One step is
 
     gate -> permute -> dispatch (all-to-all) -> experts -> combine (all-to-all) -> unpermute
 
@@ -12,7 +12,7 @@ rank knows its uneven receive splits, then moves the rows with
 output is checked against.
 
 Legend: T = tokens per rank, D = hidden size, F = expert FFN size, E = experts,
-K = top-k, L = local experts per rank, R = ranks, N = rows after permute
+K = top-k, El = local experts per rank, R = ranks, N = rows after permute
 (kept token-expert assignments), M = rows received by a rank.
 """
 
@@ -88,7 +88,7 @@ class EPWeights:
     w_down_EFD: torch.Tensor
 
     def local(self, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The expert weights rank ``rank`` holds: experts ``rank*L .. rank*L+L-1``."""
+        """The expert weights rank ``rank`` holds: experts ``rank*El .. rank*El+El-1``."""
         n = self.w_gate_EDF.shape[0] // world
         sl = slice(rank * n, (rank + 1) * n)
         return self.w_gate_EDF[sl], self.w_up_EDF[sl], self.w_down_EFD[sl]
@@ -196,7 +196,7 @@ class CommBuffers:
 
 
 def exchange_counts(tokens_per_expert_E: torch.Tensor, world: int) -> torch.Tensor:
-    """All-to-all of per-expert counts: ``recv_RL``, rows to receive per (source, local expert)."""
+    """All-to-all of per-expert counts: ``recv_REl``, rows to receive per (source, local expert)."""
     send = tokens_per_expert_E.to(torch.int64).contiguous()
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send)
@@ -222,20 +222,20 @@ def ep_step(
     x_ND, tpe_E, state = permute(x_TD, routing, case.dispatch, num_experts=case.num_experts)
     t["permute"] = clock.lap("permute")
     t0 = time.perf_counter()
-    recv_RL = exchange_counts(tpe_E, world)
+    recv_REl = exchange_counts(tpe_E, world)
     t["dispatch_counts"] = time.perf_counter() - t0
     send_R = tpe_E.view(world, -1).sum(1).tolist()
-    recv_R = recv_RL.sum(1).tolist()
+    recv_R = recv_REl.sum(1).tolist()
     x_MD = bufs.rows("dispatch", sum(recv_R), x_ND)
     dist.all_to_all_single(x_MD, x_ND.contiguous(), recv_R, send_R)
     t["dispatch"] = clock.lap("dispatch")
     w_gate, w_up, w_down = local
     t0 = clock.now()
-    x_MD = sort_chunks(x_MD, recv_RL)
+    x_MD = sort_chunks(x_MD, recv_REl)
     t1 = clock.now()
-    y_MD = experts_forward(x_MD, recv_RL.sum(0), w_gate, w_up, w_down, strategy=case.experts)
+    y_MD = experts_forward(x_MD, recv_REl.sum(0), w_gate, w_up, w_down, strategy=case.experts)
     t2 = clock.now()
-    y_MD = sort_chunks(y_MD, recv_RL, inverse=True)
+    y_MD = sort_chunks(y_MD, recv_REl, inverse=True)
     t["experts_regroup"] = (t1 - t0) + (clock.now() - t2)
     t["experts"] = clock.lap("experts")
     y_ND = bufs.rows("combine", x_ND.shape[0], y_MD)
