@@ -8,9 +8,9 @@ coefficients and each run's estimate / measurement.
 Each size runs in its own process so that its peak memory (max RSS) is its own.
 Prints wall and CPU seconds, simulation events, events/s, peak memory, and
 the growth of CPU time against the previous size divided by the growth in
-GPUs (about 1.0 when the cost is linear in GPUs x layers). Targets (DESIGN): 2048 GPUs x
-58 MoE layers, forward and backward, in <= 10 s wall and <= 2 GiB; a 64-GPU
-scenario well under 0.5 s.
+GPUs (about 1.0 when the cost is linear in GPUs x layers). Targets
+(ARCHITECTURE.md#contracts): 2048 GPUs x 58 MoE layers, forward and backward,
+in <= 10 s wall and <= 2 GiB; a 64-GPU scenario well under 0.5 s.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ def _bytes(n: float) -> str:
 
 
 def summary_table(r: Any) -> Table:
-    """The DESIGN.md headline numbers of one :class:`~moesim.simulate.SimResult`."""
+    """The headline numbers (ARCHITECTURE.md#contracts) of one ``SimResult``."""
     d = r.details
     table = Table(title=f"{r.scenario} on {r.hardware} (seed {r.seed})", title_justify="left")
     table.add_column("metric")
