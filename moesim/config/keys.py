@@ -31,19 +31,19 @@ def _walk(model: type[BaseModel], prefix: str) -> Iterable[str]:
     for name, info in model.model_fields.items():
         path = f"{prefix}{name}"
         yield path
-        sub = _submodel(info.annotation)
+        sub = model_inside(info.annotation)
         if sub is not None:
             yield from _walk(sub, f"{path}.")
 
 
-def _submodel(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside ``X`` or ``X | None`` (not inside lists)."""
+def model_inside(annotation: Any, *, into_lists: bool = False) -> type[BaseModel] | None:
+    """The pydantic model inside ``X`` or ``X | None`` (and ``list[X]`` if ``into_lists``)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    if getattr(annotation, "__origin__", None) in (list, dict):
+    if not into_lists and getattr(annotation, "__origin__", None) in (list, dict):
         return None
     for arg in getattr(annotation, "__args__", ()):
-        found = _submodel(arg)
+        found = model_inside(arg, into_lists=into_lists)
         if found is not None:
             return found
     return None

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from moesim.config.base import FieldError
 from moesim.config.hardware import HardwareProfile
-from moesim.config.keys import canonical_key
+from moesim.config.keys import canonical_key, model_inside
 from moesim.config.scenario import Scenario
 from moesim.errors import ConfigError
 
@@ -143,18 +143,8 @@ def _allowed_keys(model: type[BaseModel], loc: list[str]) -> list[str]:
         info = getattr(current, "model_fields", {}).get(part)
         if info is None:
             return []
-        current = _model_in(info.annotation)
+        current = model_inside(info.annotation, into_lists=True)
     return list(getattr(current, "model_fields", {}))
-
-
-def _model_in(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
 
 
 def resolve_profile_path(name_or_path: str, *, relative_to: Path | None = None) -> Path:
