@@ -118,3 +118,43 @@ def test_short_set_keys_work_like_vary_keys(capsys: pytest.CaptureFixture[str]) 
     assert capsys.readouterr().out.split('"provenance"')[0] != outs[0]  # top_k 2 -> 1 matters
     assert main(["simulate", TINY, "--set", "topk=1"]) == 2
     assert "did you mean top_k" in capsys.readouterr().err
+
+
+def _bench_frame() -> tuple[object, dict]:
+    import pandas as pd
+
+    long_status = "error: RuntimeError: out of memory while allocating 12.5 GiB " * 2
+    rows = []
+    for op, strategy in [("permute", "sort_padded"), ("unpermute", "index_add")]:
+        for i, median in enumerate([2.01e-4, 3.72e-3, 6.14e-1]):
+            rows.append(
+                {
+                    "suite": "dispatch",
+                    "op": op,
+                    "strategy": strategy,
+                    "split": "",
+                    "dtype": "fp32",
+                    "status": long_status if i == 2 else "ok",
+                    "median_s": median,
+                    "pct_of_ceiling": 20.0 + i,
+                    "ceiling": "copy",
+                    "achieved_GBps": 5.71 + i,
+                }
+            )
+    return pd.DataFrame(rows), {"device_name": "AMD EPYC", "device": "cpu", "complete": True}
+
+
+def test_bench_table_keeps_case_names_and_ranges_whole_at_80_columns() -> None:
+    from moesim.report.bench_tables import summary_table
+
+    df, meta = _bench_frame()
+    out = io.StringIO()
+    con = Console(file=out, width=80, highlight=False)
+    notes = Footnotes()
+    render(summary_table(df, meta, notes=notes), out=con)
+    notes.render(con)
+    text = out.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "dispatch permute sort_padded" in text and "dispatch unpermute index_add" in text
+    assert "201µs–3.72ms" in text  # the range of the ok cases, not clipped
+    assert "1 [1]" in text and "[1] error: RuntimeError: out of memory" in text
