@@ -61,26 +61,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesim.calibrate import calibrate, write_profile
-    from moesim.calibrate.profile import base_profile_name, peek_device
-    from moesim.config.loader import load_hardware
+    from moesim.calibrate.profile import peek_device
+    from moesim.calibrate.workflow import base_for, calibrate_to
 
-    device, device_name = peek_device(args.results)
-    base = load_hardware(args.base or base_profile_name(device, device_name))
+    device, _ = peek_device(args.results)
+    base = base_for(args.results, args.base)
     out: Path = args.out or Path("hardware_profiles/calibrated") / f"{base.name}-calibrated.yaml"
-    if out.suffix not in (".yaml", ".yml"):
-        raise UserError(f"--out = {str(out)!r}: must be a .yaml file")
-    report = calibrate(
+    report = calibrate_to(
         args.results,
+        out,
         base=base,
-        name=args.name or out.stem,
+        name=args.name,
         strict=args.strict,
         strategies=_strategies(args.strategy),
     )
-    try:
-        write_profile(report.profile, out)
-    except OSError as err:
-        raise UserError(f"--out = {str(out)!r}: cannot write ({err.strerror or err})") from None
     if args.json:
         print(json.dumps(report.to_json(out)))
         return 0
