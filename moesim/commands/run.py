@@ -119,9 +119,8 @@ def run(args: argparse.Namespace) -> int:
         err_console.print(f"[bold]1/3 bench[/] {device} ({'quick' if args.quick else 'full'})")
         paths = [_bench(args, device)]
     err_console.print(f"[bold]2/3 calibrate[/] {base.name} from {', '.join(map(str, paths))}")
-    report = _calibrate(paths, base)
-    profile_path = run_dir / f"{report.profile.name}.yaml"
-    _write_profile(report.profile, profile_path)
+    profile_path = run_dir / f"{base.name}-calibrated.yaml"
+    report = _calibrate(paths, base, profile_path)
     profiles.insert(0, (report.profile.name, report.profile))
     labels = ", ".join(label for label, _ in profiles)
     err_console.print(f"[bold]3/3 simulate[/] {scenario_path} on {labels}")
@@ -194,16 +193,10 @@ def _bench(args: argparse.Namespace, device: str) -> Path:
     )
 
 
-def _calibrate(paths: list[Path], base: HardwareProfile) -> CalibrationReport:
-    from moesim.calibrate import calibrate
+def _calibrate(paths: list[Path], base: HardwareProfile, out: Path) -> CalibrationReport:
+    from moesim.calibrate.workflow import calibrate_to
 
-    return calibrate(paths, base=base, name=f"{base.name}-calibrated")
-
-
-def _write_profile(profile: HardwareProfile, path: Path) -> None:
-    from moesim.calibrate import write_profile
-
-    write_profile(profile, path)
+    return calibrate_to(paths, out, base=base)
 
 
 def _simulate(
