@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ import torch.distributed as dist
 from moesim.config.router import RouterSpec
 from moesim.errors import UserError
 from moesim.kernels.dispatch import permute, sort_chunks, unpermute
-from moesim.kernels.experts import experts_forward
+from moesim.kernels.experts import ExpertWeights, experts_forward
 from moesim.kernels.gating import Routing, route, router_logits
 from moesim.measure.distributed import default_backend, launch
 from moesim.measure.ep_probe import keep_freed_memory, pin_rank, usable_cores
@@ -83,15 +83,10 @@ class EPWeights:
 
     router_DE: torch.Tensor
     bias_E: torch.Tensor
-    w_gate_EDF: torch.Tensor
-    w_up_EDF: torch.Tensor
-    w_down_EFD: torch.Tensor
+    experts: ExpertWeights  # SwiGLU experts; a rank holds ``experts.block(rank, world)``
 
-    def local(self, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The expert weights rank ``rank`` holds: experts ``rank*El .. rank*El+El-1``."""
-        n = self.w_gate_EDF.shape[0] // world
-        sl = slice(rank * n, (rank + 1) * n)
-        return self.w_gate_EDF[sl], self.w_up_EDF[sl], self.w_down_EFD[sl]
+    def to(self, device: torch.device | str) -> EPWeights:
+        return EPWeights(self.router_DE.to(device), self.bias_E.to(device), self.experts.to(device))
 
 
 @dataclass
@@ -119,9 +114,11 @@ def make_weights(case: EPCase) -> EPWeights:
     return EPWeights(
         router_DE=router,
         bias_E=bias,
-        w_gate_EDF=torch.randn(E, D, F, generator=g) / math.sqrt(D),
-        w_up_EDF=torch.randn(E, D, F, generator=g) / math.sqrt(D),
-        w_down_EFD=torch.randn(E, F, D, generator=g) / math.sqrt(F),
+        experts=ExpertWeights(
+            w_gate_EDF=torch.randn(E, D, F, generator=g) / math.sqrt(D),
+            w_up_EDF=torch.randn(E, D, F, generator=g) / math.sqrt(D),
+            w_down_EFD=torch.randn(E, F, D, generator=g) / math.sqrt(F),
+        ),
     )
 
 
@@ -147,8 +144,10 @@ def reference_layer(x_TD: torch.Tensor, w: EPWeights, case: EPCase) -> torch.Ten
     for e in range(case.num_experts):
         tok, slot = ((r.expert_ids_TK == e) & r.kept_TK).nonzero(as_tuple=True)
         x = x_TD[tok]
-        h = torch.nn.functional.silu(x @ w.w_gate_EDF[e]) * (x @ w.w_up_EDF[e])
-        out.index_add_(0, tok, (h @ w.w_down_EFD[e]) * r.weights_TK[tok, slot, None])
+        ex = w.experts
+        assert ex.w_gate_EDF is not None  # the EP layer's experts are SwiGLU
+        h = torch.nn.functional.silu(x @ ex.w_gate_EDF[e]) * (x @ ex.w_up_EDF[e])
+        out.index_add_(0, tok, (h @ ex.w_down_EFD[e]) * r.weights_TK[tok, slot, None])
     return out
 
 
@@ -206,7 +205,7 @@ def exchange_counts(tokens_per_expert_E: torch.Tensor, world: int) -> torch.Tens
 def ep_step(
     x_TD: torch.Tensor,
     w: EPWeights,
-    local: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    local: ExpertWeights,
     case: EPCase,
     world: int,
     spec: RouterSpec,
@@ -229,11 +228,17 @@ def ep_step(
     x_MD = bufs.rows("dispatch", sum(recv_R), x_ND)
     dist.all_to_all_single(x_MD, x_ND.contiguous(), recv_R, send_R)
     t["dispatch"] = clock.lap("dispatch")
-    w_gate, w_up, w_down = local
     t0 = clock.now()
     x_MD = sort_chunks(x_MD, recv_REl)
     t1 = clock.now()
-    y_MD = experts_forward(x_MD, recv_REl.sum(0), w_gate, w_up, w_down, strategy=case.experts)
+    y_MD = experts_forward(
+        x_MD,
+        recv_REl.sum(0),
+        local.w_gate_EDF,
+        local.w_up_EDF,
+        local.w_down_EFD,
+        strategy=case.experts,
+    )
     t2 = clock.now()
     y_MD = sort_chunks(y_MD, recv_REl, inverse=True)
     t["experts_regroup"] = (t1 - t0) + (clock.now() - t2)
@@ -277,8 +282,8 @@ def run_rank(
         pin_rank(rank)
         keep_freed_memory()  # as the calibration bench: no fresh pages per step
     w = make_weights(case)
-    w = EPWeights(**{k: v.to(device) for k, v in asdict(w).items()})
-    local = w.local(rank, world)
+    w = w.to(device)
+    local = w.experts.block(rank, world)
     x_TD = make_inputs(case, rank).to(device)
     spec = case.router_spec()  # built once: its validation is not part of the gate
     bufs = CommBuffers()
