@@ -69,3 +69,26 @@ def test_set_and_vary_share_one_key_table() -> None:
     from moesim.explore import variants
 
     assert variants.aliases is keys.aliases and variants.canonical_key is keys.canonical_key
+
+
+def test_the_ep_layer_holds_its_experts_as_kernel_expert_weights() -> None:
+    """One expert-weights holder: the EP layer's ranks take ExpertWeights.block()."""
+    torch = pytest.importorskip("torch")
+    from moesim.kernels.experts import ExpertWeights
+    from moesim.measure.ep_layer import EPCase, make_weights
+
+    g = torch.Generator().manual_seed(0)
+    full = ExpertWeights(
+        torch.randn(8, 4, 6, generator=g),
+        torch.randn(8, 4, 6, generator=g),
+        torch.randn(8, 6, 4, generator=g),
+        b_down_ED=torch.randn(8, 4, generator=g),
+    )
+    blocks = [full.block(r, 4) for r in range(4)]
+    assert [b.num_experts for b in blocks] == [2, 2, 2, 2]
+    torch.testing.assert_close(torch.cat([b.w_down_EFD for b in blocks]), full.w_down_EFD)
+    assert blocks[3].b_down_ED is not None
+    torch.testing.assert_close(blocks[3].b_down_ED, full.b_down_ED[6:8])
+    assert blocks[0].b_up_EF is None
+    w = make_weights(EPCase(num_experts=8, top_k=2, tokens=4, hidden=4, ffn=6))
+    assert isinstance(w.experts, ExpertWeights) and w.experts.num_experts == 8
