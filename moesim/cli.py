@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -33,6 +34,27 @@ COMMANDS: dict[str, str] = {
 MODULES: dict[str, str] = {"import": "importer"}
 
 
+DESCRIPTION = """\
+Plan Mixture-of-Experts training and serving clusters before you rent them.
+
+moesim times the real MoE kernels (gating, token dispatch, expert GEMMs,
+all-to-all) on the machine you have, fits cost models to those timings, and
+simulates a multi-GPU cluster step by step: step time, all-to-all cost,
+dropped tokens and load imbalance, for any model, router and parallel layout.
+"""
+
+EPILOG = """\
+start here:
+  moesim run                                   measure this machine, then compare
+  moesim simulate scenarios/mixtral-8x7b-8xh100.yaml --set top_k=1
+  moesim compare SCENARIO --vary top_k=1,2 --hardware h100-sxm,h800-sxm
+  moesim profiles                              the names --hardware takes
+
+"moesim COMMAND --help" explains each command. Exit codes: 0 ok, 2 bad input
+(one line on stderr naming the file, field and value), 1 internal error.
+"""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line and exit code 2."""
 
@@ -41,7 +63,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="moesim", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(
+        prog="moesim",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"moesim {__version__}")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, help_text in COMMANDS.items():
@@ -69,7 +96,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"moesim {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        return 0
+        return _quiet_broken_pipe()
+
+
+def _quiet_broken_pipe() -> int:
+    """A reader closed our stdout (``moesim ... | head``): stop quietly with status 0.
+
+    stdout is pointed at /dev/null so that Python's final flush cannot fail again.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 0
 
 
 if __name__ == "__main__":

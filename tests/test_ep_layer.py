@@ -88,8 +88,10 @@ def test_reference_layer_by_hand() -> None:
     case = EPCase(num_experts=2, top_k=1, tokens=1, hidden=4, ffn=4, skew=1e3)
     w = make_weights(case)
     x = make_inputs(case, 0)
-    h = torch.nn.functional.silu(x[0] @ w.w_gate_EDF[0]) * (x[0] @ w.w_up_EDF[0])
-    torch.testing.assert_close(reference_layer(x, w, case)[0], h @ w.w_down_EFD[0])
+    ex = w.experts
+    assert ex.w_gate_EDF is not None
+    h = torch.nn.functional.silu(x[0] @ ex.w_gate_EDF[0]) * (x[0] @ ex.w_up_EDF[0])
+    torch.testing.assert_close(reference_layer(x, w, case)[0], h @ ex.w_down_EFD[0])
 
 
 def test_output_check_catches_a_wrong_output() -> None:

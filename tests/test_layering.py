@@ -1,4 +1,4 @@
-"""The layering of DESIGN.md: torch stays out of the simulator, rich/matplotlib stay in report."""
+"""ARCHITECTURE.md#layers: torch stays out of the simulator, rich/matplotlib in report."""
 
 from __future__ import annotations
 

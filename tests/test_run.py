@@ -126,7 +126,6 @@ def test_run_bad_input_exits_2(
         ("NVIDIA H200", "h200-sxm"),
         ("NVIDIA A100-SXM4-80GB", "a100-sxm-80gb"),
         ("AMD Instinct MI300X", "mi300x"),
-        ("NVIDIA GeForce RTX 4090", "h100-sxm"),  # unknown: a well-known default
     ],
 )
 def test_base_profile_matches_the_gpu(
@@ -162,3 +161,16 @@ def test_run_on_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert main(argv) == 0
     assert list((tmp_path / "cuda").glob("*.parquet"))
     assert "-calibrated" in capsys.readouterr().out
+
+
+def test_an_unknown_gpu_is_refused_as_calibrate_refuses_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 16: `run` used to fall back to h100-sxm silently; it now refuses like calibrate."""
+    import torch
+
+    from moesim.commands import run as run_cmd
+    from moesim.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA GeForce RTX 4090")
+    with pytest.raises(UserError, match=r"no spec profile known for device .*pass --base"):
+        run_cmd._base_profile(None, "cuda")
+    assert run_cmd._base_profile("h100-sxm", "cuda").name == "h100-sxm"  # --base still works

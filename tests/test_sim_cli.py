@@ -12,19 +12,19 @@ from moesim.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "scenarios/tiny-cpu.yaml")
-DESIGN_KEYS = {
+HEADLINE_KEYS = {
     "scenario", "hardware", "seed", "step_time_s", "throughput_tokens_per_s",
     "dispatch_time_s", "combine_time_s", "alltoall_fraction", "dispatch_bytes_per_gpu",
     "drop_fraction", "load_imbalance", "gpu_load_imbalance", "phases_s", "provenance",
 }  # fmt: skip
 
 
-def test_json_prints_one_object_with_the_design_keys(capsys) -> None:
+def test_json_prints_one_object_with_the_headline_keys(capsys) -> None:
     args = ["--json", "--seed", "3", "--set", "workload.micro_batches=2"]
     assert main(["simulate", TINY, *args]) == 0
     out = capsys.readouterr().out
     d = json.loads(out)
-    assert set(d) >= DESIGN_KEYS
+    assert set(d) >= HEADLINE_KEYS
     assert d["seed"] == 3 and d["details"]["micro_batches"] == 2
     assert out.count("\n") == 1
 

@@ -230,11 +230,14 @@ def test_ray_missing_is_a_user_error(
     assert "pip install 'moesim[ray]'" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_sweep_on_a_local_ray_cluster(tmp_path: Path) -> None:
-    """A real local Ray instance (started here); `moesim sweep --ray ADDRESS` connects to it."""
+    """A real local Ray instance (started here); `moesim sweep --ray ADDRESS` connects to it.
+
+    In the default run on purpose (about 15 s on 2 cores): one CPU, no dashboard,
+    the smallest sweep; it skips where Ray is not installed.
+    """
     ray = pytest.importorskip("ray")
-    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ctx = ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         address = ctx.address_info["gcs_address"]
         path = _sweep_file(tmp_path, SMALL)

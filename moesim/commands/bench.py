@@ -17,7 +17,7 @@ from moesim.measure.grids import SUITES, load_grid_file
 from moesim.measure.results import read_results
 from moesim.report.bench_tables import ceilings_text, summary_table, targets_text
 from moesim.report.progress import progress_bar
-from moesim.report.tables import err_console, render
+from moesim.report.tables import Footnotes, err_console, render
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,7 +107,9 @@ def _summary(path: Path, wall_s: float, csv: bool) -> None:
     if not is_writer():  # torchrun ranks other than 0 write and show nothing
         return
     df, meta = read_results(path)
-    render(summary_table(df, meta))
+    notes = Footnotes()
+    render(summary_table(df, meta, notes=notes))
+    notes.render()
     failed = int((df["status"] != "ok").sum())
     err_console.print(ceilings_text(meta))
     if targets_text(meta):

@@ -61,29 +61,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesim.calibrate import calibrate, write_profile
-    from moesim.calibrate.profile import base_profile_name, peek_device
-    from moesim.config.loader import load_hardware
+    from moesim.calibrate.profile import peek_device
+    from moesim.calibrate.workflow import base_for, calibrate_to
 
-    device, device_name = peek_device(args.results)
-    # the spec profile by default (a plain name may resolve to a shipped measured one)
-    base = load_hardware(args.base or spec_name(base_profile_name(device, device_name)))
+    device, _ = peek_device(args.results)
+    base = base_for(args.results, args.base)
     imported = _imported(args.results)
     suffix = "measured" if imported else "calibrated"
     out: Path = args.out or Path("hardware_profiles/calibrated") / f"{base.name}-{suffix}.yaml"
-    if out.suffix not in (".yaml", ".yml"):
-        raise UserError(f"--out = {str(out)!r}: must be a .yaml file")
-    report = calibrate(
+    report = calibrate_to(
         args.results,
+        out,
         base=base,
-        name=args.name or out.stem,
+        name=args.name,
         strict=args.strict,
         strategies=_strategies(args.strategy),
     )
-    try:
-        write_profile(report.profile, out)
-    except OSError as err:
-        raise UserError(f"--out = {str(out)!r}: cannot write ({err.strerror or err})") from None
     if args.json:
         print(json.dumps(report.to_json(out)))
         return 0
@@ -93,13 +86,6 @@ def run(args: argparse.Namespace) -> int:
     target = MAPE_TARGET[kind]
     print_calibration(report, out, mape_target=target, time_target_s=TIME_TARGET_S)
     return 0
-
-
-def spec_name(name: str) -> str:
-    """``h200-sxm`` -> ``h200-sxm-spec`` where a measured profile shadows the plain name."""
-    from moesim.config.loader import SPEC_SUFFIX, measured_alias
-
-    return f"{name}{SPEC_SUFFIX}" if measured_alias(name) else name
 
 
 def _imported(paths: list[Path]) -> bool:

@@ -16,8 +16,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from moesim.config.loader import load_scenario
-from moesim.explore.runner import auto_jobs, plan, run_tasks
-from moesim.explore.variants import Axis, check_axes, expand, hardware_axis, parse_vary
+from moesim.explore.variants import Axis, check_axes, hardware_axis, parse_vary
 from moesim.io import provenance
 
 if TYPE_CHECKING:
@@ -83,17 +82,15 @@ def compare(
     args: argparse.Namespace, *, show_progress: bool
 ) -> tuple[list[str], list[VariantSummary]]:
     """Run every variant; returns the varied keys and one summary per variant."""
-    axes = axes_from_args(args)
-    base = load_scenario(args.scenario, args.set).model_dump(mode="json")
-    variants = expand(axes)
-    p = plan(base, variants, seeds=args.seeds, file=args.scenario)
-    jobs = auto_jobs(len(p.tasks), args.jobs)
-    from moesim.explore.summary import summarize
+    from moesim import api
     from moesim.report.progress import progress_bar
 
-    with progress_bar(len(p.tasks), "simulating", enabled=show_progress) as advance:
-        records = run_tasks(p.tasks, jobs=jobs, progress=advance)
-    return [k for k, _ in axes], summarize(variants, records)
+    axes = axes_from_args(args)
+    base = load_scenario(args.scenario, args.set)
+    planned = api.plan_comparison(base, axes, seeds=args.seeds, file=args.scenario)
+    with progress_bar(len(planned.plan.tasks), "simulating", enabled=show_progress) as advance:
+        result = api.run_comparison(planned, jobs=args.jobs, progress=advance)
+    return result.axes, result.rows
 
 
 def drop_infeasible(
@@ -141,12 +138,14 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
     from moesim.explore.metrics import table_metrics
-    from moesim.report.compare_tables import comparison_table, render_wide
+    from moesim.report.compare_tables import comparison_table
+    from moesim.report.tables import render
 
     metrics = table_metrics([s.result for s in rows])
     title = f"{args.scenario}: {len(rows)} variants"
     if "dyn_mean_step_time_s" in metrics:
         steps = rows[0].result["dynamics"]["summary"]["steps"]
         title += f", over the first {steps} steps (step time: the static first step)"
-    render_wide(comparison_table(rows, keys, title=title, metrics=metrics))
+    table = comparison_table(rows, keys, title=title, metrics=metrics)
+    render(table, key_columns=max(1, len(keys)))
     return 0

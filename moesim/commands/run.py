@@ -99,15 +99,6 @@ RUN_CPU_QUICK_GRID: dict[str, dict[str, list]] = {
     "experts": {"T": [64, 128, 256], "D": [128], "F": [256], "E": [16], "K": [2], "skew": [0.0]},
     "alltoall": {"msg_bytes": [2**14, 2**17, 2**20], "split": ["even"]},
 }
-#: substrings of a CUDA device name -> the spec profile it is calibrated from
-GPU_PROFILES = {
-    "H100": "h100-sxm",
-    "H200": "h200-sxm",
-    "H800": "h800-sxm",
-    "A100": "a100-sxm-80gb",
-    "B200": "b200",
-    "MI300": "mi300x",
-}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,9 +119,8 @@ def run(args: argparse.Namespace) -> int:
         err_console.print(f"[bold]1/3 bench[/] {device} ({'quick' if args.quick else 'full'})")
         paths = [_bench(args, device)]
     err_console.print(f"[bold]2/3 calibrate[/] {base.name} from {', '.join(map(str, paths))}")
-    report = _calibrate(paths, base)
-    profile_path = run_dir / f"{report.profile.name}.yaml"
-    _write_profile(report.profile, profile_path)
+    profile_path = run_dir / f"{base.name}-calibrated.yaml"
+    report = _calibrate(paths, base, profile_path)
     profiles.insert(0, (report.profile.name, report.profile))
     labels = ", ".join(label for label, _ in profiles)
     err_console.print(f"[bold]3/3 simulate[/] {scenario_path} on {labels}")
@@ -166,12 +156,17 @@ def _device(choice: str) -> str:
 
 
 def _base_profile(name: str | None, device: str) -> HardwareProfile:
-    """The spec profile to calibrate: given, matched to the GPU's name, or cpu-local."""
+    """The spec profile to calibrate: given, matched to the GPU's name, or cpu-local.
+
+    An unknown GPU is refused (exit 2, "pass --base"), as ``moesim calibrate`` does:
+    both use :data:`moesim.calibrate.profile.DEVICE_PROFILES`.
+    """
     if name is None and device == "cuda":
         import torch
 
-        gpu = torch.cuda.get_device_name()
-        name = next((p for key, p in GPU_PROFILES.items() if key in gpu), "h100-sxm")
+        from moesim.calibrate.profile import base_profile_name
+
+        name = base_profile_name("cuda", torch.cuda.get_device_name())
     return load_hardware(name or "cpu-local")
 
 
@@ -198,16 +193,10 @@ def _bench(args: argparse.Namespace, device: str) -> Path:
     )
 
 
-def _calibrate(paths: list[Path], base: HardwareProfile) -> CalibrationReport:
-    from moesim.calibrate import calibrate
+def _calibrate(paths: list[Path], base: HardwareProfile, out: Path) -> CalibrationReport:
+    from moesim.calibrate.workflow import calibrate_to
 
-    return calibrate(paths, base=base, name=f"{base.name}-calibrated")
-
-
-def _write_profile(profile: HardwareProfile, path: Path) -> None:
-    from moesim.calibrate import write_profile
-
-    write_profile(profile, path)
+    return calibrate_to(paths, out, base=base)
 
 
 def _simulate(
@@ -233,8 +222,8 @@ def _seed(scn: Scenario, seed: int | None) -> int:
 def _show(report: CalibrationReport, records: list[Record], scenario_path: str) -> None:
     from moesim.explore.summary import summarize
     from moesim.explore.variants import Variant
-    from moesim.report.compare_tables import comparison_table, phases_table, render_wide
-    from moesim.report.tables import console
+    from moesim.report.compare_tables import comparison_table, phases_table
+    from moesim.report.tables import console, render
 
     fits = ", ".join(f"{name} {err['mape']:.0%}" for name, err in report.families.items())
     console.print(f"calibration fit error (held-out MAPE): {fits or 'none'}")
@@ -242,9 +231,9 @@ def _show(report: CalibrationReport, records: list[Record], scenario_path: str) 
         console.print(f"  [dim]fallback: {line}[/]")
     variants = [Variant(r["index"], r["variant"]) for r in records]
     rows = summarize(variants, records)
-    render_wide(comparison_table(rows, ["hardware"], title=f"{scenario_path}: one step"))
+    render(comparison_table(rows, ["hardware"], title=f"{scenario_path}: one step"))
     results = {r["variant"]["hardware"]: r["result"] for r in records}
-    render_wide(phases_table(results, title="where the time of one MoE layer goes (forward)"))
+    render(phases_table(results, title="where the time of one MoE layer goes (forward)"))
 
 
 def _save(

@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="dotted.key=value",
-        help="override a scenario field, e.g. router.capacity_factor=1.25 (repeatable)",
+        help="override a scenario field: dotted path or short name, e.g. "
+        "router.capacity_factor=1.25 or top_k=2 (repeatable)",
     )
     parser.add_argument("--seed", type=int, help="random seed (default: workload.seed)")
     parser.add_argument(
@@ -45,9 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesim.config.loader import load_pair
+    from moesim import api
     from moesim.io import atomic_write_text
-    from moesim.simulate import simulate
 
     overrides = list(args.overrides)
     if args.steps is not None:
@@ -56,12 +56,16 @@ def run(args: argparse.Namespace) -> int:
 
             raise UserError(f"--steps {args.steps}: must be >= 1")
         overrides.append(f"workload.routing.dynamics.steps={args.steps}")
-    scn, hw = load_pair(args.scenario, overrides, args.hardware)
+    scn = api.load_scenario(args.scenario, overrides=overrides)
     scn = resolve_dynamics_trace(scn, Path(args.scenario))
-    scn = resolve_trace_path(scn, Path(args.scenario))
     try:
-        result = simulate(
-            scn, hw, seed=args.seed, trace=bool(args.trace), traffic=bool(args.traffic)
+        result = api.simulate(
+            scn,
+            args.hardware,
+            seed=args.seed,
+            trace=bool(args.trace),
+            traffic=bool(args.traffic),
+            file=args.scenario,
         )
     except ConfigError as err:  # placement / dynamics problems found while simulating
         raise (err.with_file(args.scenario) if err.file is None else err) from None
@@ -99,17 +103,4 @@ def resolve_dynamics_trace(scn: Scenario, scenario_file: Path) -> Scenario:
         update={"dynamics": dyn.model_copy(update={"trace": str(candidate)})}
     )
     workload = scn.workload.model_copy(update={"routing": routing})
-    return scn.model_copy(update={"workload": workload})
-
-
-def resolve_trace_path(scn: Scenario, scenario_file: Path) -> Scenario:
-    """A relative trace path that is not found from here is taken relative to the scenario file."""
-    routing = scn.workload.routing
-    if routing.trace is None or Path(routing.trace).is_absolute() or Path(routing.trace).exists():
-        return scn
-    candidate = scenario_file.parent / routing.trace
-    if not candidate.exists():
-        return scn
-    new_routing = routing.model_copy(update={"trace": str(candidate)})
-    workload = scn.workload.model_copy(update={"routing": new_routing})
     return scn.model_copy(update={"workload": workload})

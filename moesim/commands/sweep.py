@@ -98,8 +98,8 @@ def _plots(outcome: SweepOutcome) -> list[Path]:
 
 def _report(outcome: SweepOutcome, plots: list[Path], *, feasible_only: bool = False) -> None:
     from moesim.commands.compare import drop_infeasible
-    from moesim.report.compare_tables import comparison_table, render_wide
-    from moesim.report.tables import console
+    from moesim.report.compare_tables import comparison_table
+    from moesim.report.tables import console, render
 
     rows, dropped = drop_infeasible(outcome.summaries, feasible_only, quiet=False)
     title = f"{outcome.spec.name or 'sweep'}: {len(rows)} variants"
@@ -114,7 +114,8 @@ def _report(outcome: SweepOutcome, plots: list[Path], *, feasible_only: bool = F
     from moesim.explore.metrics import table_metrics
 
     metrics = table_metrics([s.result for s in rows])
-    render_wide(comparison_table(rows, outcome.axes_keys, title=title, metrics=metrics))
+    table = comparison_table(rows, outcome.axes_keys, title=title, metrics=metrics)
+    render(table, key_columns=len(outcome.axes_keys))
     for variant, why in outcome.plan.skipped:
         console.print(f"[yellow]skipped[/] {variant.label()}: {why}")
     console.print(f"tables: {outcome.out_dir}/runs.parquet, runs.csv, summary.csv")

@@ -88,6 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="share of each run's steps the fit sees (--dynamics; default 0.5)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument(
+        "--verbose", action="store_true", help="with --published: each figure's full note"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -232,7 +235,7 @@ def _run_published(args: argparse.Namespace) -> dict[str, Any]:
             report = run_published(table, only=args.only, advance=advance).to_dict()
         from moesim.report.validate_tables import print_published
 
-        print_published(report)
+        print_published(report, verbose=args.verbose)
     _save(args.out / f"published-{_stamp()}.json", report)
     return report
 

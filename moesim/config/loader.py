@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from moesim.config.base import FieldError
 from moesim.config.hardware import HardwareProfile
+from moesim.config.keys import canonical_key, model_inside
 from moesim.config.scenario import Scenario
 from moesim.errors import ConfigError
 
@@ -142,18 +143,8 @@ def _allowed_keys(model: type[BaseModel], loc: list[str]) -> list[str]:
         info = getattr(current, "model_fields", {}).get(part)
         if info is None:
             return []
-        current = _model_in(info.annotation)
+        current = model_inside(info.annotation, into_lists=True)
     return list(getattr(current, "model_fields", {}))
-
-
-def _model_in(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
 
 
 #: suffix of a measured profile (fitted to imported GPU tables) in ``calibrated/``
@@ -222,10 +213,23 @@ def load_hardware(
 
 
 def load_scenario(path: str | Path, overrides: Iterable[str] = ()) -> Scenario:
-    """Load and validate a scenario file, with ``--set`` overrides applied first."""
-    data = apply_overrides(read_yaml(path), overrides)
+    """Load and validate a scenario file, with ``--set`` overrides applied first.
+
+    Override keys are dotted paths or their short aliases (``top_k=2`` is
+    ``model.top_k=2``), resolved by :func:`moesim.config.keys.canonical_key`.
+    """
+    data = apply_overrides(read_yaml(path), scenario_overrides(overrides))
     data = resolve_hf_config(data, Path(path).parent, file=str(path))
     return validate(Scenario, data, file=str(path))
+
+
+def scenario_overrides(overrides: Iterable[str]) -> list[str]:
+    """``['top_k=2']`` -> ``['model.top_k=2']``: short keys resolved, unknown keys refused."""
+    out = []
+    for text in overrides:
+        key, _ = parse_override(text)
+        out.append(f"{canonical_key(key, flag='--set')}={text.partition('=')[2]}")
+    return out
 
 
 def resolve_hf_config(data: dict[str, Any], base: Path, *, file: str) -> dict[str, Any]:

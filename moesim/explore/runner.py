@@ -26,6 +26,7 @@ from moesim.config.scenario import Scenario
 from moesim.errors import ConfigError, UserError
 from moesim.explore.variants import Variant, variant_scenario
 from moesim.io import atomic_write_text
+from moesim.simulate.budget import check_budget
 
 #: ``advance(n=1, description=None)``, called once per finished task
 Progress = Callable[..., None]
@@ -97,7 +98,9 @@ def plan(
         try:
             scn = variant_scenario(base, variant, file=file)
             hw = _profile(scn.hardware, profiles, relative_to)
-            check_pair(scn, hw, file=f"{file or 'scenario'} (variant {variant.label()})")
+            where = f"{file or 'scenario'} (variant {variant.label()})"
+            check_pair(scn, hw, file=where)
+            check_budget(scn, file=where)  # before any run, like every other check
         except UserError as err:
             if not skip_invalid:
                 raise

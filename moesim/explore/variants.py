@@ -1,30 +1,43 @@
 """Variants of one scenario: ``--vary key=v1,v2`` axes, their product, and validation.
 
-A *key* is a dotted path into the scenario (``router.capacity_factor``) or a
-short alias for one (``capacity_factor``): every scenario field whose last name
-is unique in the scenario tree is its own alias, so ``top_k``, ``ep`` and
-``tokens_per_gpu`` all work. ``hardware`` is a key like any other (the
+Keys and their short aliases live in :mod:`moesim.config.keys` (re-exported
+here), the one table that ``--set`` uses too. ``hardware`` is a key like any other (the
 scenario's ``hardware`` field), which is how ``--hardware a,b`` becomes an axis.
 Values are YAML scalars: ``1``, ``1.25``, ``null``, ``true``, ``fp8``.
 """
 
 from __future__ import annotations
 
-import difflib
-import functools
 import itertools
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from pydantic import BaseModel
 
+from moesim.config.keys import aliases, canonical_key, leaf_keys, scenario_keys, short_name
 from moesim.config.loader import apply_overrides, validate
 from moesim.config.scenario import Scenario
 from moesim.errors import UserError
+
+__all__ = [
+    "Axis",
+    "Variant",
+    "aliases",
+    "canonical_key",
+    "check_axes",
+    "expand",
+    "format_value",
+    "hardware_axis",
+    "leaf_keys",
+    "parse_value",
+    "parse_vary",
+    "scenario_keys",
+    "short_name",
+    "variant_scenario",
+]
 
 #: an axis: canonical dotted key and the values it takes, in order
 Axis = tuple[str, tuple[Any, ...]]
@@ -42,73 +55,6 @@ class Variant:
         if not self.values:
             return "base"
         return ", ".join(f"{short_name(k)}={format_value(v)}" for k, v in self.values.items())
-
-
-# -- keys ---------------------------------------------------------------------
-@functools.cache
-def scenario_keys() -> tuple[str, ...]:
-    """Every settable dotted path of :class:`Scenario`, leaves and sub-sections."""
-    return tuple(_walk(Scenario, ""))
-
-
-def _walk(model: type[BaseModel], prefix: str) -> Iterable[str]:
-    for name, info in model.model_fields.items():
-        path = f"{prefix}{name}"
-        yield path
-        sub = _submodel(info.annotation)
-        if sub is not None:
-            yield from _walk(sub, f"{path}.")
-
-
-def _submodel(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside ``X`` or ``X | None`` (not inside lists)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if getattr(annotation, "__origin__", None) in (list, dict):
-        return None
-    for arg in getattr(annotation, "__args__", ()):
-        found = _submodel(arg)
-        if found is not None:
-            return found
-    return None
-
-
-@functools.cache
-def leaf_keys() -> tuple[str, ...]:
-    keys = scenario_keys()
-    return tuple(k for k in keys if not any(o.startswith(k + ".") for o in keys))
-
-
-@functools.cache
-def aliases() -> dict[str, str]:
-    """Short name -> dotted path, for every leaf whose last name is unique."""
-    by_last: dict[str, list[str]] = {}
-    for key in leaf_keys():
-        by_last.setdefault(key.rsplit(".", 1)[-1], []).append(key)
-    return {last: paths[0] for last, paths in by_last.items() if len(paths) == 1}
-
-
-def short_name(key: str) -> str:
-    """The alias of ``key`` if it has one, else ``key`` itself."""
-    last = key.rsplit(".", 1)[-1]
-    return last if aliases().get(last) == key else key
-
-
-def canonical_key(key: str, *, flag: str = "--vary") -> str:
-    """``top_k`` -> ``model.top_k``; an unknown key is a UserError naming the valid ones."""
-    key = key.strip()
-    if key in scenario_keys():
-        return key
-    if key in aliases():
-        return aliases()[key]
-    candidates = [*aliases(), *scenario_keys()]
-    close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
-    hint = f"did you mean {' or '.join(close)}? " if close else ""
-    raise UserError(
-        f"{flag} {key!r}: unknown scenario key; {hint}valid keys: "
-        f"{', '.join(sorted(aliases()))}, or their dotted paths "
-        "(e.g. model.top_k, router.capacity_factor, parallel.ep)"
-    )
 
 
 # -- values -------------------------------------------------------------------

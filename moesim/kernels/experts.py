@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -234,6 +234,33 @@ class ExpertWeights:
     @property
     def num_experts(self) -> int:
         return int(self.w_up_EDF.shape[0])
+
+    def block(self, rank: int, world: int) -> ExpertWeights:
+        """The experts rank ``rank`` of ``world`` holds: ``rank*El .. rank*El+El-1``.
+
+        Contiguous expert placement (El = E / world), as the EP layer and the
+        simulator place experts.
+        """
+        n = self.num_experts // world
+        sl = slice(rank * n, (rank + 1) * n)
+        return self._map(lambda t: t[sl])
+
+    def to(self, device: torch.device | str) -> ExpertWeights:
+        return self._map(lambda t: t.to(device))
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> ExpertWeights:
+        def opt(t: Tensor | None) -> Tensor | None:
+            return None if t is None else fn(t)
+
+        return replace(
+            self,
+            w_gate_EDF=opt(self.w_gate_EDF),
+            w_up_EDF=fn(self.w_up_EDF),
+            w_down_EFD=fn(self.w_down_EFD),
+            b_gate_EF=opt(self.b_gate_EF),
+            b_up_EF=opt(self.b_up_EF),
+            b_down_ED=opt(self.b_down_ED),
+        )
 
 
 @dataclass(frozen=True)

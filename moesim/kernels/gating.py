@@ -1,7 +1,7 @@
 """Routers: which experts each token goes to, with what weight, and what capacity drops.
 
 Legend: T = tokens, E = experts, K = top-k slots per token, S = sequences,
-G = expert groups.
+Eg = expert groups.
 
 ``route(logits_TE, spec, bias_E=None, generator=None) -> Routing`` runs the
 router named by ``spec.kind``; :data:`ROUTERS` maps every kind in
@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moesim.config.base import FieldError
-from moesim.config.router import ROUTER_KINDS, RouterSpec
+from moesim.config.router import ROUTER_KINDS, TOP1_KINDS, RouterSpec
 from moesim.errors import ConfigError
 
 __all__ = [
@@ -164,10 +164,10 @@ def _group_mask_TE(choice_TE: Tensor, n_group: int, topk_group: int) -> Tensor:
     """True for experts in each token's ``topk_group`` best groups (sum of top-2)."""
     T, E = choice_TE.shape
     per_group = choice_TE.view(T, n_group, E // n_group)
-    group_scores_TG = per_group.topk(min(2, E // n_group), dim=-1)[0].sum(dim=-1)
-    group_idx = torch.topk(group_scores_TG, topk_group, dim=-1, sorted=False)[1]
-    mask_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, group_idx, True)
-    return mask_TG.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
+    group_scores_TEg = per_group.topk(min(2, E // n_group), dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores_TEg, topk_group, dim=-1, sorted=False)[1]
+    mask_TEg = torch.zeros_like(group_scores_TEg, dtype=torch.bool).scatter_(1, group_idx, True)
+    return mask_TEg.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
 
 
 def _sigmoid_topk(logits_TE: Tensor, spec: RouterSpec, ex: _Extras) -> _Choice:
@@ -260,7 +260,7 @@ ROUTERS: dict[str, RouterFn] = {
 assert tuple(ROUTERS) == ROUTER_KINDS, "ROUTERS must implement exactly ROUTER_KINDS"
 
 _NO_AUX = ("expert_choice", "hash", "soft")
-_SINGLE = ("switch_top1", "sigmoid_top1")
+_SINGLE = TOP1_KINDS
 
 
 # ------------------------------------------------------------------ capacity

@@ -1,7 +1,7 @@
 """A real expert-parallel MoE layer over ``torch.distributed``, timed per phase.
 
 Each of R ranks holds E/R experts (contiguous: rank r owns experts
-``r*L .. r*L+L-1``, L = E/R) and its own T tokens. One step is
+``r*El .. r*El+El-1``, El = E/R) and its own T tokens. One step is
 
     gate -> permute -> dispatch (all-to-all) -> experts -> combine (all-to-all) -> unpermute
 
@@ -12,7 +12,7 @@ rank knows its uneven receive splits, then moves the rows with
 output is checked against.
 
 Legend: T = tokens per rank, D = hidden size, F = expert FFN size, E = experts,
-K = top-k, L = local experts per rank, R = ranks, N = rows after permute
+K = top-k, El = local experts per rank, R = ranks, N = rows after permute
 (kept token-expert assignments), M = rows received by a rank.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,13 +29,13 @@ import torch.distributed as dist
 from moesim.config.router import RouterSpec
 from moesim.errors import UserError
 from moesim.kernels.dispatch import permute, sort_chunks, unpermute
-from moesim.kernels.experts import experts_forward
+from moesim.kernels.experts import ExpertWeights, experts_forward
 from moesim.kernels.gating import Routing, route, router_logits
 from moesim.measure.distributed import default_backend, launch
 from moesim.measure.ep_probe import keep_freed_memory, pin_rank, usable_cores
+from moesim.phases import COMPUTE_PHASES, MOE_LAYER_PHASES
 
-PHASES = ("gate", "permute", "dispatch", "experts", "combine", "unpermute")
-COMPUTE_PHASES = ("gate", "permute", "experts", "unpermute")
+PHASES = MOE_LAYER_PHASES  # one source: moesim/phases.py
 #: parts of a phase also reported: the split-size exchange at the start of dispatch and
 #: the regroup of received rows by local expert (and back) inside the experts phase
 SUB_PHASES = ("dispatch_counts", "experts_regroup")
@@ -83,15 +83,10 @@ class EPWeights:
 
     router_DE: torch.Tensor
     bias_E: torch.Tensor
-    w_gate_EDF: torch.Tensor
-    w_up_EDF: torch.Tensor
-    w_down_EFD: torch.Tensor
+    experts: ExpertWeights  # SwiGLU experts; a rank holds ``experts.block(rank, world)``
 
-    def local(self, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The expert weights rank ``rank`` holds: experts ``rank*L .. rank*L+L-1``."""
-        n = self.w_gate_EDF.shape[0] // world
-        sl = slice(rank * n, (rank + 1) * n)
-        return self.w_gate_EDF[sl], self.w_up_EDF[sl], self.w_down_EFD[sl]
+    def to(self, device: torch.device | str) -> EPWeights:
+        return EPWeights(self.router_DE.to(device), self.bias_E.to(device), self.experts.to(device))
 
 
 @dataclass
@@ -119,9 +114,11 @@ def make_weights(case: EPCase) -> EPWeights:
     return EPWeights(
         router_DE=router,
         bias_E=bias,
-        w_gate_EDF=torch.randn(E, D, F, generator=g) / math.sqrt(D),
-        w_up_EDF=torch.randn(E, D, F, generator=g) / math.sqrt(D),
-        w_down_EFD=torch.randn(E, F, D, generator=g) / math.sqrt(F),
+        experts=ExpertWeights(
+            w_gate_EDF=torch.randn(E, D, F, generator=g) / math.sqrt(D),
+            w_up_EDF=torch.randn(E, D, F, generator=g) / math.sqrt(D),
+            w_down_EFD=torch.randn(E, F, D, generator=g) / math.sqrt(F),
+        ),
     )
 
 
@@ -147,8 +144,10 @@ def reference_layer(x_TD: torch.Tensor, w: EPWeights, case: EPCase) -> torch.Ten
     for e in range(case.num_experts):
         tok, slot = ((r.expert_ids_TK == e) & r.kept_TK).nonzero(as_tuple=True)
         x = x_TD[tok]
-        h = torch.nn.functional.silu(x @ w.w_gate_EDF[e]) * (x @ w.w_up_EDF[e])
-        out.index_add_(0, tok, (h @ w.w_down_EFD[e]) * r.weights_TK[tok, slot, None])
+        ex = w.experts
+        assert ex.w_gate_EDF is not None  # the EP layer's experts are SwiGLU
+        h = torch.nn.functional.silu(x @ ex.w_gate_EDF[e]) * (x @ ex.w_up_EDF[e])
+        out.index_add_(0, tok, (h @ ex.w_down_EFD[e]) * r.weights_TK[tok, slot, None])
     return out
 
 
@@ -196,7 +195,7 @@ class CommBuffers:
 
 
 def exchange_counts(tokens_per_expert_E: torch.Tensor, world: int) -> torch.Tensor:
-    """All-to-all of per-expert counts: ``recv_RL``, rows to receive per (source, local expert)."""
+    """All-to-all of per-expert counts: ``recv_REl``, rows to receive per (source, local expert)."""
     send = tokens_per_expert_E.to(torch.int64).contiguous()
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send)
@@ -206,7 +205,7 @@ def exchange_counts(tokens_per_expert_E: torch.Tensor, world: int) -> torch.Tens
 def ep_step(
     x_TD: torch.Tensor,
     w: EPWeights,
-    local: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    local: ExpertWeights,
     case: EPCase,
     world: int,
     spec: RouterSpec,
@@ -222,20 +221,26 @@ def ep_step(
     x_ND, tpe_E, state = permute(x_TD, routing, case.dispatch, num_experts=case.num_experts)
     t["permute"] = clock.lap("permute")
     t0 = time.perf_counter()
-    recv_RL = exchange_counts(tpe_E, world)
+    recv_REl = exchange_counts(tpe_E, world)
     t["dispatch_counts"] = time.perf_counter() - t0
     send_R = tpe_E.view(world, -1).sum(1).tolist()
-    recv_R = recv_RL.sum(1).tolist()
+    recv_R = recv_REl.sum(1).tolist()
     x_MD = bufs.rows("dispatch", sum(recv_R), x_ND)
     dist.all_to_all_single(x_MD, x_ND.contiguous(), recv_R, send_R)
     t["dispatch"] = clock.lap("dispatch")
-    w_gate, w_up, w_down = local
     t0 = clock.now()
-    x_MD = sort_chunks(x_MD, recv_RL)
+    x_MD = sort_chunks(x_MD, recv_REl)
     t1 = clock.now()
-    y_MD = experts_forward(x_MD, recv_RL.sum(0), w_gate, w_up, w_down, strategy=case.experts)
+    y_MD = experts_forward(
+        x_MD,
+        recv_REl.sum(0),
+        local.w_gate_EDF,
+        local.w_up_EDF,
+        local.w_down_EFD,
+        strategy=case.experts,
+    )
     t2 = clock.now()
-    y_MD = sort_chunks(y_MD, recv_RL, inverse=True)
+    y_MD = sort_chunks(y_MD, recv_REl, inverse=True)
     t["experts_regroup"] = (t1 - t0) + (clock.now() - t2)
     t["experts"] = clock.lap("experts")
     y_ND = bufs.rows("combine", x_ND.shape[0], y_MD)
@@ -277,8 +282,8 @@ def run_rank(
         pin_rank(rank)
         keep_freed_memory()  # as the calibration bench: no fresh pages per step
     w = make_weights(case)
-    w = EPWeights(**{k: v.to(device) for k, v in asdict(w).items()})
-    local = w.local(rank, world)
+    w = w.to(device)
+    local = w.experts.block(rank, world)
     x_TD = make_inputs(case, rank).to(device)
     spec = case.router_spec()  # built once: its validation is not part of the gate
     bufs = CommBuffers()

@@ -6,14 +6,27 @@ import math
 from typing import Any
 
 import pandas as pd
+from rich.markup import escape
 from rich.table import Table
+
+from moesim.report.tables import Footnotes
 
 GROUP = ["suite", "op", "strategy", "split", "dtype"]
 
 
-def summary_table(df: pd.DataFrame, meta: dict[str, Any], *, title: str | None = None) -> Table:
+def summary_table(
+    df: pd.DataFrame,
+    meta: dict[str, Any],
+    *,
+    title: str | None = None,
+    notes: Footnotes | None = None,
+) -> Table:
     """One line per (suite, op, strategy, split, dtype): cases, median range, best rate,
-    % of the measured ceiling; a dtype column when several, a "not ok" column when any."""
+    % of the measured ceiling; a dtype column when several, a "not ok" column when any.
+
+    A "not ok" cell counts the failed cases; the statuses themselves go to ``notes``
+    (numbered, printed below the table), so no cell is wrapped or cut."""
+    notes = notes if notes is not None else Footnotes()
     many_dtypes = df["dtype"].nunique() > 1
     any_bad = bool((df["status"] != "ok").any())
     table = Table(title=title or _title(meta), title_justify="left")
@@ -33,10 +46,9 @@ def summary_table(df: pd.DataFrame, meta: dict[str, Any], *, title: str | None =
     ]
     for i in shown:
         col, just = columns[i]
-        wrap = col == "not ok"
-        table.add_column(col, justify=just, no_wrap=not wrap, min_width=max(3, len(col)))  # type: ignore[arg-type]
+        table.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
     for _, group in df.groupby(GROUP, sort=False):
-        cells = _group_cells(group)
+        cells = _group_cells(group, notes)
         table.add_row(*[cells[i] for i in shown])
     return table
 
@@ -56,7 +68,7 @@ def case_name(row: Any) -> str:
     return " ".join(p for i, p in enumerate(parts) if i == 0 or p != row["suite"])
 
 
-def _group_cells(group: pd.DataFrame) -> list[str]:
+def _group_cells(group: pd.DataFrame, notes: Footnotes) -> list[str]:
     first = group.iloc[0]
     ok = group[group["status"] == "ok"]
     bad = group[group["status"] != "ok"]["status"].value_counts()
@@ -67,7 +79,7 @@ def _group_cells(group: pd.DataFrame) -> list[str]:
         _range(ok["median_s"]) if len(ok) else "",
         best_rate(ok) if len(ok) else "",
         _pct(ok["pct_of_ceiling"]),
-        ", ".join(f"{n} {_short(str(s))}" for s, n in bad.items()),
+        ", ".join(f"{n} {escape(notes.ref(str(s)))}" for s, n in bad.items()),
     ]
 
 
@@ -100,10 +112,6 @@ def _pct(values: pd.Series) -> str:
 
 def _pct_num(value: float) -> str:
     return f"{value:.0f}" if value >= 10 else f"{value:.2g}"
-
-
-def _short(status: str, limit: int = 40) -> str:
-    return status if len(status) <= limit else status[: limit - 1] + "…"
 
 
 def seconds_text(seconds: float) -> str:

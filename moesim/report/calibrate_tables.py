@@ -8,7 +8,7 @@ from rich.table import Table
 
 from moesim.calibrate import CalibrationReport
 from moesim.config.hardware import Calibration, CommFit, MemoryOpFit
-from moesim.report.tables import console
+from moesim.report.tables import console, render
 
 
 def calibration_table(report: CalibrationReport, mape_target: float) -> Table:
@@ -21,12 +21,12 @@ def calibration_table(report: CalibrationReport, mape_target: float) -> Table:
     )
     for col, just in [
         ("family", "left"),
-        ("fixed us", "right"),
+        ("fixed\nus", "right"),
         ("rate over size", "right"),
         ("shapes", "right"),
         ("MAPE", "right"),
-        ("max APE", "right"),
-        ("timing ±", "right"),
+        ("max\nAPE", "right"),
+        ("timing\n±", "right"),
         ("strategy", "left"),
     ]:
         table.add_column(col, justify=just)  # type: ignore[arg-type]
@@ -76,7 +76,7 @@ def print_calibration(
     report: CalibrationReport, path: Path, *, mape_target: float, time_target_s: float
 ) -> None:
     """The table, where the profile went, and whether the targets were met."""
-    console.print(calibration_table(report, mape_target))
+    render(calibration_table(report, mape_target))
     prof = report.profile
     console.print(f"wrote [bold]{path}[/] (profile {prof.name!r}, base spec values kept)")
     worst = max(report.families.items(), key=lambda kv: kv[1]["mape"])

@@ -186,20 +186,6 @@ def _max_abs(values: Sequence[float]) -> float:
     return max(finite) if finite else 0.0
 
 
-def render_wide(table: Table) -> None:
-    """Print ``table``; when stdout is not a terminal, as wide as the table needs."""
-    from rich.console import Console
-
-    from moesim.report.tables import console
-
-    if console.is_terminal:
-        console.print(table)
-        return
-    wide = console.options.update(max_width=1000)
-    width = max(console.width, console.measure(table, options=wide).maximum)
-    Console(file=console.file, width=width, highlight=False).print(table)
-
-
 def phases_table(results: Mapping[str, Mapping[str, Any]], *, title: str) -> Table:
     """Where the time of one MoE layer goes, per profile: ``{label: SimResult.to_dict()}``."""
     table = Table(title=title, title_justify="left")

@@ -94,8 +94,7 @@ def render_dynamics(r: Any) -> None:
 
 def print_dynamics_validation(report: dict[str, Any]) -> None:
     """``moesim validate --dynamics``: per run, fitted parameters, predicted vs measured."""
-    from moesim.report.compare_tables import render_wide
-    from moesim.report.tables import console
+    from moesim.report.tables import console, render
 
     tol = report["tolerance"]
     table = Table(
@@ -129,7 +128,7 @@ def print_dynamics_validation(report: dict[str, Any]) -> None:
             f"{100 * r['max_mean_step_mape']:.1f} %",
             "[green]yes[/]" if r["ok"] else "[red]no[/]",
         )
-    render_wide(table)
+    render(table)
     for cf in report["capacity_factors"]:
         rows = [r for r in report["runs"] if r["capacity_factor"] == cf]
         by: dict[str, list[bool]] = {}

@@ -26,7 +26,7 @@ def _bytes(n: float) -> str:
 
 
 def summary_table(r: Any) -> Table:
-    """The DESIGN.md headline numbers of one :class:`~moesim.simulate.SimResult`."""
+    """The headline numbers (ARCHITECTURE.md#contracts) of one ``SimResult``."""
     d = r.details
     table = Table(title=f"{r.scenario} on {r.hardware} (seed {r.seed})", title_justify="left")
     table.add_column("metric")
@@ -135,7 +135,7 @@ def layers_table(r: Any) -> Table:
         "expert_imbalance",
     ]
     for col in cols:
-        table.add_column(col.replace("_", " "), justify="right")
+        table.add_column(col.replace("_", "\n"), justify="right")
     rows = r.layers
     if len(rows) > MAX_LAYER_ROWS:
         half = MAX_LAYER_ROWS // 2

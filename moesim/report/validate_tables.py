@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
-from moesim.report.tables import console
-
-PHASES = ("gate", "permute", "dispatch", "experts", "combine", "unpermute")
+from moesim.phases import MOE_LAYER_PHASES as PHASES
+from moesim.report.tables import Footnotes, console, render
 
 
 def _ms(seconds: float) -> str:
@@ -81,8 +81,8 @@ def _median(values: list[float]) -> float:
 
 def print_ep(result: dict[str, Any], world: int, *, profile: str, context: dict[str, Any]) -> None:
     """Both tables, the target line (median <= 10 %, worst <= 25 %) and the machine's load."""
-    console.print(ep_table(result, world))
-    console.print(phase_table(result))
+    render(ep_table(result, world))
+    render(phase_table(result))
     med, worst = result["median_abs_error"], result["max_abs_error"]
     ok = med <= 0.10 and worst <= 0.25
     verdict = "[green]met[/green]" if ok else "[red]missed[/red]"
@@ -133,37 +133,45 @@ def _load(v: Any) -> str:
     return "?" if v is None else f"{v:.1f}"
 
 
-def published_table(report: dict[str, Any]) -> Table:
-    """One row per published figure: value, prediction, error, source and the note."""
-    table = Table(title="Predicted vs published figures", title_justify="left", show_lines=True)
-    table.add_column("figure", justify="left", no_wrap=True)
+def published_table(report: dict[str, Any], notes: Footnotes, *, verbose: bool = False) -> Table:
+    """One row per published figure: value, prediction, error; source and note as a footnote."""
+    table = Table(title="Predicted vs published figures", title_justify="left")
+    table.add_column("figure\n[dim]metric in unit \\[source][/dim]", justify="left")
     table.add_column("published", justify="right")
     table.add_column("predicted", justify="right")
     table.add_column("error", justify="right")
-    table.add_column("source / note", justify="left", ratio=1)
     for r in report["rows"]:
+        note = f" {r['note']}" if verbose and r.get("note") else ""
+        ref = notes.ref(f"{r['source']} <{r['url']}>{note}{_formula(r)}")
         table.add_row(
-            f"{r['id']}\n({r['metric']})",
-            f"{r['published']:,.4g} {r['unit']}",
-            f"{r['predicted']:,.4g} {r['unit']}",
+            f"{r['id']}\n[dim]{r['metric']} in {r['unit']} {escape(ref)}[/dim]",
+            _fig(r["published"]),
+            _fig(r["predicted"]),
             _err(r["error"], 0.20),
-            f"{r['source']}\n{r['url']}\n[dim]{r['note']}[/dim]" + _formula(r),
         )
     return table
 
 
 def _formula(row: dict[str, Any]) -> str:
     formula = row.get("flop_formula")
-    return f"\n[dim]FLOPs: {formula}[/dim]" if formula else ""
+    return f" FLOPs: {formula}" if formula else ""
 
 
-def print_published(report: dict[str, Any]) -> None:
-    console.print(published_table(report))
+def _fig(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:,.4g}"
+
+
+def print_published(report: dict[str, Any], *, verbose: bool = False) -> None:
+    """The table, the error summary, then the sources (with each note when ``verbose``)."""
+    notes = Footnotes()
+    render(published_table(report, notes, verbose=verbose))
     n = len(report["rows"])
     console.print(
         f"|error|: median {report['median_abs_error']:.1%}, worst {report['max_abs_error']:.1%}; "
         f"{report['within_20pct']} of {n} rows within 20 %"
     )
+    console.print("sources and notes:" if verbose else "sources (--verbose adds each note):")
+    notes.render()
 
 
 def memory_table(report: dict[str, Any]) -> Table:
@@ -192,9 +200,9 @@ def memory_table(report: dict[str, Any]) -> Table:
 
 
 def print_memory(report: dict[str, Any]) -> None:
-    from moesim.report.compare_tables import render_wide
+    from moesim.report.tables import render
 
-    render_wide(memory_table(report))
+    render(memory_table(report))
     console.print(
         f"|error|: median {report['median_abs_error']:.1%}, worst {report['max_abs_error']:.1%} "
         f"(target {report['tolerance']:.0%}); measured by {report['method']}"
@@ -227,7 +235,7 @@ def print_gpu_tables(report: dict[str, Any], limit: float = 0.15) -> None:
             c["system"], c["model"], c["regime"], str(c["tokens_per_rank"]), c["phase"], meas,
             f"{c['predicted_s'] * 1e6:,.1f} us", err,
         )  # fmt: skip
-    console.print(table)
+    render(table)
     med = report["median_abs_error"]
     if med is None:
         console.print("no measured case")

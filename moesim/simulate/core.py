@@ -13,6 +13,8 @@ from moesim.costs.model import CostModel
 from moesim.errors import ConfigError
 from moesim.io import provenance
 from moesim.model import FORMULA, model_flops_per_token
+from moesim.phases import LAYER_PHASES
+from moesim.simulate.budget import check_budget
 from moesim.simulate.dense import optimizer_s
 from moesim.simulate.engine import THREADS, EngineResult, Recorder, run_engine
 from moesim.simulate.gradsync import GradSync
@@ -25,9 +27,6 @@ from moesim.simulate.result import PHASES, SimResult
 from moesim.simulate.schedules import Pipeline, layout_for, moe_layers_per_rank
 from moesim.simulate.topology import build_topology
 
-#: per-layer table columns (forward phases of a MoE layer)
-LAYER_COLUMNS = ("dense", "gate", "permute", "dispatch", "experts", "combine", "unpermute",
-                 "shared_experts", "norm", "tp_comm", "cp_comm", "etp_comm")  # fmt: skip
 #: gradient and parameter collectives summed into ``phases_s["grad_sync"]``
 SYNC_PHASES = tuple(n for n, (g, _) in PHASES_INFO.items() if g in ("dp", "edp"))
 
@@ -51,6 +50,7 @@ def simulate(
     seed = scenario.workload.seed if seed is None else int(seed)
     if seed < 0:
         raise ConfigError("must be >= 0 (seeds numpy's generator)", field="seed", value=seed)
+    check_budget(scenario)  # refuse, with the estimate, what would not finish or fit
     topo = build_topology(scenario, hw)
     pipe, layout = layout_for(scenario)
     plan = build_plan(scenario, hw, topo, seed, moe_layers_per_rank(pipe, layout))
@@ -152,7 +152,7 @@ def _result(
         model_tflops_per_gpu=tflops,
         mfu=tflops / hw.peak_tflops(scn.model.dtype),
         phases_s=phases,
-        backward_phases_s={p: _mean(rec, p + BWD) for p in LAYER_COLUMNS} if plan.training else {},
+        backward_phases_s={p: _mean(rec, p + BWD) for p in LAYER_PHASES} if plan.training else {},
         layers=_layers(rec, plan),
         gpu_utilization=_utilization(util),
         details=_details(scn, plan, pipe, eng, tokens) | {"out_of_range": out_of_range(scn, hw)},
@@ -210,7 +210,7 @@ def _layers(rec: Recorder, plan: StepPlan) -> list[dict[str, float]]:
     rows = []
     for i in range(plan.layers):
         row: dict[str, float] = {"layer": float(i)}
-        for name in LAYER_COLUMNS:
+        for name in LAYER_PHASES:
             arr = rec.layer_sum.get(name)
             row[name] = float(arr[i]) / per if arr is not None else 0.0
         row["expert_imbalance"] = plan.stats.layer_expert_imbalance_mean(i, plan.micro_batches)

@@ -1,6 +1,6 @@
 """Per-layer, per-micro-batch routing loads of every GPU, with capacity applied.
 
-Legend: G = GPUs, X = EP groups, P = EP ranks, N = nodes of a group,
+Legend: G = GPUs, X = EP groups, P = EP ranks, Nd = nodes of a group,
 E = experts, K = top-k, T = tokens per GPU per micro-batch, S = capacity domains.
 
 :class:`LoadModel` turns a scenario into one :class:`Load` per (layer,
@@ -60,7 +60,7 @@ class Load:
     # distinct tokens a source needs on each rank / node of its group; only the
     # hierarchical dispatcher reads them, so for the others they are empty ([G, 0])
     tok_GP: F64
-    tok_GN: F64
+    tok_GNd: F64
 
 
 class LoadModel:
@@ -138,24 +138,24 @@ class LoadModel:
         kept_GSE = capacity.keep_counts(routed_GSE, self.cap_S)
         sent_GSE = capacity.sent_counts(kept_GSE, self.cap_S, self.pad)
         routed, kept, sent = (_over_domains(a) for a in (routed_GSE, kept_GSE, sent_GSE))
-        tok_GP, tok_GN = self._distinct_from_counts(kept, sent)
-        return Load(routed, kept, sent, tok_GP, tok_GN)
+        tok_GP, tok_GNd = self._distinct_from_counts(kept, sent)
+        return Load(routed, kept, sent, tok_GP, tok_GNd)
 
     def _distinct_from_counts(self, kept_GE: Counts, sent_GE: Counts) -> tuple[F64, F64]:
         """Distinct tokens per (source, rank) and (source, node) from per-expert counts."""
-        P, N = self.topo.ep, self.topo.nodes_per_group
+        P, Nd = self.topo.ep, self.topo.nodes_per_group
         if not self.dedup:
             return _none(kept_GE), _none(kept_GE)
         if self.pad:
             sent_GP = _block_sum(sent_GE, P)
-            return sent_GP, _block_sum(sent_GP, N)
+            return sent_GP, _block_sum(sent_GP, Nd)
         frac_GE = np.minimum(np.asarray(kept_GE, dtype=np.float32) / np.float32(self.T), 1)
         groups = self._groups()
-        if groups is None or not _nested(P, groups[0]) or not _nested(N, groups[0]):
+        if groups is None or not _nested(P, groups[0]) or not _nested(Nd, groups[0]):
             miss_GP = _block_prod(1.0 - frac_GE, P)
-            return self.T * (1.0 - miss_GP), self.T * (1.0 - _block_prod(miss_GP, N))
-        touch_GP, touch_GN = _touch_grouped(frac_GE, P, N, groups, self.K)
-        return self.T * touch_GP, self.T * touch_GN
+            return self.T * (1.0 - miss_GP), self.T * (1.0 - _block_prod(miss_GP, Nd))
+        touch_GP, touch_GNd = _touch_grouped(frac_GE, P, Nd, groups, self.K)
+        return self.T * touch_GP, self.T * touch_GNd
 
     def _balanced(self) -> Load:
         """Expert choice (each expert takes its capacity), soft MoE (every token, every expert)."""
@@ -166,8 +166,8 @@ class LoadModel:
             cf = self.scn.router.capacity_factor or 1.0
             per = capacity.expert_capacity(T, E, self.K, cf)
         counts = np.full((G, E), per, dtype=np.int64)
-        tok_GP, tok_GN = self._distinct_from_counts(counts, counts)
-        return Load(counts, counts, counts, tok_GP, tok_GN)
+        tok_GP, tok_GNd = self._distinct_from_counts(counts, counts)
+        return Load(counts, counts, counts, tok_GP, tok_GNd)
 
     def _groups(self) -> tuple[int, int] | None:
         r = self.scn.router
@@ -207,7 +207,7 @@ class LoadModel:
         return from_router
 
     def _chunk(self, ids: I64, weights: F64 | None, rng: np.random.Generator) -> Load:
-        E, P, N = self.E, self.topo.ep, self.topo.nodes_per_group
+        E, P, Nd = self.E, self.topo.ep, self.topo.nodes_per_group
         kept_mask = np.ones(ids.shape, dtype=bool)
         if self.cap_S is not None:
             prio = None
@@ -219,12 +219,12 @@ class LoadModel:
         kept = routing.counts_from_ids(ids[:, None], kept_mask[:, None], E)[:, 0]
         if self.pad and self.cap_S is not None:
             sent = np.broadcast_to(self.cap_S.sum(), kept.shape).astype(np.int64)
-            return Load(routed, kept, sent, _block_sum(sent, P), _block_sum(sent, N))
+            return Load(routed, kept, sent, _block_sum(sent, P), _block_sum(sent, Nd))
         if not self.dedup:
             return Load(routed, kept, kept, _none(kept), _none(kept))
         tok_GP = routing.distinct_from_ids(ids, kept_mask, E // P, P).astype(np.float64)
-        tok_GN = routing.distinct_from_ids(ids, kept_mask, E // N, N).astype(np.float64)
-        return Load(routed, kept, kept, tok_GP, tok_GN)
+        tok_GNd = routing.distinct_from_ids(ids, kept_mask, E // Nd, Nd).astype(np.float64)
+        return Load(routed, kept, kept, tok_GP, tok_GNd)
 
 
 def _none(x_GE: Counts) -> F64:
@@ -235,8 +235,8 @@ def _nested(blocks: int, n_group: int) -> bool:
     return blocks % n_group == 0 or n_group % blocks == 0
 
 
-def _touch_grouped(frac_GE: F32, P: int, N: int, groups: tuple[int, int], K: int) -> list[F64]:
-    """P(a token reaches each rank / node), ``[[G, P], [G, N]]``, under group-limited routing.
+def _touch_grouped(frac_GE: F32, P: int, Nd: int, groups: tuple[int, int], K: int) -> list[F64]:
+    """P(a token reaches each rank / node), ``[[G, P], [G, Nd]]``, under group-limited routing.
 
     A token picks ``topk_group`` groups with inclusion ``gamma_g`` (as
     :func:`routing.sample_ids` does), then experts inside them, where expert
@@ -250,7 +250,7 @@ def _touch_grouped(frac_GE: F32, P: int, N: int, groups: tuple[int, int], K: int
     miss_GE = (1.0 - np.minimum(cond, 1.0)).reshape(G, E)
     miss_GP = _block_prod(miss_GE, P)
     out = []
-    for blocks, miss in ((P, miss_GP), (N, None)):
+    for blocks, miss in ((P, miss_GP), (Nd, None)):
         if blocks >= n_group:  # each block inside one group: reached if its group is
             inner = miss if miss is not None else _block_prod(miss_GP, blocks)
             out.append(np.repeat(gamma, blocks // n_group, axis=1) * (1.0 - inner))

@@ -1,6 +1,6 @@
 """Coflow-level fluid network model.
 
-Legend: C = concurrent coflows of one domain, L = links of the domain.
+Legend: Cf = concurrent coflows of one domain, L = links of the domain.
 
 A collective is a *coflow*: a vector of bytes it must move over each link.
 All of a coflow's flows progress together (it ends when its most loaded link
@@ -28,18 +28,18 @@ F64 = NDArray[np.float64]
 _EPS = 1e-12
 
 
-def maxmin_rates(demand_CL: F64, cap_L: F64) -> F64:
-    """Max-min fair bottleneck byte rates ``x_C`` of coflows sharing links.
+def maxmin_rates(demand_CfL: F64, cap_L: F64) -> F64:
+    """Max-min fair bottleneck byte rates ``x_Cf`` of coflows sharing links.
 
-    ``demand_CL`` bytes each coflow moves on each link (every row has a
+    ``demand_CfL`` bytes each coflow moves on each link (every row has a
     positive entry); ``cap_L`` bytes/s. Coflow ``c`` then drains link ``l`` at
-    ``x_c * demand_CL[c, l] / max_l demand_CL[c, l]``.
+    ``x_c * demand_CfL[c, l] / max_l demand_CfL[c, l]``.
     """
-    share = demand_CL / demand_CL.max(axis=1, keepdims=True)
-    C = share.shape[0]
-    x = np.zeros(C)
+    share = demand_CfL / demand_CfL.max(axis=1, keepdims=True)
+    Cf = share.shape[0]
+    x = np.zeros(Cf)
     free = np.asarray(cap_L, dtype=np.float64).copy()
-    active = np.ones(C, dtype=bool)
+    active = np.ones(Cf, dtype=bool)
     while active.any():
         load = share[active].sum(axis=0)
         used = load > 0

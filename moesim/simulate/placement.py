@@ -205,7 +205,7 @@ def place_load(load: Load, slot_expert_R: I64, ranks: int, nodes: int, T: int) -
         split_counts(a, slot_expert_R) for a in (load.routed_GE, load.kept_GE, load.sent_GE)
     )
     if load.tok_GP.shape[1] == 0:
-        return Load(routed, kept, sent, load.tok_GP, load.tok_GN)
+        return Load(routed, kept, sent, load.tok_GP, load.tok_GNd)
     G = kept.shape[0]
     miss = 1.0 - np.minimum(kept / float(T), 1.0)
     miss_GP = miss.reshape(G, ranks, -1).prod(-1)

@@ -510,7 +510,7 @@ def _allgather_rows(scn: Scenario, topo: Topology, load: Load) -> F64:
 
 def _hierarchical_rows(scn: Scenario, topo: Topology, load: Load) -> F64:
     X, P = topo.num_groups, topo.ep
-    return hierarchical_links(load.tok_GP.reshape(X, P, P), load.tok_GN.reshape(X, P, -1), topo)
+    return hierarchical_links(load.tok_GP.reshape(X, P, P), load.tok_GNd.reshape(X, P, -1), topo)
 
 
 def _low_latency_rows(scn: Scenario, topo: Topology, load: Load) -> F64:

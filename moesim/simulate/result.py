@@ -1,28 +1,14 @@
-"""SimResult: what one simulation predicts, JSON-ready (DESIGN.md keys and more)."""
+"""SimResult: what one simulation predicts, JSON-ready (ARCHITECTURE.md headline keys)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+from moesim.phases import STEP_PHASES
+
 #: phases reported in ``phases_s`` (mean critical-path seconds per MoE layer forward)
-PHASES = (
-    "gate",
-    "permute",
-    "dispatch",
-    "experts",
-    "combine",
-    "unpermute",
-    "dense",
-    "shared_experts",
-    "norm",
-    "tp_comm",
-    "cp_comm",
-    "etp_comm",
-    "head",
-    "grad_sync",
-    "optimizer",
-)
+PHASES = STEP_PHASES
 
 
 @dataclass

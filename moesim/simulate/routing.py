@@ -1,7 +1,7 @@
 """Routing load: how many tokens each source GPU sends to each expert.
 
 Legend: G = source GPUs, S = capacity domains per GPU (sequences; 1 for
-per-batch capacity), E = experts, K = top-k, T = tokens, L = layers.
+per-batch capacity), E = experts, K = top-k, T = tokens, Ly = layers.
 
 A load distribution (:data:`DISTRIBUTIONS`) gives an expert *popularity*
 ``p_E`` (sums to 1): the share of all token→expert assignments that expert
@@ -77,11 +77,11 @@ def popularity(cfg: RoutingConfig, E: int, rng: np.random.Generator) -> F64:
     return sampler(cfg, E, rng)
 
 
-def layer_popularities(cfg: RoutingConfig, E: int, L: int, rng: np.random.Generator) -> F64:
-    """``[L, E]`` popularity per layer; consecutive layers share ``persistence`` of it."""
-    out = np.empty((L, E))
+def layer_popularities(cfg: RoutingConfig, E: int, Ly: int, rng: np.random.Generator) -> F64:
+    """``[Ly, E]`` popularity per layer; consecutive layers share ``persistence`` of it."""
+    out = np.empty((Ly, E))
     out[0] = popularity(cfg, E, rng)
-    for layer in range(1, L):
+    for layer in range(1, Ly):
         p = out[layer - 1].copy()
         moved = np.flatnonzero(rng.random(E) >= cfg.persistence)
         p[moved] = p[rng.permutation(moved)]
@@ -225,9 +225,9 @@ def distinct_from_ids(ids_GTK: I64, kept_GTK: NDArray[np.bool_], block: int, n_b
 
 
 def load_trace(path: str | Path, E: int, K: int) -> I64:
-    """Expert ids ``[L, T, K]`` from a ``.npy`` / ``.parquet`` trace, loaded without pickle.
+    """Expert ids ``[Ly, T, K]`` from a ``.npy`` / ``.parquet`` trace, loaded without pickle.
 
-    ``.npy``: int array ``[T, K]`` or ``[L, T, K]``. ``.parquet``: one column
+    ``.npy``: int array ``[T, K]`` or ``[Ly, T, K]``. ``.parquet``: one column
     ``expert_ids`` of length-K lists (optional ``layer`` column), or K integer
     columns. Any id outside ``[0, E)`` is a ConfigError naming file and value.
     """
@@ -300,8 +300,8 @@ def _load_parquet(p: Path) -> I64:
     return np.stack([np.asarray(table.column(c).to_pylist(), dtype=np.int64) for c in cols], axis=1)
 
 
-def tile_trace(ids_LTK: I64, layer: int, start: int, n: int) -> I64:
+def tile_trace(ids_LyTK: I64, layer: int, start: int, n: int) -> I64:
     """``n`` consecutive tokens of the trace's ``layer`` (cycled) starting at token ``start``."""
-    ids = ids_LTK[layer % ids_LTK.shape[0]]
+    ids = ids_LyTK[layer % ids_LyTK.shape[0]]
     idx = (start + np.arange(n)) % ids.shape[0]
     return ids[idx]

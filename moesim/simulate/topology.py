@@ -1,6 +1,6 @@
 """Cluster layout and the links a collective loads.
 
-Legend: G = GPUs, P = EP ranks in one group (``parallel.ep``), N = nodes one
+Legend: G = GPUs, P = EP ranks in one group (``parallel.ep``), Nd = nodes one
 EP group spans, L = links of one group, E = experts.
 
 GPUs are numbered node-major (``gpu = node * gpus_per_node + local``). EP
@@ -8,10 +8,10 @@ groups are blocks of ``ep`` GPUs, strided by ``etp`` (MoE Parallel Folding puts
 expert TP innermost: the ``etp * ep`` GPUs of a block hold ``etp`` EP groups,
 group ``g`` = block ``g // etp``, offset ``g % etp``); expert ``e`` lives on rank
 ``e // (E / ep)`` of every group (contiguous placement). Each group owns a
-*link space* of ``L = 4P + 2N`` links, in this order::
+*link space* of ``L = 4P + 2Nd`` links, in this order::
 
     scale-up egress [P] | scale-up ingress [P] | NIC egress [P] | NIC ingress [P]
-    | node uplink out [N] | node uplink in [N]
+    | node uplink out [Nd] | node uplink in [Nd]
 
 Uplinks model a fat-tree leaf per node whose uplink capacity is the node's NIC
 bandwidth divided by the oversubscription (a rail-optimised fabric has no
@@ -46,7 +46,7 @@ class Topology:
     gpus_per_node: int
     ep: int
     num_groups: int
-    nodes_per_group: int  # N
+    nodes_per_group: int  # Nd
     etp: int
     node_of_P: I64  # node index (within the group) of each EP rank
     cap_L: F64  # achievable bytes/s of every link of one group
@@ -107,14 +107,14 @@ def build_topology(scn: Scenario, hw: HardwareProfile) -> Topology:
     )
 
 
-def _capacities(hw: HardwareProfile, P: int, N: int, gpus_here: int) -> F64:
+def _capacities(hw: HardwareProfile, P: int, Nd: int, gpus_here: int) -> F64:
     su, nic = spec_bandwidths(hw)
     so = hw.scaleout
     if so.topology == "fat_tree":
         up = gpus_here * so.nic_GBps * 1e9 * so.efficiency / so.oversubscription
     else:
         up = np.inf
-    return np.concatenate([np.full(2 * P, su), np.full(2 * P, nic), np.full(2 * N, up)])
+    return np.concatenate([np.full(2 * P, su), np.full(2 * P, nic), np.full(2 * Nd, up)])
 
 
 def spec_bandwidths(hw: HardwareProfile) -> tuple[float, float]:
@@ -124,8 +124,8 @@ def spec_bandwidths(hw: HardwareProfile) -> tuple[float, float]:
     return su.link_GBps * 1e9 * su.efficiency, so.nic_GBps * 1e9 * so.efficiency
 
 
-def _swap_index(P: int, N: int) -> I64:
+def _swap_index(P: int, Nd: int) -> I64:
     blocks = [np.arange(P) + P, np.arange(P), np.arange(P) + 3 * P, np.arange(P) + 2 * P]
     up = 4 * P
-    blocks += [np.arange(N) + up + N, np.arange(N) + up]
+    blocks += [np.arange(Nd) + up + Nd, np.arange(Nd) + up]
     return np.concatenate(blocks).astype(np.int64)

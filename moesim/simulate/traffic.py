@@ -1,6 +1,6 @@
 """Bytes (or rows) each link of a group carries in one dispatch, per dispatcher.
 
-Legend: X = groups (batched), P = EP ranks, N = nodes of a group, L = links
+Legend: X = groups (batched), P = EP ranks, Nd = nodes of a group, L = links
 (see :mod:`moesim.simulate.topology`). Everything is in *rows* (one token's
 hidden vector); multiply by ``hidden_size * dtype bytes`` for bytes. The
 combine of a dispatch loads the same links in the other direction:
@@ -33,8 +33,8 @@ from moesim.simulate.topology import Topology
 F64 = NDArray[np.float64]
 
 
-def node_onehot_PN(topo: Topology) -> F64:
-    """``[P, N]`` 1.0 where rank ``p`` sits on node ``n`` of its group."""
+def node_onehot_PNd(topo: Topology) -> F64:
+    """``[P, Nd]`` 1.0 where rank ``p`` sits on node ``n`` of its group."""
     return (topo.node_of_P[:, None] == np.arange(topo.nodes_per_group)[None, :]).astype(float)
 
 
@@ -49,41 +49,41 @@ def flat_links(rows_XPP: F64, topo: Topology) -> F64:
     cross = rows_XPP * ~same
     nvl = rows_XPP * (same & off)
     nic = cross
-    M = node_onehot_PN(topo)
+    M = node_onehot_PNd(topo)
     up_out = cross.sum(-1) @ M
     up_in = cross.sum(-2) @ M
     parts = [nvl.sum(-1), nvl.sum(-2), nic.sum(-1), nic.sum(-2), up_out, up_in]
     return np.concatenate(parts, axis=-1)
 
 
-def hierarchical_links(tok_XPP: F64, tok_XPN: F64, topo: Topology) -> F64:
+def hierarchical_links(tok_XPP: F64, tok_XPNd: F64, topo: Topology) -> F64:
     """Link rows ``[X, L]`` of DeepEP-style two-hop dispatch.
 
     ``tok_XPP[x, s, d]``: distinct tokens source rank ``s`` needs on rank ``d``;
-    ``tok_XPN[x, s, n]``: distinct tokens ``s`` needs on node ``n`` (RDMA once each).
+    ``tok_XPNd[x, s, n]``: distinct tokens ``s`` needs on node ``n`` (RDMA once each).
     """
     X, P = tok_XPP.shape[0], topo.ep
-    N, gpn = topo.nodes_per_group, topo.ranks_per_node  # EP ranks on one node
+    Nd, gpn = topo.nodes_per_group, topo.ranks_per_node  # EP ranks on one node
     same = topo.same_node_PP()
     off = ~np.eye(P, dtype=bool)
     direct = tok_XPP * (same & off)
     su_out, su_in = direct.sum(-1), direct.sum(-2)
     nic_out = np.zeros((X, P))
     nic_in = np.zeros((X, P))
-    up_out = np.zeros((X, N))
-    up_in = np.zeros((X, N))
-    if N > 1:
-        cross_PN = topo.node_of_P[:, None] != np.arange(N)[None, :]
-        rdma = tok_XPN * cross_PN
+    up_out = np.zeros((X, Nd))
+    up_in = np.zeros((X, Nd))
+    if Nd > 1:
+        cross_PNd = topo.node_of_P[:, None] != np.arange(Nd)[None, :]
+        rdma = tok_XPNd * cross_PNd
         nic_out = rdma.sum(-1)
         # the receiver of (s, n) is the GPU of node n with s's local rank
-        nic_in = rdma.reshape(X, N, gpn, N).sum(1).transpose(0, 2, 1).reshape(X, P)
-        up_out = rdma.reshape(X, N, gpn, N).sum(axis=(2, 3))
+        nic_in = rdma.reshape(X, Nd, gpn, Nd).sum(1).transpose(0, 2, 1).reshape(X, P)
+        up_out = rdma.reshape(X, Nd, gpn, Nd).sum(axis=(2, 3))
         up_in = rdma.sum(1)
         local = np.arange(P) % gpn
         fwd = ~same & (local[:, None] != local[None, :])
         hop = tok_XPP * fwd
         su_in = su_in + hop.sum(-2)
-        W = hop @ node_onehot_PN(topo)  # [X, P(s), N(n)] rows forwarded on node n for s
-        su_out = su_out + W.reshape(X, N, gpn, N).sum(1).transpose(0, 2, 1).reshape(X, P)
+        W = hop @ node_onehot_PNd(topo)  # [X, P(s), N(n)] rows forwarded on node n for s
+        su_out = su_out + W.reshape(X, Nd, gpn, Nd).sum(1).transpose(0, 2, 1).reshape(X, P)
     return np.concatenate([su_out, su_in, nic_out, nic_in, up_out, up_in], axis=-1)

@@ -114,9 +114,7 @@ def calibrate_here(
     """
     import torch
 
-    from moesim.calibrate import calibrate, write_profile
-    from moesim.calibrate.profile import base_profile_name, peek_device
-    from moesim.config.loader import load_hardware
+    from moesim.calibrate.workflow import calibrate_to
     from moesim.measure.bench import run_bench
     from moesim.measure.ep_probe import keep_freed_memory
     from moesim.measure.timer import cpu_flush_by_default
@@ -137,10 +135,8 @@ def calibrate_here(
             threads=1,
             progress=progress,
         )
-    base = load_hardware(base_profile_name(*peek_device([results])))
-    report = calibrate([results], base=base, name=f"{device}-ep{world}")
     path = out_dir / f"{device}-ep{world}-calibrated.yaml"
-    write_profile(report.profile, path)
+    report = calibrate_to([results], path, name=f"{device}-ep{world}")
     return report.profile, path
 
 

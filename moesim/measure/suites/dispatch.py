@@ -116,21 +116,21 @@ def _measure_regroup(case: Case, ctx: BenchContext) -> Row:
     """Sort the T*K rows one rank receives expert-major, and back, as an EP layer does.
 
     The chunk sizes are the routing's per-expert loads: expert ``e`` lives on rank
-    ``e // L`` and every one of ``world`` sources sends it an equal share.
+    ``e // El`` and every one of ``world`` sources sends it an equal share.
     """
     routing = skewed_routing(case, ctx)
-    L = case.E // case.world
+    El = case.E // case.world
     per_expert_E = routing.tokens_per_expert().to(torch.int64)
-    local_L = per_expert_E.view(case.world, L).sum(0)
-    counts_RL = torch.stack([local_L // case.world] * case.world)
-    counts_RL[0] += local_L - counts_RL.sum(0)
-    x_MD = randn((int(counts_RL.sum()), case.D), case, ctx, salt=22)
+    local_El = per_expert_E.view(case.world, El).sum(0)
+    counts_REl = torch.stack([local_El // case.world] * case.world)
+    counts_REl[0] += local_El - counts_REl.sum(0)
+    x_MD = randn((int(counts_REl.sum()), case.D), case, ctx, salt=22)
 
     def there_and_back() -> torch.Tensor:
-        return sort_chunks(sort_chunks(x_MD, counts_RL), counts_RL, inverse=True)
+        return sort_chunks(sort_chunks(x_MD, counts_REl), counts_REl, inverse=True)
 
     timing = ctx.time(there_and_back, prime=touch(x_MD))  # the dispatch just wrote x_MD
-    nbytes = work.regroup_bytes(int(counts_RL.sum()), case.D, case.elem_bytes)
+    nbytes = work.regroup_bytes(int(counts_REl.sum()), case.D, case.elem_bytes)
     return timed_row(
-        case, ctx, timing, bytes_=float(nbytes), ceiling="copy", tokens_per_expert=local_L.tolist()
+        case, ctx, timing, bytes_=float(nbytes), ceiling="copy", tokens_per_expert=local_El.tolist()
     )

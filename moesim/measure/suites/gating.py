@@ -12,13 +12,13 @@ import math
 
 import torch
 
-from moesim.config.router import RouterSpec
+from moesim.config.router import TOP1_KINDS, RouterSpec
 from moesim.costs import work
 from moesim.kernels.gating import ROUTERS, route, router_logits
 from moesim.measure.grids import Grid
 from moesim.measure.suites.common import BenchContext, Case, Row, randn, timed_row
 
-_TOP1 = ("switch_top1", "sigmoid_top1")
+_TOP1 = TOP1_KINDS  # one source: moesim/config/router.py
 
 
 def router_spec(kind: str, K: int, E: int) -> RouterSpec:
