@@ -22,10 +22,19 @@ from moesim.measure.ceilings import apply_ceilings
 from moesim.measure.grids import load_grid_file
 from moesim.measure.results import COLUMNS, read_results
 from moesim.measure.suites import SUITES, Suite
+from moesim.measure.suites import dispatch as dispatch_suite
 
+#: every router kind and dispatch strategy (the --quick defaults measure a subset)
 TINY = {
-    "gating": {"T": [16], "D": [8], "E": [4], "K": [2]},
-    "dispatch": {"T": [32], "D": [8], "E": [4], "K": [2], "skew": [0.0, 1.5]},
+    "gating": {"T": [16], "D": [8], "E": [4], "K": [2], "routers": list(ROUTERS)},
+    "dispatch": {
+        "T": [32],
+        "D": [8],
+        "E": [4],
+        "K": [2],
+        "skew": [0.0, 1.5],
+        "strategies": dispatch_suite.strategies(),
+    },
     "experts": {"T": [16], "D": [8], "F": [16], "E": [8], "K": [2], "skew": [0.0, 3.0]},
     "roofline": {"copy_MiB": [0.25, 1], "gemm": [16, 32]},
     "alltoall": {"msg_bytes": [1024], "split": ["even", "uneven"]},
