@@ -12,10 +12,10 @@ import torch
 import yaml
 
 from moesim.cli import main
+from moesim.config.router import GATE_KINDS
 from moesim.errors import ConfigError, UserError
 from moesim.kernels.dispatch import DISPATCH_STRATEGIES
 from moesim.kernels.experts import EXPERT_STRATEGIES, grouped_mm_available
-from moesim.kernels.gating import ROUTERS
 from moesim.measure import bench
 from moesim.measure.bench import BenchInterrupted, run_bench
 from moesim.measure.ceilings import apply_ceilings
@@ -26,7 +26,7 @@ from moesim.measure.suites import dispatch as dispatch_suite
 
 #: every router kind and dispatch strategy (the --quick defaults measure a subset)
 TINY = {
-    "gating": {"T": [16], "D": [8], "E": [4], "K": [2], "routers": list(ROUTERS)},
+    "gating": {"T": [16], "D": [8], "E": [4], "K": [2], "routers": list(GATE_KINDS)},
     "dispatch": {
         "T": [32],
         "D": [8],
@@ -55,7 +55,7 @@ def test_every_suite_produces_ok_rows(tiny_run: tuple) -> None:
     assert path.parent.name == "cpu" and path.suffix == ".parquet"
     assert list(df.columns) == list(COLUMNS)
     assert (df["status"] == "ok").all(), df[df["status"] != "ok"]["status"].tolist()
-    assert set(df[df.suite == "gating"]["op"]) == set(ROUTERS)
+    assert set(df[df.suite == "gating"]["op"]) == set(GATE_KINDS)
     disp = df[df.suite == "dispatch"]
     for strategy in [*DISPATCH_STRATEGIES, "sort_padded"]:
         for op in ("permute", "unpermute"):
@@ -389,3 +389,19 @@ def test_bad_names_in_grids_are_config_errors(grids: dict, match: str, tmp_path:
     with pytest.raises(ConfigError, match=match):
         run_bench(suites, out_dir=tmp_path, grids=grids)
     assert not list(tmp_path.rglob("*.parquet"))  # nothing measured, nothing written
+
+
+def test_grouped_sigmoid_is_benchmarked_as_deepseek_v3_routes() -> None:
+    """V3's 8 groups, best 4 searched, at E = 256; shapes groups cannot serve are skipped."""
+    from moesim.measure.suites import gating
+
+    v3 = gating.router_spec("sigmoid_topk.grouped", 8, 256)
+    assert v3 is not None and (v3.kind, v3.n_group, v3.topk_group) == ("sigmoid_topk", 8, 4)
+    assert v3.routed_scaling_factor == 2.5 and v3.normalize
+    small = gating.router_spec("sigmoid_topk.grouped", 2, 4)
+    assert small is not None and (small.n_group, small.topk_group) == (2, 1)
+    assert gating.router_spec("sigmoid_topk.grouped", 3, 4) is None  # 1 group of 2 < k
+    assert gating.router_spec("sigmoid_topk.grouped", 1, 2) is None  # groups of 1 expert
+    grid = {"T": [8], "D": [4], "E": [2, 4], "K": [2, 3]}
+    cases = gating.cases({**grid, "routers": ["sigmoid_topk.grouped"]}, ["fp32"], None)  # type: ignore[arg-type]
+    assert [(c.E, c.K) for c in cases] == [(4, 2)]

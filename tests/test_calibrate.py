@@ -30,6 +30,7 @@ from moesim.config.hardware import (
     MemoryOpFit,
 )
 from moesim.config.loader import load_hardware
+from moesim.config.router import GROUPED_SIGMOID
 from moesim.costs import CostModel, eval_curve, work
 from moesim.errors import UserError
 from moesim.measure.results import to_frame, write_results
@@ -285,6 +286,30 @@ def test_gate_kind_uses_its_own_fit_then_the_generic_one() -> None:
     cm = CostModel(_profile_with(memory={"gating": fast, "gating.hash": slow}))
     assert cm.gate_s(64, D, 8, 2, "fp32", kind="hash") > cm.gate_s(64, D, 8, 2, "fp32")
     assert cm.gate_s(64, D, 8, 2, "fp32", kind="soft") == cm.gate_s(64, D, 8, 2, "fp32")
+
+
+def test_grouped_sigmoid_variant_falls_back_to_its_kind_then_the_generic_fit() -> None:
+    """``gating.sigmoid_topk.grouped`` -> ``gating.sigmoid_topk`` -> ``gating``."""
+    generic, kind, grouped = _mem(1.0, (10.0,)), _mem(30.0, (5.0,)), _mem(100.0, (1.0,))
+
+    def gate(kind_name: str, **memory: MemoryOpFit) -> float:
+        cm = CostModel(_profile_with(memory=memory))
+        return float(cm.gate_s(64, D, 8, 2, "fp32", kind=kind_name))
+
+    v = GROUPED_SIGMOID
+    assert gate(v, gating=generic) == gate("softmax_topk", gating=generic)
+    mid = {"gating": generic, "gating.sigmoid_topk": kind}
+    assert gate(v, **mid) == gate("sigmoid_topk", **mid) > gate("softmax_topk", **mid)
+    alone = gate("sigmoid_topk", **{"gating": generic, "gating.sigmoid_topk": grouped})
+    assert gate(v, **mid, **{"gating." + v: grouped}) == alone > gate(v, **mid)
+
+
+def test_plan_prices_a_grouped_router_by_the_grouped_fit() -> None:
+    from moesim.config.router import gate_kind
+
+    assert gate_kind("sigmoid_topk", 8) == GROUPED_SIGMOID
+    assert gate_kind("sigmoid_topk", None) == "sigmoid_topk"
+    assert gate_kind("softmax_topk", 8) == "softmax_topk"
 
 
 # -- calibrate() end to end on synthetic bench files --------------------------------

@@ -4,7 +4,7 @@ A grid is ``{axis: [values]}`` per suite; a suite measures the cartesian product
 of its axes (skipping invalid combinations such as K > E). Axes:
 
 ========== ==============================================================
-gating     T, D, E, K (routers: all of ``ROUTERS`` unless ``routers`` given)
+gating     T, D, E, K (routers: ``GATE_KINDS``, every kind + ``sigmoid_topk.grouped``)
 dispatch   T, D, E, K, skew (``strategies``: default all + ``sort_padded`` + ``sort_chunks``)
 experts    T, D, F, E, K, skew (``strategies``: default all + ``dense``)
 roofline   copy_MiB (buffer size), gemm (square M = N = K sizes)
@@ -25,12 +25,12 @@ from typing import Any
 
 import yaml
 
-from moesim.config.router import ROUTER_KINDS
+from moesim.config.router import GATE_KINDS, GROUPED_SIGMOID
 from moesim.errors import ConfigError
 
 SUITES: tuple[str, ...] = ("roofline", "gating", "dispatch", "experts", "alltoall")
 #: axes whose values are names from a fixed list (strategies are checked by their suites)
-_CHOICES: dict[str, tuple[str, ...]] = {"routers": ROUTER_KINDS, "split": ("even", "uneven")}
+_CHOICES: dict[str, tuple[str, ...]] = {"routers": GATE_KINDS, "split": ("even", "uneven")}
 Grid = dict[str, list[Any]]
 
 AXES: dict[str, dict[str, type]] = {
@@ -57,7 +57,7 @@ _CPU_QUICK: dict[str, Grid] = {
         "D": [256],
         "E": [16],
         "K": [2],
-        "routers": ["softmax_topk", "topk_softmax", "sigmoid_topk", "switch_top1"],
+        "routers": ["softmax_topk", "topk_softmax", "sigmoid_topk", GROUPED_SIGMOID, "switch_top1"],
     },
     "dispatch": {
         "T": _QUICK_T,

@@ -44,6 +44,7 @@ from numpy.typing import NDArray
 
 from moesim.config.base import DTYPE_BYTES
 from moesim.config.hardware import HardwareProfile
+from moesim.config.router import gate_kind
 from moesim.config.scenario import Scenario
 from moesim.costs import work
 from moesim.costs.curves import eval_curve
@@ -336,7 +337,9 @@ def _dense_costs(scn: Scenario, cost: CostModel) -> dict[str, float]:
         dense_layers = m.dense.num_dense_layers * (attn + ffn) / scn.parallel.pp
     return {
         "dense": attn,
-        "gate": float(cost.gate_s(T, D, E, K, dt, kind=scn.router.kind)),
+        "gate": float(
+            cost.gate_s(T, D, E, K, dt, kind=gate_kind(scn.router.kind, scn.router.n_group))
+        ),
         "permute": float(cost.permute_s(T, D, K, dt)),
         "unpermute": float(cost.unpermute_s(T, D, K, dt)),
         "shared_experts": shared,
