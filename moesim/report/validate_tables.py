@@ -116,17 +116,33 @@ def print_ep(result: dict[str, Any], world: int, *, profile: str, context: dict[
     load = context.get("loadavg_before"), context.get("loadavg_after")
     slow = [c["compute_slowdown"] for c in result["cases"]]
     console.print(
-        f"profile: {profile}; {context.get('cores')} usable cores; {world} ranks computing "
-        f"together: interference x{context.get('interference', 1.0):.2f}, compute slowdown "
+        f"profile: {profile}; {context.get('cores')} usable cores; {world} ranks running "
+        f"together, priced per phase: GEMMs x{context.get('interference', 1.0):.2f}, "
+        f"memory-bound ops x{context.get('memory_interference', 1.0):.2f}, time sharing "
         f"x{min(slow):.2f}..x{max(slow):.2f}; load average {_load(load[0])} before / "
         f"{_load(load[1])} after the run"
     )
+    console.print(spread_line(result))
     if context.get("cores_kept_awake"):
         console.print(
             f"cores kept awake while measuring: {context['cores_kept_awake']} idle-priority "
             "spinners, so a rank waiting in gloo wakes without a halted vCPU's delay (they "
             "count in the load average)"
         )
+
+
+def spread_line(result: dict[str, Any]) -> str:
+    """Run-to-run noise: median over cases of each figure's (max - min) / median over repeats."""
+    sp = result.get("spread") or {}
+    n = result.get("repeats", 1)
+    if n < 2 or not sp:
+        return "spread over repeats: one repeat (use --repeats N to measure it)"
+    phases = ", ".join(f"{p} {v:.0%}" for p, v in sp.items() if p != "step")
+    worst = max(c.get("spread", 0.0) for c in result["cases"])
+    return (
+        f"spread over {n} interleaved repeats ((max - min) / median, median of cases): "
+        f"end-to-end {sp['step']:.1%} (worst case {worst:.1%}); per phase: {phases}"
+    )
 
 
 def _load(v: Any) -> str:
