@@ -376,8 +376,9 @@ def validate_ep(
 ) -> EPValidation:
     """Probe the host's co-run factors, measure every case on ``world`` ranks, simulate, compare.
 
-    The cases run ``repeats`` times, interleaved (see :func:`run_ep_cases`); the
-    probe runs before and after them and its factors are the mean of the two.
+    The cases run ``repeats`` times, interleaved (see :func:`run_ep_cases`), within
+    ``timeout_s`` per repeat; the probe runs before and after them and its
+    factors come from the mean of the two.
     """
     from moesim.measure.distributed import default_backend
     from moesim.measure.ep_probe import keep_cores_awake
@@ -385,8 +386,8 @@ def validate_ep(
     check_world(world, cases)
     with keep_cores_awake(enabled=default_backend() == "gloo") as spinners:
         before = host_sharing(world)
-        measured = run_ep_cases(
-            cases, world, steps=steps, warmup=warmup, timeout_s=timeout_s, repeats=repeats
+        measured = run_ep_cases(  # timeout_s is per repeat
+            cases, world, steps=steps, warmup=warmup, timeout_s=timeout_s * repeats, repeats=repeats
         )
         after = host_sharing(world)
     probe = _mean_probe(before, after)
