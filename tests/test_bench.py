@@ -405,3 +405,33 @@ def test_grouped_sigmoid_is_benchmarked_as_deepseek_v3_routes() -> None:
     grid = {"T": [8], "D": [4], "E": [2, 4], "K": [2, 3]}
     cases = gating.cases({**grid, "routers": ["sigmoid_topk.grouped"]}, ["fp32"], None)  # type: ignore[arg-type]
     assert [(c.E, c.K) for c in cases] == [(4, 2)]
+
+
+def test_cpu_quick_grid_gives_every_fitted_family_five_shapes() -> None:
+    """Held-out errors of `moesim run` need neighbours on both sides of each shape."""
+    from moesim.measure.bench import make_plan
+    from moesim.measure.grids import SUITES as GRID_SUITES
+    from moesim.measure.grids import resolve_grids
+    from moesim.measure.suites.common import BenchContext
+
+    ctx = BenchContext(world=2)
+    plan = make_plan(
+        list(GRID_SUITES), ["fp32"], ctx, resolve_grids(list(GRID_SUITES), "cpu", True)
+    )
+    cases = [c for _, suite_cases in plan for c in suite_cases]
+
+    def shapes(suite: str, op: str | None = None, strategy: str | None = None) -> int:
+        keep = [
+            c
+            for c in cases
+            if c.suite == suite and op in (None, c.op) and strategy in (None, c.strategy)
+        ]
+        return len({(c.T, c.D, c.F, c.E, c.K, c.skew, c.msg_bytes) for c in keep})
+
+    assert shapes("roofline", "copy") >= 10 and shapes("roofline", "gemm") >= 5
+    for kind in ("softmax_topk", "sigmoid_topk.grouped"):
+        assert shapes("gating", kind) >= 5
+    for op in ("permute", "unpermute", "regroup"):
+        assert shapes("dispatch", op) >= 5
+    assert shapes("experts", strategy="loop") >= 5 and shapes("alltoall") >= 5
+    assert not [c for c in cases if c.strategy == "einsum"]  # O(T^2) masks: never the fastest
