@@ -3,8 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+
+from moesim.config import HardwareProfile, Scenario, apply_overrides, validate
+from moesim.config.hardware import (
+    Calibration,
+    CalibrationSource,
+    CommFit,
+    Curve,
+    GemmFit,
+    MemoryOpFit,
+)
+from moesim.config.loader import load_hardware
+from moesim.costs import CostModel, work
+from moesim.measure.results import to_frame, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,3 +56,206 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+# -- a synthetic bench: results measured on a made-up device (calibration tests) -------
+
+D, F = 64, 128
+SUITES = ("gating", "dispatch", "experts", "roofline", "alltoall")
+
+
+def _mem(lat_us: float, ys: tuple[float, ...]) -> MemoryOpFit:
+    xs = [1e3, 1e5, 1e7, 1e9][: len(ys)]
+    return MemoryOpFit(latency_us=lat_us, bandwidth_GBps=Curve(x=xs, y=list(ys)))
+
+
+def truth_profile() -> HardwareProfile:
+    """cpu-local with a made-up calibration: what the synthetic device really does."""
+    base = load_hardware("cpu-local")
+    src = CalibrationSource(results=["truth"], device="synthetic cpu", created="2026-01-01")
+    cal = Calibration(
+        source=src,
+        memory={
+            "gating": _mem(40.0, (0.5, 3.0, 6.0, 4.0)),
+            "gating.sigmoid_topk": _mem(55.0, (0.4, 2.5, 5.0, 4.0)),
+            "permute": _mem(20.0, (1.0, 5.0, 8.0, 5.0)),
+            "unpermute": _mem(25.0, (1.0, 4.0, 7.0, 5.0)),
+            "regroup": _mem(15.0, (1.5, 6.0, 9.0, 6.0)),
+            "copy": _mem(5.0, (1.0, 8.0, 12.0, 10.0)),
+        },
+        gemm={"fp32": GemmFit(latency_us=20.0, per_expert_us=8.0, tflops=_tf((0.01, 0.04, 0.06)))},
+        dense={"fp32": GemmFit(latency_us=10.0, tflops=_tf((0.02, 0.05, 0.07)))},
+        alltoall={"scaleup": CommFit(latency_us=60.0, bandwidth_GBps=_tf((0.05, 1.0, 2.0)))},
+    )
+    return base.model_copy(update={"calibration": cal})
+
+
+def _tf(ys: tuple[float, ...]) -> Curve:
+    return Curve(x=[1e4, 1e6, 1e8], y=list(ys))
+
+
+def zipf_tokens(total: int, E: int, skew: float) -> list[int]:
+    w = 1.0 / np.arange(1, E + 1) ** skew
+    counts = np.floor(w / w.sum() * total).astype(int)
+    counts[0] += total - counts.sum()
+    return [int(c) for c in counts]
+
+
+def _row(suite: str, op: str, t: float, **kw: Any) -> dict[str, Any]:
+    base = {"suite": suite, "op": op, "dtype": "fp32", "device": "cpu"}
+    return {**base, "device_name": "synthetic cpu", "median_s": t, **kw}
+
+
+def true_rows(cm: CostModel, suites: tuple[str, ...] = SUITES) -> list[dict[str, Any]]:
+    """Noise-free rows for every suite on a small grid; slower strategies are 1.25x."""
+    rows: list[dict[str, Any]] = []
+    Ts = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+    if "gating" in suites:
+        for kind in ("softmax_topk", "sigmoid_topk"):
+            for T in Ts:
+                for E in (8, 64):
+                    t = float(cm.gate_s(T, D, E, 2, "fp32", kind=kind))
+                    rows.append(_row("gating", kind, t, T=T, D=D, E=E, K=2))
+    if "dispatch" in suites:
+        for op in ("permute", "unpermute"):
+            for T in Ts:
+                nbytes = getattr(work, f"{op}_bytes")(T, D, 2, 4.0)
+                t = float(cm.memory_s(op, nbytes))
+                for strat, slow in (("sort", 1.0), ("scatter", 1.25)):
+                    rows.append(_row("dispatch", op, t * slow, strategy=strat, T=T, D=D, E=8, K=2))
+        for T in Ts:  # T*K rows received from 2 ranks, sorted over 4 local experts
+            t = float(cm.regroup_s(T * 2, D, "fp32"))
+            kw = dict(strategy="sort_chunks", T=T, D=D, E=8, K=2, world=2)
+            rows.append(_row("dispatch", "regroup", t, **kw))
+    if "roofline" in suites:
+        for nbytes in np.geomspace(1e3, 1e9, 13):
+            t = float(cm.memory_s("copy", nbytes))
+            rows.append(_row("roofline", "copy", t, bytes=float(nbytes), ceiling="copy"))
+        for n in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024):
+            fl, nb = 2.0 * n**3, 12.0 * n * n
+            t = float(cm.dense_s(fl, nb, "fp32"))
+            rows.append(_row("roofline", "gemm", t, T=n, D=n, F=n, flops=fl, bytes=nb))
+    if "experts" in suites:
+        for E in (2, 4, 8, 16):
+            for T in (4, 32, 256, 2048):
+                for skew in (0.0, 1.0, 2.0):
+                    m = zipf_tokens(T * 2, E, skew)
+                    t = float(cm.experts_s(np.array(m), D, F, "fp32"))
+                    tpe = str(m)
+                    kw = dict(T=T, D=D, F=F, E=E, K=2, skew=skew, tokens_per_expert=tpe)
+                    for strat, slow in (("grouped", 1.0), ("loop", 1.25)):
+                        rows.append(_row("experts", "experts", t * slow, strategy=strat, **kw))
+    if "alltoall" in suites:
+        for world in (2, 4):
+            for msg in np.geomspace(1e3, 1e8, 11):
+                t = float(cm.alltoall_s("scaleup", msg * (world - 1) / world))
+                for split in ("even", "uneven"):
+                    kw = dict(world=world, msg_bytes=float(msg), split=split)
+                    rows.append(_row("alltoall", "alltoall", t, **kw))
+    return rows
+
+
+def add_noise(rows: list[dict[str, Any]], noise: float, seed: int) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in rows:
+        t = r["median_s"] * float(np.exp(rng.normal(0.0, noise)))
+        out.append({**r, "median_s": t, "p20_s": t * (1 - noise), "p80_s": t * (1 + noise)})
+    return out
+
+
+def synthetic_results(
+    path: Path, *, suites: tuple[str, ...] = SUITES, noise: float = 0.02, seed: int = 0
+) -> Path:
+    """A bench results file measured on :func:`truth_profile`'s device."""
+    rows = add_noise(true_rows(CostModel(truth_profile()), suites), noise, seed)
+    meta = {"commit": "abc123", "torch": "2.x", "threads": 1, "quick": True, "complete": True}
+    return write_results(to_frame(rows), path, meta)
+
+
+class SyntheticBench:
+    """The synthetic bench's builders, as the ``bench`` fixture hands them to tests."""
+
+    D, F, SUITES = D, F, SUITES
+    mem = staticmethod(_mem)
+    tf = staticmethod(_tf)
+    truth = staticmethod(truth_profile)
+    zipf_tokens = staticmethod(zipf_tokens)
+    row = staticmethod(_row)
+    true_rows = staticmethod(true_rows)
+    add_noise = staticmethod(add_noise)
+    results = staticmethod(synthetic_results)
+
+
+@pytest.fixture(scope="session")
+def bench() -> SyntheticBench:
+    """Builders of synthetic bench rows and results files (a known "true" device)."""
+    return SyntheticBench()
+
+
+# -- simulator tests: round-number hardware, small scenarios --------------------------
+
+#: every figure round, no latency, no efficiency loss: times can be worked out on paper
+HW: dict[str, Any] = {
+    "name": "test-hw",
+    "source": "test",
+    "gpu": {
+        "name": "test gpu",
+        "peak_tflops": {"fp32": 1.0, "bf16": 2.0, "fp8": 4.0},
+        "hbm_GBps": 100.0,
+        "hbm_GiB": 80.0,
+        "gemm_efficiency": 1.0,
+        "memory_efficiency": 1.0,
+        "kernel_launch_us": 0.0,
+    },
+    "node": {
+        "gpus_per_node": 2,
+        "scaleup": {"link_GBps": 100.0, "latency_us": 0.0, "efficiency": 1.0},
+    },
+    "scaleout": {
+        "nic_GBps": 10.0,
+        "latency_us": 0.0,
+        "efficiency": 1.0,
+        "topology": "fat_tree",
+        "oversubscription": 1.0,
+    },
+}
+
+SCENARIO: dict[str, Any] = {
+    "name": "test",
+    "hardware": "test-hw",
+    "cluster": {"nodes": 1, "gpus_per_node": 2},
+    "model": {
+        "hidden_size": 64,
+        "moe_intermediate_size": 128,
+        "num_experts": 4,
+        "top_k": 1,
+        "num_moe_layers": 1,
+        "dtype": "fp32",
+    },
+    "router": {"kind": "softmax_topk"},
+    "parallel": {"ep": 2},
+    "dispatcher": "alltoall",
+    "workload": {"mode": "prefill", "tokens_per_gpu": 8, "routing": {"distribution": "uniform"}},
+}
+
+
+def _hardware(*overrides: str, gpus_per_node: int = 2) -> HardwareProfile:
+    data = apply_overrides(HW, [f"node.gpus_per_node={gpus_per_node}", *overrides])
+    return validate(HardwareProfile, data)
+
+
+def _scenario(*overrides: str, base: dict[str, Any] | None = None) -> Scenario:
+    return validate(Scenario, apply_overrides(base or SCENARIO, overrides))
+
+
+@pytest.fixture
+def make_hardware() -> Any:
+    """``make_hardware(*overrides, gpus_per_node=2)``: the round-number test profile."""
+    return _hardware
+
+
+@pytest.fixture
+def make_scenario() -> Any:
+    """``make_scenario(*overrides, base=None)``: the small test scenario (or ``base``)."""
+    return _scenario

@@ -12,20 +12,29 @@ import torch
 import yaml
 
 from moesim.cli import main
+from moesim.config.router import GATE_KINDS
 from moesim.errors import ConfigError, UserError
 from moesim.kernels.dispatch import DISPATCH_STRATEGIES
 from moesim.kernels.experts import EXPERT_STRATEGIES, grouped_mm_available
-from moesim.kernels.gating import ROUTERS
 from moesim.measure import bench
 from moesim.measure.bench import BenchInterrupted, run_bench
 from moesim.measure.ceilings import apply_ceilings
 from moesim.measure.grids import load_grid_file
 from moesim.measure.results import ALL_COLUMNS, read_results
 from moesim.measure.suites import SUITES, Suite
+from moesim.measure.suites import dispatch as dispatch_suite
 
+#: every router kind and dispatch strategy (the --quick defaults measure a subset)
 TINY = {
-    "gating": {"T": [16], "D": [8], "E": [4], "K": [2]},
-    "dispatch": {"T": [32], "D": [8], "E": [4], "K": [2], "skew": [0.0, 1.5]},
+    "gating": {"T": [16], "D": [8], "E": [4], "K": [2], "routers": list(GATE_KINDS)},
+    "dispatch": {
+        "T": [32],
+        "D": [8],
+        "E": [4],
+        "K": [2],
+        "skew": [0.0, 1.5],
+        "strategies": dispatch_suite.strategies(),
+    },
     "experts": {"T": [16], "D": [8], "F": [16], "E": [8], "K": [2], "skew": [0.0, 3.0]},
     "roofline": {"copy_MiB": [0.25, 1], "gemm": [16, 32]},
     "alltoall": {"msg_bytes": [1024], "split": ["even", "uneven"]},
@@ -46,7 +55,7 @@ def test_every_suite_produces_ok_rows(tiny_run: tuple) -> None:
     assert path.parent.name == "cpu" and path.suffix == ".parquet"
     assert list(df.columns) == list(ALL_COLUMNS)  # bench columns + (empty) provenance
     assert (df["status"] == "ok").all(), df[df["status"] != "ok"]["status"].tolist()
-    assert set(df[df.suite == "gating"]["op"]) == set(ROUTERS)
+    assert set(df[df.suite == "gating"]["op"]) == set(GATE_KINDS)
     disp = df[df.suite == "dispatch"]
     for strategy in [*DISPATCH_STRATEGIES, "sort_padded"]:
         for op in ("permute", "unpermute"):
@@ -380,3 +389,49 @@ def test_bad_names_in_grids_are_config_errors(grids: dict, match: str, tmp_path:
     with pytest.raises(ConfigError, match=match):
         run_bench(suites, out_dir=tmp_path, grids=grids)
     assert not list(tmp_path.rglob("*.parquet"))  # nothing measured, nothing written
+
+
+def test_grouped_sigmoid_is_benchmarked_as_deepseek_v3_routes() -> None:
+    """V3's 8 groups, best 4 searched, at E = 256; shapes groups cannot serve are skipped."""
+    from moesim.measure.suites import gating
+
+    v3 = gating.router_spec("sigmoid_topk.grouped", 8, 256)
+    assert v3 is not None and (v3.kind, v3.n_group, v3.topk_group) == ("sigmoid_topk", 8, 4)
+    assert v3.routed_scaling_factor == 2.5 and v3.normalize
+    small = gating.router_spec("sigmoid_topk.grouped", 2, 4)
+    assert small is not None and (small.n_group, small.topk_group) == (2, 1)
+    assert gating.router_spec("sigmoid_topk.grouped", 3, 4) is None  # 1 group of 2 < k
+    assert gating.router_spec("sigmoid_topk.grouped", 1, 2) is None  # groups of 1 expert
+    grid = {"T": [8], "D": [4], "E": [2, 4], "K": [2, 3]}
+    cases = gating.cases({**grid, "routers": ["sigmoid_topk.grouped"]}, ["fp32"], None)  # type: ignore[arg-type]
+    assert [(c.E, c.K) for c in cases] == [(4, 2)]
+
+
+def test_cpu_quick_grid_gives_every_fitted_family_five_shapes() -> None:
+    """Held-out errors of `moesim run` need neighbours on both sides of each shape."""
+    from moesim.measure.bench import make_plan
+    from moesim.measure.grids import SUITES as GRID_SUITES
+    from moesim.measure.grids import resolve_grids
+    from moesim.measure.suites.common import BenchContext
+
+    ctx = BenchContext(world=2)
+    plan = make_plan(
+        list(GRID_SUITES), ["fp32"], ctx, resolve_grids(list(GRID_SUITES), "cpu", True)
+    )
+    cases = [c for _, suite_cases in plan for c in suite_cases]
+
+    def shapes(suite: str, op: str | None = None, strategy: str | None = None) -> int:
+        keep = [
+            c
+            for c in cases
+            if c.suite == suite and op in (None, c.op) and strategy in (None, c.strategy)
+        ]
+        return len({(c.T, c.D, c.F, c.E, c.K, c.skew, c.msg_bytes) for c in keep})
+
+    assert shapes("roofline", "copy") >= 10 and shapes("roofline", "gemm") >= 5
+    for kind in ("softmax_topk", "sigmoid_topk.grouped"):
+        assert shapes("gating", kind) >= 5
+    for op in ("permute", "unpermute", "regroup"):
+        assert shapes("dispatch", op) >= 5
+    assert shapes("experts", strategy="loop") >= 5 and shapes("alltoall") >= 5
+    assert not [c for c in cases if c.strategy == "einsum"]  # O(T^2) masks: never the fastest

@@ -7,11 +7,11 @@ the bench's own results writer, so the fits see exactly what a bench file holds.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,136 +23,22 @@ from moesim.calibrate.fit import Items, LineFit, fit_line, interp_matrix, knot_p
 from moesim.config.hardware import (
     Calibration,
     CalibrationSource,
-    CommFit,
     Curve,
-    GemmFit,
     HardwareProfile,
     MemoryOpFit,
 )
 from moesim.config.loader import load_hardware
+from moesim.config.router import GROUPED_SIGMOID
 from moesim.costs import CostModel, eval_curve, work
 from moesim.errors import UserError
-from moesim.measure.results import to_frame, write_results
+from moesim.measure.results import read_results, to_frame, write_results
 
-D, F = 64, 128
-SUITES = ("gating", "dispatch", "experts", "roofline", "alltoall")
-
-
-# -- a known "true" device and bench files measured on it -------------------------
-
-
-def _mem(lat_us: float, ys: tuple[float, ...]) -> MemoryOpFit:
-    xs = [1e3, 1e5, 1e7, 1e9][: len(ys)]
-    return MemoryOpFit(latency_us=lat_us, bandwidth_GBps=Curve(x=xs, y=list(ys)))
-
-
-def truth_profile() -> HardwareProfile:
-    """cpu-local with a made-up calibration: what the synthetic device really does."""
-    base = load_hardware("cpu-local")
-    src = CalibrationSource(results=["truth"], device="synthetic cpu", created="2026-01-01")
-    cal = Calibration(
-        source=src,
-        memory={
-            "gating": _mem(40.0, (0.5, 3.0, 6.0, 4.0)),
-            "gating.sigmoid_topk": _mem(55.0, (0.4, 2.5, 5.0, 4.0)),
-            "permute": _mem(20.0, (1.0, 5.0, 8.0, 5.0)),
-            "unpermute": _mem(25.0, (1.0, 4.0, 7.0, 5.0)),
-            "regroup": _mem(15.0, (1.5, 6.0, 9.0, 6.0)),
-            "copy": _mem(5.0, (1.0, 8.0, 12.0, 10.0)),
-        },
-        gemm={"fp32": GemmFit(latency_us=20.0, per_expert_us=8.0, tflops=_tf((0.01, 0.04, 0.06)))},
-        dense={"fp32": GemmFit(latency_us=10.0, tflops=_tf((0.02, 0.05, 0.07)))},
-        alltoall={"scaleup": CommFit(latency_us=60.0, bandwidth_GBps=_tf((0.05, 1.0, 2.0)))},
-    )
-    return base.model_copy(update={"calibration": cal})
-
-
-def _tf(ys: tuple[float, ...]) -> Curve:
-    return Curve(x=[1e4, 1e6, 1e8], y=list(ys))
-
-
-def zipf_tokens(total: int, E: int, skew: float) -> list[int]:
-    w = 1.0 / np.arange(1, E + 1) ** skew
-    counts = np.floor(w / w.sum() * total).astype(int)
-    counts[0] += total - counts.sum()
-    return [int(c) for c in counts]
-
-
-def _row(suite: str, op: str, t: float, **kw: Any) -> dict[str, Any]:
-    base = {"suite": suite, "op": op, "dtype": "fp32", "device": "cpu"}
-    return {**base, "device_name": "synthetic cpu", "median_s": t, **kw}
-
-
-def true_rows(cm: CostModel, suites: tuple[str, ...] = SUITES) -> list[dict[str, Any]]:
-    """Noise-free rows for every suite on a small grid; slower strategies are 1.25x."""
-    rows: list[dict[str, Any]] = []
-    Ts = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
-    if "gating" in suites:
-        for kind in ("softmax_topk", "sigmoid_topk"):
-            for T in Ts:
-                for E in (8, 64):
-                    t = float(cm.gate_s(T, D, E, 2, "fp32", kind=kind))
-                    rows.append(_row("gating", kind, t, T=T, D=D, E=E, K=2))
-    if "dispatch" in suites:
-        for op in ("permute", "unpermute"):
-            for T in Ts:
-                nbytes = getattr(work, f"{op}_bytes")(T, D, 2, 4.0)
-                t = float(cm.memory_s(op, nbytes))
-                for strat, slow in (("sort", 1.0), ("scatter", 1.25)):
-                    rows.append(_row("dispatch", op, t * slow, strategy=strat, T=T, D=D, E=8, K=2))
-        for T in Ts:  # T*K rows received from 2 ranks, sorted over 4 local experts
-            t = float(cm.regroup_s(T * 2, D, "fp32"))
-            kw = dict(strategy="sort_chunks", T=T, D=D, E=8, K=2, world=2)
-            rows.append(_row("dispatch", "regroup", t, **kw))
-    if "roofline" in suites:
-        for nbytes in np.geomspace(1e3, 1e9, 13):
-            t = float(cm.memory_s("copy", nbytes))
-            rows.append(_row("roofline", "copy", t, bytes=float(nbytes), ceiling="copy"))
-        for n in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024):
-            fl, nb = 2.0 * n**3, 12.0 * n * n
-            t = float(cm.dense_s(fl, nb, "fp32"))
-            rows.append(_row("roofline", "gemm", t, T=n, D=n, F=n, flops=fl, bytes=nb))
-    if "experts" in suites:
-        for E in (2, 4, 8, 16):
-            for T in (4, 32, 256, 2048):
-                for skew in (0.0, 1.0, 2.0):
-                    m = zipf_tokens(T * 2, E, skew)
-                    t = float(cm.experts_s(np.array(m), D, F, "fp32"))
-                    tpe = str(m)
-                    kw = dict(T=T, D=D, F=F, E=E, K=2, skew=skew, tokens_per_expert=tpe)
-                    for strat, slow in (("grouped", 1.0), ("loop", 1.25)):
-                        rows.append(_row("experts", "experts", t * slow, strategy=strat, **kw))
-    if "alltoall" in suites:
-        for world in (2, 4):
-            for msg in np.geomspace(1e3, 1e8, 11):
-                t = float(cm.alltoall_s("scaleup", msg * (world - 1) / world))
-                for split in ("even", "uneven"):
-                    kw = dict(world=world, msg_bytes=float(msg), split=split)
-                    rows.append(_row("alltoall", "alltoall", t, **kw))
-    return rows
-
-
-def add_noise(rows: list[dict[str, Any]], noise: float, seed: int) -> list[dict[str, Any]]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for r in rows:
-        t = r["median_s"] * float(np.exp(rng.normal(0.0, noise)))
-        out.append({**r, "median_s": t, "p20_s": t * (1 - noise), "p80_s": t * (1 + noise)})
-    return out
-
-
-def synthetic_results(
-    path: Path, *, suites: tuple[str, ...] = SUITES, noise: float = 0.02, seed: int = 0
-) -> Path:
-    """A bench results file measured on :func:`truth_profile`'s device."""
-    rows = add_noise(true_rows(CostModel(truth_profile()), suites), noise, seed)
-    meta = {"commit": "abc123", "torch": "2.x", "threads": 1, "quick": True, "complete": True}
-    return write_results(to_frame(rows), path, meta)
+D, F = 64, 128  # the synthetic bench's shapes (SyntheticBench in conftest.py)
 
 
 @pytest.fixture(scope="module")
-def results_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic_results(tmp_path_factory.mktemp("bench") / "synthetic.parquet")
+def results_file(bench: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return bench.results(tmp_path_factory.mktemp("bench") / "synthetic.parquet")
 
 
 @pytest.fixture(scope="module")
@@ -184,11 +70,11 @@ def test_memory_line_recovers_latency_and_bandwidth_curve() -> None:
     assert fit.predict(items) == pytest.approx(truth.predict(items), rel=0.03)
 
 
-def test_gemm_line_recovers_latency_per_expert_cost_and_tflops_curve() -> None:
+def test_gemm_line_recovers_latency_per_expert_cost_and_tflops_curve(bench: Any) -> None:
     rng = np.random.default_rng(2)
     m = np.array(
         [
-            zipf_tokens(T, E, s) + [0] * (32 - E)
+            bench.zipf_tokens(T, E, s) + [0] * (32 - E)
             for E in (1, 2, 4, 8, 16, 32)
             for T in (8, 64, 512, 4096)
             for s in (0, 1.5)
@@ -280,11 +166,39 @@ def test_cost_model_reproduces_gemm_fit_on_skewed_and_empty_experts() -> None:
     assert cm.experts_s(m, D, F, "fp32") == pytest.approx(line.predict(items), rel=1e-12)
 
 
-def test_gate_kind_uses_its_own_fit_then_the_generic_one() -> None:
-    fast, slow = _mem(1.0, (10.0,)), _mem(100.0, (1.0,))
+def test_gate_kind_uses_its_own_fit_then_the_generic_one(bench: Any) -> None:
+    fast, slow = bench.mem(1.0, (10.0,)), bench.mem(100.0, (1.0,))
     cm = CostModel(_profile_with(memory={"gating": fast, "gating.hash": slow}))
     assert cm.gate_s(64, D, 8, 2, "fp32", kind="hash") > cm.gate_s(64, D, 8, 2, "fp32")
     assert cm.gate_s(64, D, 8, 2, "fp32", kind="soft") == cm.gate_s(64, D, 8, 2, "fp32")
+
+
+def test_grouped_sigmoid_variant_falls_back_to_its_kind_then_the_generic_fit(bench: Any) -> None:
+    """``gating.sigmoid_topk.grouped`` -> ``gating.sigmoid_topk`` -> ``gating``."""
+    generic, kind, grouped = (
+        bench.mem(1.0, (10.0,)),
+        bench.mem(30.0, (5.0,)),
+        bench.mem(100.0, (1.0,)),
+    )
+
+    def gate(kind_name: str, **memory: MemoryOpFit) -> float:
+        cm = CostModel(_profile_with(memory=memory))
+        return float(cm.gate_s(64, D, 8, 2, "fp32", kind=kind_name))
+
+    v = GROUPED_SIGMOID
+    assert gate(v, gating=generic) == gate("softmax_topk", gating=generic)
+    mid = {"gating": generic, "gating.sigmoid_topk": kind}
+    assert gate(v, **mid) == gate("sigmoid_topk", **mid) > gate("softmax_topk", **mid)
+    alone = gate("sigmoid_topk", **{"gating": generic, "gating.sigmoid_topk": grouped})
+    assert gate(v, **mid, **{"gating." + v: grouped}) == alone > gate(v, **mid)
+
+
+def test_plan_prices_a_grouped_router_by_the_grouped_fit() -> None:
+    from moesim.config.router import gate_kind
+
+    assert gate_kind("sigmoid_topk", 8) == GROUPED_SIGMOID
+    assert gate_kind("sigmoid_topk", None) == "sigmoid_topk"
+    assert gate_kind("softmax_topk", 8) == "softmax_topk"
 
 
 # -- calibrate() end to end on synthetic bench files --------------------------------
@@ -307,8 +221,10 @@ def test_synthetic_calibration_meets_error_target(report: Any) -> None:
     assert report.profile.calibration.fallbacks == []
 
 
-def test_calibrated_profile_prices_close_to_the_truth(report: Any, results_file: Path) -> None:
-    truth, fitted = CostModel(truth_profile()), CostModel(report.profile)
+def test_calibrated_profile_prices_close_to_the_truth(
+    bench: Any, report: Any, results_file: Path
+) -> None:
+    truth, fitted = CostModel(bench.truth()), CostModel(report.profile)
     T = np.array([100.0, 3000.0, 12000.0])
     for op in ("permute", "unpermute"):
         b = getattr(work, f"{op}_bytes")(T, D, 2, 4.0)
@@ -316,7 +232,7 @@ def test_calibrated_profile_prices_close_to_the_truth(report: Any, results_file:
     assert fitted.regroup_s(2 * T, D, "fp32") == pytest.approx(
         truth.regroup_s(2 * T, D, "fp32"), rel=0.06
     )
-    m = np.array([zipf_tokens(600, 8, 1.2), [75] * 8])
+    m = np.array([bench.zipf_tokens(600, 8, 1.2), [75] * 8])
     assert fitted.experts_s(m, D, F, "fp32") == pytest.approx(
         truth.experts_s(m, D, F, "fp32"), rel=0.06
     )
@@ -356,8 +272,8 @@ def test_profile_round_trips_through_yaml(report: Any, tmp_path: Path) -> None:
 # -- missing suites and bad input ------------------------------------------------------
 
 
-def test_missing_suites_fall_back_and_say_so(tmp_path: Path) -> None:
-    path = synthetic_results(tmp_path / "partial.parquet", suites=("roofline", "experts"))
+def test_missing_suites_fall_back_and_say_so(bench: Any, tmp_path: Path) -> None:
+    path = bench.results(tmp_path / "partial.parquet", suites=("roofline", "experts"))
     rep = calibrate([path], base=load_hardware("cpu-local"))
     cal = rep.profile.calibration
     assert set(rep.families) == {"copy", "experts", "gemm"}
@@ -369,8 +285,8 @@ def test_missing_suites_fall_back_and_say_so(tmp_path: Path) -> None:
     assert cm.link("scaleup").bandwidth_Bps == pytest.approx(2.0e9 * 0.8)
 
 
-def test_strict_mode_names_what_is_missing(tmp_path: Path) -> None:
-    path = synthetic_results(tmp_path / "partial.parquet", suites=("roofline",))
+def test_strict_mode_names_what_is_missing(bench: Any, tmp_path: Path) -> None:
+    path = bench.results(tmp_path / "partial.parquet", suites=("roofline",))
     with pytest.raises(UserError, match=r"gating \(0 rows\).*--suite alltoall,dispatch,experts"):
         calibrate([path], base=load_hardware("cpu-local"), strict=True)
 
@@ -382,37 +298,67 @@ def _write(tmp_path: Path, rows: list[dict[str, Any]]) -> Path:
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda p: p / "nope.parquet", "file not found"),
-        (lambda p: (p / "x.parquet").write_text("not parquet") and p / "x.parquet", "not a"),
-        (lambda p: p, "no \\*.parquet results files"),
-        (lambda p: _write(p, [_row("roofline", "copy", 1.0, status="oom")]), "no rows with status"),
-        (lambda p: _write(p, [_row("roofline", "copy", 1e-3, bytes=1e6)] * 2), "no suite has"),
-        (lambda p: _write(p, [_row("roofline", "copy", 1e-3, dtype="fp64")]), "dtype = 'fp64'"),
+        (lambda p, bench: p / "nope.parquet", "file not found"),
+        (lambda p, bench: (p / "x.parquet").write_text("not parquet") and p / "x.parquet", "not a"),
+        (lambda p, bench: p, "no \\*.parquet results files"),
         (
-            lambda p: _write(p, [_row("experts", "experts", 1e-3, tokens_per_expert="[1, x]")]),
+            lambda p, bench: _write(p, [bench.row("roofline", "copy", 1.0, status="oom")]),
+            "no rows with status",
+        ),
+        (
+            lambda p, bench: _write(p, [bench.row("roofline", "copy", 1e-3, bytes=1e6)] * 2),
+            "no suite has",
+        ),
+        (
+            lambda p, bench: _write(p, [bench.row("roofline", "copy", 1e-3, dtype="fp64")]),
+            "dtype = 'fp64'",
+        ),
+        (
+            lambda p, bench: _write(
+                p, [bench.row("experts", "experts", 1e-3, tokens_per_expert="[1, x]")]
+            ),
             "tokens_per_expert = '\\[1, x\\]': not a JSON list",
         ),
         (
-            lambda p: _write(
+            lambda p, bench: _write(
                 p,
                 [
-                    _row("roofline", "copy", 1e-3),
-                    {**_row("gating", "hash", 1e-3), "device_name": "other"},
+                    bench.row("roofline", "copy", 1e-3),
+                    {**bench.row("gating", "hash", 1e-3), "device_name": "other"},
                 ],
             ),
             "several devices",
         ),
     ],
 )
-def test_bad_results_are_one_line_user_errors(tmp_path: Path, make: Any, match: str) -> None:
+def test_bad_results_are_one_line_user_errors(
+    tmp_path: Path, make: Any, match: str, bench: Any
+) -> None:
     with pytest.raises(UserError, match=match) as info:
-        calibrate([make(tmp_path)], base=load_hardware("cpu-local"))
+        calibrate([make(tmp_path, bench)], base=load_hardware("cpu-local"))
     assert "\n" not in str(info.value)
 
 
-def test_frame_helpers_match_the_bench_columns() -> None:
-    df = to_frame(add_noise(true_rows(CostModel(truth_profile()), ("experts",)), 0.0, 0))
-    assert isinstance(df, pd.DataFrame) and (df["median_s"] > 0).all()
+def test_frame_helpers_match_the_bench_columns(bench: Any, tmp_path: Path) -> None:
+    """The calibrator's required columns are bench columns, and its row helpers read
+    back what the rows hold after a round trip through the bench's results file."""
+    from moesim.calibrate.families import expert_flops_matrix, tokens_matrix
+    from moesim.calibrate.results import REQUIRED_COLUMNS
+    from moesim.measure.results import COLUMNS
+
+    assert set(REQUIRED_COLUMNS) <= set(COLUMNS)
+    rows = bench.add_noise(bench.true_rows(CostModel(bench.truth()), ("experts",)), 0.0, 0)
+    path = write_results(to_frame(rows), tmp_path / "r.parquet", {"device": "cpu"})
+    df, _ = read_results(path)
+    assert list(df.columns) == list(COLUMNS)
+    m = tokens_matrix(df)
+    for i, r in enumerate(rows):
+        counts = [float(c) for c in json.loads(r["tokens_per_expert"])]  # as written
+        assert m[i, : len(counts)].tolist() == counts and m[i, len(counts) :].sum() == 0
+        assert m[i].sum() == r["T"] * r["K"]
+        assert df["median_s"].iloc[i] == pytest.approx(r["median_s"], rel=1e-12)
+    flops = expert_flops_matrix(df)
+    assert flops == pytest.approx(work.expert_flops(m, D, F))
 
 
 # -- small and awkward data ---------------------------------------------------------
@@ -453,8 +399,8 @@ def test_gating_flops_term_is_recovered() -> None:
     assert got == pytest.approx(fit.predict(items, flops), rel=1e-12)
 
 
-def test_strategies_that_drop_tokens_are_not_calibrated(tmp_path: Path) -> None:
-    rows = true_rows(CostModel(truth_profile()), ("dispatch", "roofline"))
+def test_strategies_that_drop_tokens_are_not_calibrated(bench: Any, tmp_path: Path) -> None:
+    rows = bench.true_rows(CostModel(bench.truth()), ("dispatch", "roofline"))
     dropper = [
         {
             **r,
@@ -470,16 +416,16 @@ def test_strategies_that_drop_tokens_are_not_calibrated(tmp_path: Path) -> None:
         for r in rows
     ]
     path = write_results(
-        to_frame(add_noise(dropless + dropper, 0.01, 0)), tmp_path / "d.parquet", {}
+        to_frame(bench.add_noise(dropless + dropper, 0.01, 0)), tmp_path / "d.parquet", {}
     )
     rep = calibrate([path], base=load_hardware("cpu-local"))
     assert rep.strategies["permute"] == {"sort": 11}
 
 
-def test_one_shape_per_router_kind_is_fitted_but_not_validated(tmp_path: Path) -> None:
-    cm = CostModel(truth_profile())
+def test_one_shape_per_router_kind_is_fitted_but_not_validated(bench: Any, tmp_path: Path) -> None:
+    cm = CostModel(bench.truth())
     rows = [
-        _row(
+        bench.row(
             "gating",
             kind,
             float(cm.gate_s(512, D, 16, 2, "fp32", kind=kind)),
@@ -490,9 +436,9 @@ def test_one_shape_per_router_kind_is_fitted_but_not_validated(tmp_path: Path) -
         )
         for kind in ("softmax_topk", "hash", "soft")
     ]
-    rows += true_rows(cm, ("roofline",))
+    rows += bench.true_rows(cm, ("roofline",))
     rep = calibrate(
-        [write_results(to_frame(add_noise(rows, 0.01, 0)), tmp_path / "g.parquet", {})],
+        [write_results(to_frame(bench.add_noise(rows, 0.01, 0)), tmp_path / "g.parquet", {})],
         base=load_hardware("cpu-local"),
     )
     cal = rep.profile.calibration
@@ -520,13 +466,15 @@ def test_criterion_picks_a_flat_curve_for_flat_noisy_data_and_knots_for_a_cliff(
     assert cliff.rate(1e6) / cliff.rate(1e9) == pytest.approx(5.0, rel=0.25)
 
 
-def test_rows_without_a_size_or_tokens_are_skipped(tmp_path: Path) -> None:
-    rows = true_rows(CostModel(truth_profile()), ("alltoall", "experts"))
+def test_rows_without_a_size_or_tokens_are_skipped(bench: Any, tmp_path: Path) -> None:
+    rows = bench.true_rows(CostModel(bench.truth()), ("alltoall", "experts"))
     junk = [
-        _row("alltoall", "alltoall", 1e-3, world=2, msg_bytes=0.0, split="even"),
-        _row("experts", "experts", 1e-3, T=64, D=D, F=F, E=4, K=2, tokens_per_expert=""),
+        bench.row("alltoall", "alltoall", 1e-3, world=2, msg_bytes=0.0, split="even"),
+        bench.row("experts", "experts", 1e-3, T=64, D=D, F=F, E=4, K=2, tokens_per_expert=""),
     ]
-    path = write_results(to_frame(add_noise(rows + junk, 0.01, 0)), tmp_path / "j.parquet", {})
+    path = write_results(
+        to_frame(bench.add_noise(rows + junk, 0.01, 0)), tmp_path / "j.parquet", {}
+    )
     rep = calibrate([path], base=load_hardware("cpu-local"))
     assert rep.families["alltoall"]["n"] == 44 and rep.families["experts"]["n"] == 48
 
@@ -548,12 +496,14 @@ def test_any_positive_timings_give_a_finite_positive_line(
     Curve(x=list(line.knots_x), y=list(line.knots_y))  # a valid profile curve
 
 
-def test_a_chosen_strategy_is_calibrated_instead_of_the_fastest(results_file: Path) -> None:
+def test_a_chosen_strategy_is_calibrated_instead_of_the_fastest(
+    bench: Any, results_file: Path
+) -> None:
     base = load_hardware("cpu-local")
     rep = calibrate([results_file], base=base, strategies={"experts": "loop"})
     assert rep.strategies["experts"] == {"loop": 48}
-    truth = CostModel(truth_profile())
-    m = np.array([zipf_tokens(600, 8, 1.2)])
+    truth = CostModel(bench.truth())
+    m = np.array([bench.zipf_tokens(600, 8, 1.2)])
     slow = 1.25 * truth.experts_s(m, D, F, "fp32")  # the synthetic loop is 1.25x slower
     assert CostModel(rep.profile).experts_s(m, D, F, "fp32") == pytest.approx(slow, rel=0.06)
     for wanted, match in [({"experts": "nope"}, "not measured; measured: grouped, loop"),

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
-from test_calibrate import _row, synthetic_results
 
 from moesim.calibrate.profile import base_profile_name
 from moesim.cli import main
@@ -16,10 +16,10 @@ from moesim.measure.results import to_frame, write_results
 
 
 @pytest.fixture(scope="module")
-def results_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def results_file(tmp_path_factory: pytest.TempPathFactory, bench: Any) -> Path:
     # a few suites keep the CLI tests quick; tests/test_calibrate.py covers them all
     suites = ("roofline", "dispatch", "alltoall")
-    return synthetic_results(tmp_path_factory.mktemp("bench") / "quick.parquet", suites=suites)
+    return bench.results(tmp_path_factory.mktemp("bench") / "quick.parquet", suites=suites)
 
 
 def test_json_is_exactly_profile_and_families(
@@ -63,12 +63,13 @@ def test_table_prints_targets(
 def test_bad_input_exits_2_with_one_line(
     argv: list[str],
     message: str,
+    bench: Any,
     results_file: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    partial = synthetic_results(tmp_path / "partial.parquet", suites=("roofline",))
-    gpu_row = _row("roofline", "copy", 1e-3, device="cuda", device_name="Mystery GPU 9000")
+    partial = bench.results(tmp_path / "partial.parquet", suites=("roofline",))
+    gpu_row = bench.row("roofline", "copy", 1e-3, device="cuda", device_name="Mystery GPU 9000")
     gpu = write_results(to_frame([gpu_row] * 3), tmp_path / "gpu.parquet", {})
     subst = {"RESULTS": str(results_file), "PARTIAL": str(partial), "GPU": str(gpu)}
     argv = [subst.get(a, a) for a in argv]
@@ -127,9 +128,9 @@ def test_calibrate_a_quick_cuda_bench(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_table_lists_fallbacks_and_notes(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bench: Any
 ) -> None:
-    partial = synthetic_results(tmp_path / "partial.parquet", suites=("roofline",))
+    partial = bench.results(tmp_path / "partial.parquet", suites=("roofline",))
     assert main(["calibrate", str(partial), "--out", str(tmp_path / "p.yaml")]) == 0
     text = capsys.readouterr().out
     assert "spec values" in text and "fallback alltoall: 0 rows in suite 'alltoall'" in text

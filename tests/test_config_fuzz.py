@@ -10,7 +10,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moesim.config import load_hardware, load_scenario
+from moesim.config import HardwareProfile, Scenario, load_hardware, load_scenario
 from moesim.config.loader import read_yaml
 from moesim.errors import ConfigError
 
@@ -55,13 +55,23 @@ def _mutate(doc: dict[str, Any], path: tuple[str, ...], value: Any, delete: bool
     return out
 
 
-def _load_expecting_config_or_error(tmp_path: Path, text: str, loader: Any) -> None:
+def _load(tmp_path: Path, text: str, loader: Any) -> Any:
+    """What the loader made of ``text``: a config object, or the ConfigError it raised.
+
+    Anything else (another exception) propagates and fails the test.
+    """
     path = tmp_path / "doc.yaml"
     path.write_text(text, encoding="utf-8")
     try:
-        loader(str(path))
+        return loader(str(path))
     except ConfigError as err:
-        assert "\n" not in str(err)
+        return err
+
+
+def _assert_one_line_naming_the_file(err: ConfigError, tmp_path: Path) -> None:
+    text = str(err)
+    assert "\n" not in text and text.startswith(str(tmp_path / "doc.yaml") + ": "), text
+    assert len(text) > len(str(tmp_path / "doc.yaml")) + 4  # and says what is wrong
 
 
 FUZZ = settings(
@@ -74,7 +84,12 @@ FUZZ = settings(
 def test_mutated_scenarios(tmp_path: Path, data: st.DataObject, value: Any, delete: bool) -> None:
     path = data.draw(st.sampled_from(_paths(BASE_SCENARIO)))
     doc = _mutate(BASE_SCENARIO, path, value, delete)
-    _load_expecting_config_or_error(tmp_path, yaml.safe_dump(doc), load_scenario)
+    out = _load(tmp_path, yaml.safe_dump(doc), load_scenario)
+    if isinstance(out, ConfigError):
+        _assert_one_line_naming_the_file(out, tmp_path)
+    else:  # accepted: a scenario, and one that survives a round trip unchanged
+        assert isinstance(out, Scenario)
+        assert Scenario.model_validate(out.model_dump()) == out
 
 
 @FUZZ
@@ -82,16 +97,36 @@ def test_mutated_scenarios(tmp_path: Path, data: st.DataObject, value: Any, dele
 def test_mutated_profiles(tmp_path: Path, data: st.DataObject, value: Any, delete: bool) -> None:
     path = data.draw(st.sampled_from(_paths(BASE_PROFILE)))
     doc = _mutate(BASE_PROFILE, path, value, delete)
-    _load_expecting_config_or_error(tmp_path, yaml.safe_dump(doc), load_hardware)
+    out = _load(tmp_path, yaml.safe_dump(doc), load_hardware)
+    if isinstance(out, ConfigError):
+        _assert_one_line_naming_the_file(out, tmp_path)
+    else:
+        assert isinstance(out, HardwareProfile)
+        assert HardwareProfile.model_validate(out.model_dump()) == out
+
+
+def test_a_mutation_that_keeps_the_document_valid_is_accepted_as_written(tmp_path: Path) -> None:
+    """The fuzz targets accept valid documents: one known-good mutation, loaded exactly."""
+    doc = _mutate(BASE_SCENARIO, ("workload", "seed"), 7, delete=False)
+    out = _load(tmp_path, yaml.safe_dump(doc), load_scenario)
+    assert isinstance(out, Scenario) and out.workload.seed == 7
+    bad = _mutate(BASE_SCENARIO, ("model", "top_k"), "eight", delete=False)
+    err = _load(tmp_path, yaml.safe_dump(bad), load_scenario)
+    assert isinstance(err, ConfigError) and "top_k" in str(err) and "eight" in str(err)
 
 
 @FUZZ
 @given(doc=values)
 def test_random_documents(tmp_path: Path, doc: Any) -> None:
-    _load_expecting_config_or_error(tmp_path, yaml.safe_dump(doc), load_scenario)
+    """A random document of at most 8 leaves cannot hold a scenario's required sections."""
+    out = _load(tmp_path, yaml.safe_dump(doc), load_scenario)
+    assert isinstance(out, ConfigError)
+    _assert_one_line_naming_the_file(out, tmp_path)
 
 
 @FUZZ
 @given(text=st.text(max_size=80))
 def test_random_text(tmp_path: Path, text: str) -> None:
-    _load_expecting_config_or_error(tmp_path, text, load_scenario)
+    out = _load(tmp_path, text, load_scenario)
+    assert isinstance(out, ConfigError)
+    _assert_one_line_naming_the_file(out, tmp_path)

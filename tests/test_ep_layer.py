@@ -103,12 +103,42 @@ def test_output_check_catches_a_wrong_output() -> None:
         _check_outputs(case, [bad])
 
 
-def test_co_run_factor_by_hand_and_on_two_ranks() -> None:
+def test_co_run_factor_by_hand() -> None:
     # 4 ranks on 2 cores, 10 % slower together: 2 x 1.1
     assert CoRun(4, 2, 1.0, 1.1).factor == pytest.approx(2.2)
     assert CoRun(2, 2, 1.0, 0.9).factor == 1.0  # never faster than alone
-    probe = co_run_factor(2, rows=64, hidden=32, ffn=64, reps=2)
-    assert probe.solo_s > 0 and probe.together_s > 0 and probe.factor >= 1.0
+    probe = CoRun(2, 2, 1.0, 1.0, memory_solo_s=2.0, memory_together_s=3.0)
+    assert probe.memory_interference == 1.5 and probe.interference == 1.0
+
+
+def test_co_run_probe_times_the_ffn_and_the_gather_it_names() -> None:
+    """The probe's solo CPU times are those of its FFN and gather run here, within 3x."""
+    import statistics
+    import time
+
+    from moesim.measure.ep_probe import GATHER_ROWS, _ffn
+
+    rows, hidden, ffn = 64, 32, 64
+    probe = co_run_factor(2, rows=rows, hidden=hidden, ffn=ffn, reps=4)
+    torch.set_num_threads(1)
+    x, w1, w3 = torch.randn(rows, hidden), torch.randn(hidden, ffn), torch.randn(hidden, ffn)
+    w2, src = torch.randn(ffn, hidden), torch.randn(GATHER_ROWS, hidden)
+    idx = torch.randperm(GATHER_ROWS)
+
+    def cpu_s(fn: object, reps: int = 16) -> float:
+        out = []
+        for _ in range(reps):
+            t0 = time.thread_time()
+            fn()  # type: ignore[operator]
+            out.append(time.thread_time() - t0)
+        return statistics.median(out)
+
+    here_ffn = cpu_s(lambda: _ffn(x, w1, w3, w2))
+    here_gather = cpu_s(lambda: src.index_select(0, idx))
+    assert here_ffn / 3 < probe.solo_s < here_ffn * 3
+    assert here_gather / 3 < probe.memory_solo_s < here_gather * 3
+    # a 16 MiB-scale gather costs more than this 64-row FFN: the two probes are told apart
+    assert probe.memory_solo_s > probe.solo_s
 
 
 @pytest.mark.gpu

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from test_sim_support import hardware, scenario
 
 from moesim.config import load_hardware, load_pair
 from moesim.costs.model import CostModel
@@ -29,9 +29,11 @@ def _log(res, name: str) -> float:
 
 
 @pytest.mark.parametrize("slowdown", [1.0, 3.0])
-def test_a_straggler_delays_the_dispatch_and_the_combine(slowdown: float) -> None:
-    scn = scenario(f"workload.stragglers=[{{gpu: 1, compute_slowdown: {slowdown}}}]")
-    hw = hardware()
+def test_a_straggler_delays_the_dispatch_and_the_combine(
+    make_scenario: Any, make_hardware: Any, slowdown: float
+) -> None:
+    scn = make_scenario(f"workload.stragglers=[{{gpu: 1, compute_slowdown: {slowdown}}}]")
+    hw = make_hardware()
     res = simulate(scn, hw, trace=True)
     plan = build_plan(scn, hw, build_topology(scn, hw), scn.workload.seed)
     w = plan.work[0][0]
@@ -46,19 +48,23 @@ def test_a_straggler_delays_the_dispatch_and_the_combine(slowdown: float) -> Non
     ]  # fmt: skip
 
 
-def _all_to_expert_zero(tmp_path: Path, *extra: str):
+def _all_to_expert_zero(make_scenario: Any, tmp_path: Path, *extra: str):
     np.save(tmp_path / "ids.npy", np.zeros((16, 1), dtype=np.int64))
-    return scenario(
+    return make_scenario(
         "workload.routing.distribution=trace", f"workload.routing.trace={tmp_path / 'ids.npy'}",
         *extra,
     )  # fmt: skip
 
 
-def test_dropless_vs_capacity_limited_layer(tmp_path: Path) -> None:
-    hw = hardware()
+def test_dropless_vs_capacity_limited_layer(
+    make_scenario: Any, make_hardware: Any, tmp_path: Path
+) -> None:
+    hw = make_hardware()
     cost = CostModel(hw)
-    dropless = simulate(_all_to_expert_zero(tmp_path), hw)
-    limited = simulate(_all_to_expert_zero(tmp_path, "router.capacity_factor=1.0"), hw)
+    dropless = simulate(_all_to_expert_zero(make_scenario, tmp_path), hw)
+    limited = simulate(
+        _all_to_expert_zero(make_scenario, tmp_path, "router.capacity_factor=1.0"), hw
+    )
     # every token picks expert 0 (on GPU 0); capacity ceil(8 * 1 / 4 * 1.0) = 2 per source
     assert dropless.drop_fraction == 0.0
     assert limited.drop_fraction == 0.75
@@ -86,10 +92,10 @@ def test_dropless_vs_capacity_limited_layer(tmp_path: Path) -> None:
     ],
 )
 def test_regroup_only_for_alltoall_with_several_local_experts(
-    overrides: tuple[str, ...], regrouped: bool
+    make_scenario: Any, make_hardware: Any, overrides: tuple[str, ...], regrouped: bool
 ) -> None:
-    hw = hardware()
-    scn = scenario(*overrides)
+    hw = make_hardware()
+    scn = make_scenario(*overrides)
     plan = build_plan(scn, hw, build_topology(scn, hw), scn.workload.seed)
     w = plan.work[0][0]
     assert bool((w.regroup_s_G > 0).all()) is regrouped
@@ -99,10 +105,14 @@ def test_regroup_only_for_alltoall_with_several_local_experts(
     assert (res.phases_s["experts"] > gemm) is regrouped
 
 
-def test_padding_to_capacity_sends_and_computes_full_buffers(tmp_path: Path) -> None:
-    hw = hardware()
+def test_padding_to_capacity_sends_and_computes_full_buffers(
+    make_scenario: Any, make_hardware: Any, tmp_path: Path
+) -> None:
+    hw = make_hardware()
     padded = simulate(
-        _all_to_expert_zero(tmp_path, "router.capacity_factor=1.0", "router.pad_to_capacity=true"),
+        _all_to_expert_zero(
+            make_scenario, tmp_path, "router.capacity_factor=1.0", "router.pad_to_capacity=true"
+        ),
         hw,
     )
     assert padded.drop_fraction == 0.75
@@ -221,7 +231,9 @@ def test_every_shipped_scenario_simulates(name: str) -> None:
     json.dumps(d)
 
 
-def test_calibrated_alltoall_fit_prices_a_lone_coflow_as_the_fit(tmp_path: Path) -> None:
+def test_calibrated_alltoall_fit_prices_a_lone_coflow_as_the_fit(
+    make_scenario: Any, make_hardware: Any, tmp_path: Path
+) -> None:
     from moesim.config.hardware import Calibration, CalibrationSource, CommFit, Curve
 
     fit = CommFit(latency_us=2.0, bandwidth_GBps=Curve(x=[1.0, 1e6], y=[1.0, 1.0]))
@@ -229,8 +241,8 @@ def test_calibrated_alltoall_fit_prices_a_lone_coflow_as_the_fit(tmp_path: Path)
         source=CalibrationSource(results=[], device="test", created="now"),
         alltoall={"scaleup": fit},
     )
-    hw = hardware().model_copy(update={"calibration": cal})
-    res = simulate(_all_to_expert_zero(tmp_path), hw)
+    hw = make_hardware().model_copy(update={"calibration": cal})
+    res = simulate(_all_to_expert_zero(make_scenario, tmp_path), hw)
     # counts first (2 us + 16 B / 1 GB/s), then GPU 1 sends 8 rows (2048 B) to GPU 0:
     # 2 us + 2048 B / 1 GB/s on the busiest link
     exchange = 2e-6 + EXCHANGE_BYTES / 1e9
@@ -247,15 +259,17 @@ def test_decode_with_low_latency_dispatch_and_no_expert_parallelism() -> None:
 
 
 @pytest.mark.parametrize(("per", "drop"), [("batch", 0.0), ("sequence", 0.5)])
-def test_capacity_per_sequence_counts_each_sequence_separately(tmp_path, per, drop) -> None:
+def test_capacity_per_sequence_counts_each_sequence_separately(
+    make_scenario: Any, make_hardware: Any, tmp_path, per, drop
+) -> None:
     # 8 tokens per GPU: the first sequence of 4 all to expert 0, the second all to expert 1
     np.save(tmp_path / "ids.npy", np.array([[0]] * 4 + [[1]] * 4, dtype=np.int64))
-    scn = scenario(
+    scn = make_scenario(
         "model.num_experts=2", "workload.routing.distribution=trace",
         f"workload.routing.trace={tmp_path / 'ids.npy'}", "router.capacity_factor=1.0",
         "router.drop_policy=position", f"router.capacity_per={per}", "router.sequence_length=4",
     )  # fmt: skip
-    assert simulate(scn, hardware()).drop_fraction == drop
+    assert simulate(scn, make_hardware()).drop_fraction == drop
 
 
 def test_per_token_ids_in_chunks_of_gpus_give_the_same_loads(monkeypatch) -> None:
@@ -271,16 +285,18 @@ def test_per_token_ids_in_chunks_of_gpus_give_the_same_loads(monkeypatch) -> Non
     assert chunked == whole
 
 
-def test_ep_groups_that_straddle_nodes_are_refused() -> None:
+def test_ep_groups_that_straddle_nodes_are_refused(make_scenario: Any, make_hardware: Any) -> None:
     from moesim.errors import ConfigError
 
-    scn = scenario("cluster.nodes=3", "cluster.gpus_per_node=2", "parallel.ep=3",
-                   "model.num_experts=6")  # fmt: skip
+    scn = make_scenario("cluster.nodes=3", "cluster.gpus_per_node=2", "parallel.ep=3",
+                        "model.num_experts=6")  # fmt: skip
     with pytest.raises(ConfigError, match=r"parallel\.ep = 3: must be a multiple or a divisor"):
-        simulate(scn, hardware())
+        simulate(scn, make_hardware())
 
 
-def test_one_layer_event_log_worked_out_on_paper(tmp_path: Path) -> None:
+def test_one_layer_event_log_worked_out_on_paper(
+    make_scenario: Any, make_hardware: Any, tmp_path: Path
+) -> None:
     """fp32, D=64, F=128, E=4, 8 tokens per GPU all routed to expert 0 (on GPU 0).
 
     Roofline at 1 TFLOP/s and 100 GB/s, no launch cost, NVLink 100 GB/s:
@@ -295,7 +311,7 @@ def test_one_layer_event_log_worked_out_on_paper(tmp_path: Path) -> None:
     combine: 8 rows back (splits known)     -> 20.48 ns
     unpermute 4192 B                        -> 41.92 ns
     """
-    res = simulate(_all_to_expert_zero(tmp_path), hardware(), trace=True)
+    res = simulate(_all_to_expert_zero(make_scenario, tmp_path), make_hardware(), trace=True)
     ns = [(name, round(t * 1e9, 6)) for name, t in res.event_log]
     assert ns == [
         ("dispatch.start", 159.04),
@@ -331,7 +347,7 @@ def test_fp8_models_price_the_attention_core_in_bf16() -> None:
     assert plan.compute_s["dense"] == pytest.approx(float(expected), rel=1e-12)
 
 
-def test_split_exchange_by_hand_on_two_nodes() -> None:
+def test_split_exchange_by_hand_on_two_nodes(make_scenario: Any, make_hardware: Any) -> None:
     """EP4 on 2 nodes x 2 GPUs, E = 8: every rank sends 2 int64 counts (16 B) to each peer.
 
     Same-node peer: 16 B over 100 GB/s NVLink (0.16 ns); two remote peers: 32 B
@@ -339,10 +355,10 @@ def test_split_exchange_by_hand_on_two_nodes() -> None:
     """
     from moesim.simulate.plan import CommPricer, split_exchange_s
 
-    hw = hardware("scaleout.latency_us=5.0")
+    hw = make_hardware("scaleout.latency_us=5.0")
     for dispatcher, want in [("alltoall", 5e-6 + 3.2e-9), ("hierarchical", 5e-6 + 3.2e-9),
                              ("low_latency", 0.0), ("allgather", 0.0)]:  # fmt: skip
-        scn = scenario("cluster.nodes=2", "parallel.ep=4", "model.num_experts=8",
+        scn = make_scenario("cluster.nodes=2", "parallel.ep=4", "model.num_experts=8",
                        f"dispatcher={dispatcher}")  # fmt: skip
         topo = build_topology(scn, hw)
         got = split_exchange_s(scn, topo, CommPricer(hw, CostModel(hw), topo))
@@ -354,8 +370,12 @@ def test_split_exchange_by_hand_on_two_nodes() -> None:
         assert res["details"]["split_exchange_s"] == pytest.approx(want, rel=1e-12)
 
 
-def test_low_latency_dispatch_inside_a_node_goes_over_nvlink(tmp_path: Path) -> None:
+def test_low_latency_dispatch_inside_a_node_goes_over_nvlink(
+    make_scenario: Any, make_hardware: Any, tmp_path: Path
+) -> None:
     """DeepEP LL on one node: GPU 1's 8 rows reach GPU 0 over 100 GB/s NVLink, no exchange."""
-    res = simulate(_all_to_expert_zero(tmp_path, "dispatcher=low_latency"), hardware())
+    res = simulate(
+        _all_to_expert_zero(make_scenario, tmp_path, "dispatcher=low_latency"), make_hardware()
+    )
     assert res.dispatch_time_s == pytest.approx(8 * ROW_BYTES / 100e9, rel=1e-12)
     assert res.combine_time_s == pytest.approx(8 * ROW_BYTES / 100e9, rel=1e-12)

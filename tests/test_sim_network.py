@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import simpy
-from test_sim_support import hardware, scenario
 
 from moesim.simulate.network import FluidNetwork, maxmin_rates
 from moesim.simulate.topology import build_topology
@@ -67,13 +68,18 @@ def test_maxmin_rates_progressive_filling(demand, cap, expected) -> None:
     assert x == pytest.approx(expected)
 
 
-def _topo(**hw_over: str):
-    scn = scenario("cluster.nodes=2", "parallel.ep=4")
-    return build_topology(scn, hardware(*[f"{k}={v}" for k, v in hw_over.items()]))
+def _topo(make_scenario: Any, make_hardware: Any, **hw_over: str):
+    scn = make_scenario("cluster.nodes=2", "parallel.ep=4")
+    return build_topology(scn, make_hardware(*[f"{k}={v}" for k, v in hw_over.items()]))
 
 
-def test_flat_alltoall_on_two_nodes_loads_links_as_worked_out() -> None:
-    topo = _topo()
+def test_flat_alltoall_on_two_nodes_loads_links_as_worked_out(
+    make_scenario: Any, make_hardware: Any
+) -> None:
+    topo = _topo(
+        make_scenario,
+        make_hardware,
+    )
     links = flat_links(ROWS, topo)[0]
     P = 4
     assert links[:P].tolist() == [10, 5, 3, 8]  # NVLink egress
@@ -84,16 +90,23 @@ def test_flat_alltoall_on_two_nodes_loads_links_as_worked_out() -> None:
 
 
 @pytest.mark.parametrize(("oversub", "expected_s"), [(1.0, 55e-3 / 10), (4.0, 90e-3 / 5)])
-def test_flat_alltoall_time_is_the_busiest_link(oversub: float, expected_s: float) -> None:
+def test_flat_alltoall_time_is_the_busiest_link(
+    make_scenario: Any, make_hardware: Any, oversub: float, expected_s: float
+) -> None:
     # 1 MB rows; NIC 10 GB/s; uplinks 2 x 10 GB/s / oversubscription
-    topo = _topo(**{"scaleout.oversubscription": str(oversub)})
+    topo = _topo(make_scenario, make_hardware, **{"scaleout.oversubscription": str(oversub)})
     demand = flat_links(ROWS, topo)[0] * 1e6
     log = _run([("a2a", 0.0, list(demand), 0.0)], list(topo.cap_L))
     assert log[0][1] == pytest.approx(expected_s, rel=1e-12)
 
 
-def test_hierarchical_dispatch_crosses_the_network_once_per_node() -> None:
-    topo = _topo()
+def test_hierarchical_dispatch_crosses_the_network_once_per_node(
+    make_scenario: Any, make_hardware: Any
+) -> None:
+    topo = _topo(
+        make_scenario,
+        make_hardware,
+    )
     tok_PN = np.array([[10, 40], [5, 30], [3, 3], [9, 8]], dtype=float)[None]
     links = hierarchical_links(ROWS, tok_PN, topo)[0]
     P = 4
@@ -104,8 +117,11 @@ def test_hierarchical_dispatch_crosses_the_network_once_per_node() -> None:
     assert links[4 * P :].tolist() == [70, 12, 12, 70]
 
 
-def test_combine_is_the_dispatch_reversed() -> None:
-    topo = _topo()
+def test_combine_is_the_dispatch_reversed(make_scenario: Any, make_hardware: Any) -> None:
+    topo = _topo(
+        make_scenario,
+        make_hardware,
+    )
     links = flat_links(ROWS, topo)[0]
     reverse = flat_links(ROWS.transpose(0, 2, 1), topo)[0]
     assert links[topo.swap_L].tolist() == reverse.tolist()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from scipy import stats
-from test_sim_support import hardware, scenario
 
 from moesim.config.scenario import RoutingConfig
 from moesim.errors import ConfigError
@@ -102,17 +103,19 @@ def _exact_drop_fraction(T: int, E: int, K: int, cap: int) -> float:
     ("tokens", "path"),
     [(64, "tokens"), (64, "counts"), (2048, "counts")],  # per-token / binomial / normal approx
 )
-def test_uniform_drop_fraction_matches_the_exact_binomial(tokens, path, monkeypatch) -> None:
+def test_uniform_drop_fraction_matches_the_exact_binomial(
+    make_scenario: Any, make_hardware: Any, tokens, path, monkeypatch
+) -> None:
     from moesim.simulate import loads
 
     monkeypatch.setattr(loads, "EXACT_TOKEN_CELLS", 1 << 30 if path == "tokens" else 0)
     E, K, cf = 8, 2, 1.0
-    scn = scenario(
+    scn = make_scenario(
         "cluster.gpus_per_node=8", "parallel.ep=8", f"model.num_experts={E}", f"model.top_k={K}",
         "model.num_moe_layers=25", f"router.capacity_factor={cf}",
         f"workload.tokens_per_gpu={tokens}",
     )  # fmt: skip
-    res = simulate(scn, hardware(gpus_per_node=8), seed=11)
+    res = simulate(scn, make_hardware(gpus_per_node=8), seed=11)
     cap = capacity.expert_capacity(tokens, E, K, cf)
     exact = _exact_drop_fraction(tokens, E, K, cap)
     # standard error of the mean overflow over 8 sources x 8 experts x 25 layers
@@ -140,18 +143,20 @@ def test_group_limited_sampling_reaches_at_most_topk_group_groups() -> None:
 
 
 @pytest.mark.parametrize("groups", [None, (8, 4)])
-def test_fast_distinct_token_counts_track_the_per_token_sampler(groups, monkeypatch) -> None:
+def test_fast_distinct_token_counts_track_the_per_token_sampler(
+    make_scenario: Any, make_hardware: Any, groups, monkeypatch
+) -> None:
     from moesim.simulate import loads
     from moesim.simulate.topology import build_topology
 
     extra = (
         [] if groups is None else [f"router.n_group={groups[0]}", f"router.topk_group={groups[1]}"]
     )
-    scn = scenario(
+    scn = make_scenario(
         "cluster.nodes=8", "cluster.gpus_per_node=4", "parallel.ep=32", "model.num_experts=256",
         "model.top_k=8", "workload.tokens_per_gpu=256", "dispatcher=hierarchical", *extra,
     )  # fmt: skip
-    topo = build_topology(scn, hardware(gpus_per_node=4))
+    topo = build_topology(scn, make_hardware(gpus_per_node=4))
     monkeypatch.setattr(loads, "EXACT_TOKEN_CELLS", 1 << 30)
     exact = loads.LoadModel(scn, topo, 0, 1).load(0, 0)
     monkeypatch.setattr(loads, "EXACT_TOKEN_CELLS", 0)

@@ -88,3 +88,26 @@ def test_prime_runs_untimed_before_every_flushed_sample() -> None:
     assert t.method == "perf_counter+flush+prime"
     assert len(calls) == len(t.samples_s) >= 3
     assert t.median_s < 1e-3  # the 2 ms prime is not in the samples
+
+
+def test_cpu_clock_leaves_out_time_off_the_core() -> None:
+    """A sleeping call takes wall time but (almost) no CPU time; a busy one takes both."""
+    wall = time_fn(lambda: time.sleep(0.004), budget_s=0.03, warmup_s=0.0, threads=1)
+    cpu = time_fn(lambda: time.sleep(0.004), budget_s=0.03, warmup_s=0.0, threads=1, clock="cpu")
+    assert wall.median_s >= 0.004 and cpu.median_s < 0.001
+    assert cpu.method == "torch.utils.benchmark+thread_time"
+    x = torch.ones(2**20)
+    busy_wall = time_fn(lambda: x.mul(2.0), budget_s=0.03, warmup_s=0.01, threads=1)
+    busy_cpu = time_fn(lambda: x.mul(2.0), budget_s=0.03, warmup_s=0.01, threads=1, clock="cpu")
+    assert 0.3 < busy_cpu.median_s / busy_wall.median_s < 3.0
+    flushed = time_fn(
+        lambda: time.sleep(0.002), budget_s=0.01, threads=1, flush_cache=True, clock="cpu"
+    )
+    assert flushed.median_s < 0.001 and flushed.method == "perf_counter+flush+thread_time"
+
+
+def test_cpu_clock_needs_one_thread_and_a_known_name() -> None:
+    with pytest.raises(ValueError, match="threads = 1"):
+        time_fn(lambda: None, budget_s=0.01, threads=2, clock="cpu")
+    with pytest.raises(ValueError, match="allowed: wall, cpu"):
+        time_fn(lambda: None, budget_s=0.01, clock="tsc")

@@ -170,15 +170,25 @@ def _fit_gating(rows: pd.DataFrame, noise: float, base: HardwareProfile) -> Part
     """One fit per router kind, and ``gating`` for the default kind (or all kinds pooled).
 
     Bytes over a bandwidth curve plus the router GEMM's FLOPs at a fitted rate.
+    The FLOPs term is fitted only where the rows vary D or E: with T alone varying
+    (the CPU quick grid) FLOPs and bytes both grow as T, the two terms cannot be
+    told apart and splitting the time between them only adds held-out error.
     """
     size, flops, lat = gate_bytes(rows), gate_flops(rows), _launch_s(base)
     parts = Parts()
     for kind, idx in rows.groupby("op").indices.items():
-        line = _line(size[idx], rows.iloc[idx], noise, lat, flops[idx])
+        sub = rows.iloc[idx]
+        line = _line(size[idx], sub, noise, lat, _separable(sub, flops[idx]))
         parts.memory[f"gating.{kind}"] = memory_fit(line)
     generic = parts.memory.get(f"gating.{DEFAULT_ROUTER}")
-    parts.memory["gating"] = generic or memory_fit(_line(size, rows, noise, lat, flops))
+    pooled = _separable(rows, flops)
+    parts.memory["gating"] = generic or memory_fit(_line(size, rows, noise, lat, pooled))
     return parts
+
+
+def _separable(rows: pd.DataFrame, flops: F64) -> F64 | None:
+    """``flops`` when the rows hold 2+ (D, E) pairs (FLOPs not just bytes x a constant)."""
+    return flops if len(rows[["D", "E"]].drop_duplicates()) > 1 else None
 
 
 def gate_flops(rows: pd.DataFrame) -> F64:

@@ -91,16 +91,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="routing seed (default: the scenario's)")
 
 
-#: the CPU --quick bench grid of `moesim run`: >= 3 shapes per fitted family, ~1 min on 2 cores
-RUN_CPU_QUICK_GRID: dict[str, dict[str, list]] = {
-    "roofline": {"copy_MiB": [4, 16, 64], "gemm": [128, 256, 512]},
-    "gating": {"T": [256, 512, 1024], "D": [256], "E": [16], "K": [2], "routers": ["softmax_topk"]},
-    "dispatch": {"T": [512, 1024, 2048], "D": [256], "E": [16], "K": [2], "skew": [0.0]},
-    "experts": {"T": [64, 128, 256], "D": [128], "F": [256], "E": [16], "K": [2], "skew": [0.0]},
-    "alltoall": {"msg_bytes": [2**14, 2**17, 2**20], "split": ["even"]},
-}
-
-
 def run(args: argparse.Namespace) -> int:
     from moesim.config.loader import load_scenario
     from moesim.report.tables import err_console
@@ -175,9 +165,7 @@ def _bench(args: argparse.Namespace, device: str) -> Path:
     from moesim.measure.grids import load_grid_file
     from moesim.report.progress import progress_bar
 
-    grids: dict[str, dict[str, list]] = {}
-    if device == "cpu" and args.quick:
-        grids = {k: dict(v) for k, v in RUN_CPU_QUICK_GRID.items()}
+    grids: dict[str, dict[str, list]] = {}  # the quick / full defaults of moesim.measure.grids
     if args.grid:
         for suite, axes in load_grid_file(args.grid).items():
             grids.setdefault(suite, {}).update(axes)

@@ -55,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up steps per case (default 3)")
     parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="times the list of EP cases runs, interleaved; figures are medians over repeats "
+        "and their spread is printed (default 3)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=Path("results/validation"),
@@ -139,6 +146,8 @@ def _check_counts(args: argparse.Namespace) -> None:
         raise UserError(f"--steps = {args.steps}: must be >= 1")
     if args.warmup < 0:
         raise UserError(f"--warmup = {args.warmup}: must be >= 0")
+    if args.repeats < 1:
+        raise UserError(f"--repeats = {args.repeats}: must be >= 1")
 
 
 # -- the EP layer ------------------------------------------------------------------------
@@ -155,11 +164,20 @@ def _run_ep(args: argparse.Namespace, worlds: list[int]) -> dict[str, Any]:
     for world in worlds:
         hw, profile = _profile(args, cases, world)
         context = {"cores": usable_cores(), "loadavg_before": _load()}
-        v = ep.validate_ep(world, hw, cases, profile=profile, steps=args.steps, warmup=args.warmup)
+        v = ep.validate_ep(
+            world,
+            hw,
+            cases,
+            profile=profile,
+            steps=args.steps,
+            warmup=args.warmup,
+            repeats=args.repeats,
+        )
         result = v.to_dict()
         context |= {
             "loadavg_after": _load(),
             "interference": v.interference,
+            "memory_interference": v.memory_interference,
             "cores_kept_awake": v.cores_kept_awake,
         }
         _save(args.out / f"ep-world{world}-{_stamp()}.json", result | {"context": context})

@@ -24,6 +24,11 @@ ROUTER_KINDS: tuple[str, ...] = (
     "hash",  # Roller et al. 2021: fixed hash of the token id
     "soft",  # Puigcerver et al. 2023 (soft MoE): every token to every expert, weighted
 )
+#: the priced variant of a kind whose options change its cost: ``sigmoid_topk`` with
+#: DeepSeek-V3's group-limited selection (``n_group`` / ``topk_group``) and bias
+GROUPED_SIGMOID = "sigmoid_topk.grouped"
+#: what the gating bench can time and calibrate: every kind plus the variants
+GATE_KINDS: tuple[str, ...] = (*ROUTER_KINDS, GROUPED_SIGMOID)
 #: kinds that route every token to exactly one expert
 TOP1_KINDS = ("switch_top1", "sigmoid_top1")
 RouterKind = Literal[
@@ -98,3 +103,11 @@ class RouterSpec(RouterConfig):
                     self.topk_group,
                     f"topk_group * experts per group ({reachable}) must be >= top_k ({self.top_k})",
                 )
+
+
+def gate_kind(kind: str, n_group: int | None) -> str:
+    """The gating fit that prices a router: its kind, or the grouped DeepSeek-V3 variant.
+
+    The cost model falls back from ``gating.<kind>.<variant>`` to ``gating.<kind>``.
+    """
+    return GROUPED_SIGMOID if kind == "sigmoid_topk" and n_group is not None else kind

@@ -51,8 +51,9 @@ class CostModel:
     def memory_s(self, op: str, nbytes: ArrayLike) -> F64:
         """Time of a memory-bound op: ``gating``, ``(un)permute``, ``regroup`` or ``copy``.
 
-        ``op`` may name a variant (``gating.sigmoid_topk``): its own fit is used
-        when calibrated, else the op's (``gating``), else ``copy``, else the spec.
+        ``op`` may name a variant (``gating.sigmoid_topk.grouped``): its own fit is
+        used when calibrated, else its parent's (``gating.sigmoid_topk``, then
+        ``gating``), else ``copy``, else the spec.
         """
         b = np.asarray(nbytes, dtype=np.float64)
         fit = self._memory_fit(op)
@@ -64,7 +65,8 @@ class CostModel:
     def _memory_fit(self, op: str) -> MemoryOpFit | None:
         if self.cal is None:
             return None
-        for name in (op, op.split(".")[0], "copy"):
+        parts = op.split(".")  # gating.sigmoid_topk.grouped -> gating.sigmoid_topk -> gating
+        for name in [".".join(parts[:n]) for n in range(len(parts), 0, -1)] + ["copy"]:
             if name in self.cal.memory:
                 return self.cal.memory[name]
         return None

@@ -183,6 +183,7 @@ def _meta(
         device=ctx.device,
         device_name=ctx.device_name,
         threads=ctx.threads,
+        clock=ctx.clock,  # kernels (not all-to-all) timed on the wall or the thread CPU clock
         torch=torch.__version__,
         cuda=torch.version.cuda,
         suites=names,

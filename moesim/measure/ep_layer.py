@@ -19,8 +19,9 @@ K = top-k, El = local experts per rank, R = ranks, N = rows after permute
 from __future__ import annotations
 
 import math
+import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -344,10 +345,13 @@ def _device() -> torch.device:
 
 
 def _rank_entry(
-    cases: list[EPCase], steps: int, warmup: int, fail_rank: int | None
+    cases: list[EPCase], steps: int, warmup: int, fail_rank: int | None, repeats: int = 1
 ) -> list[RankResult]:
+    """Every case ``repeats`` times, interleaved: all cases, then all cases again, ..."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    return [run_rank(rank, world, c, steps, warmup, fail_rank) for c in cases]
+    return [
+        run_rank(rank, world, c, steps, warmup, fail_rank) for _ in range(repeats) for c in cases
+    ]
 
 
 # -- the whole run -----------------------------------------------------------------
@@ -369,6 +373,9 @@ class EPMeasurement:
     recv_rows_R: list[int]
     cpu_share: float = 1.0  # see :func:`cpu_share`
     disturbed_steps: int = 0  # steps re-run because other processes took the cores
+    #: per repeat (see :func:`run_ep_cases`): end-to-end and per-phase medians
+    repeat_step_s: list[float] = field(default_factory=list)
+    repeat_phases_s: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def tokens_per_source_expert_RE(self) -> torch.Tensor:
@@ -392,24 +399,62 @@ def run_ep_cases(
     backend: str | None = None,
     timeout_s: float = 300.0,
     fail_rank: int | None = None,
+    repeats: int = 1,
 ) -> list[EPMeasurement]:
     """Run the EP layer on ``world`` ranks (gloo on CPU, NCCL on GPU), all cases in one launch.
 
+    With ``repeats`` > 1 the whole list of cases runs that many times, interleaved
+    (a slow spell of the machine, or the launch's first-case warm-up, then falls
+    on one repeat of every case instead of on all steps of one case); each
+    case's figures are the medians over its repeats, which are kept in
+    ``repeat_step_s`` / ``repeat_phases_s`` (their spread is the run-to-run noise).
     Every output is checked against the single-process reference. Raises
     :class:`moesim.measure.distributed.DistributedError` (one line) if a rank fails or
     the run outlives ``timeout_s``, and :class:`EPMismatch` if an output is wrong.
     """
     for case in cases:
         _check_case(case, world)
+    if repeats < 1:
+        raise UserError(f"--repeats = {repeats}: must be >= 1")
     per_rank: list[list[RankResult]] = launch(
         _rank_entry,
         world,
-        args=(cases, steps, warmup, fail_rank),
+        args=(cases, steps, warmup, fail_rank, repeats),
         backend=backend,
         timeout_s=timeout_s,
     )
     used = backend or default_backend()
-    return [_summarise(case, world, used, [r[i] for r in per_rank]) for i, case in enumerate(cases)]
+    n = len(cases)
+    return [
+        merge_repeats(
+            [
+                _summarise(case, world, used, [r[k * n + i] for r in per_rank])
+                for k in range(repeats)
+            ]
+        )
+        for i, case in enumerate(cases)
+    ]
+
+
+def merge_repeats(reps: list[EPMeasurement]) -> EPMeasurement:
+    """One case measured several times: medians over repeats, each repeat's figures kept.
+
+    Step samples and disturbed-step counts are pooled; the routing is the first
+    repeat's (every repeat routes the same seeded tokens).
+    """
+    phases_PR = {p: [m.phases_s[p] for m in reps] for p in PHASES + SUB_PHASES}
+    step_R = [m.step_s for m in reps]
+    return replace(
+        reps[0],
+        phases_s={p: statistics.median(v) for p, v in phases_PR.items()},
+        step_s=statistics.median(step_R),
+        step_samples_s=[s for m in reps for s in m.step_samples_s],
+        max_abs_error=max(m.max_abs_error for m in reps),
+        cpu_share=statistics.median([m.cpu_share for m in reps]),
+        disturbed_steps=sum(m.disturbed_steps for m in reps),
+        repeat_step_s=step_R,
+        repeat_phases_s=phases_PR,
+    )
 
 
 def _summarise(case: EPCase, world: int, backend: str, results: list[RankResult]) -> EPMeasurement:

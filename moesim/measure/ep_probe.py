@@ -6,11 +6,14 @@ The factor has two parts:
 
 * time sharing: with more ranks than usable cores each rank gets
   ``cores / N`` of a core, so ``max(1, N / cores)``;
-* interference: one SwiGLU expert FFN (1 torch thread) is timed on each rank
-  alone, the others waiting, then on all ranks at once. The ratio of the median
-  *thread CPU times* is the cache / memory-bandwidth / clock penalty of running
-  together. CPU time (not wall time) leaves out the time the OS gave to other
-  processes, so other users of the machine do not leak into the factor.
+* interference, per kind of phase: one SwiGLU expert FFN (compute-bound: the
+  experts phase) and one row gather of a buffer beyond the per-core caches
+  (memory-bound: gate, permute, unpermute, regroup), each with 1 torch thread,
+  are timed on each rank alone, the others waiting, then on all ranks at once.
+  The ratio of the median *thread CPU times* is the cache / memory-bandwidth /
+  clock penalty of running together. CPU time (not wall time) leaves out the
+  time the OS gave to other processes, so other users of the machine do not
+  leak into the factors.
 """
 
 from __future__ import annotations
@@ -38,10 +41,18 @@ class CoRun:
     cores: int
     solo_s: float
     together_s: float
+    memory_solo_s: float = 1.0  # the memory-bound probe (row gather), alone and together
+    memory_together_s: float = 1.0
 
     @property
     def interference(self) -> float:
+        """Compute (expert FFN) slowdown of running together, >= 1."""
         return max(1.0, self.together_s / self.solo_s)
+
+    @property
+    def memory_interference(self) -> float:
+        """Memory-bound (row gather) slowdown of running together, >= 1."""
+        return max(1.0, self.memory_together_s / self.memory_solo_s)
 
     @property
     def factor(self) -> float:
@@ -64,27 +75,42 @@ def _timed(fn: Callable[[], None], reps: int) -> list[float]:
     return out
 
 
-def _probe_rank(rows: int, hidden: int, ffn: int, reps: int) -> tuple[list[float], list[float]]:
-    """On every rank: its solo samples (taking turns) and its samples with all running."""
+#: rows of the memory-bound probe's source buffer (x hidden fp32: 16 MiB at hidden 256)
+GATHER_ROWS = 16384
+Samples = tuple[list[float], list[float]]
+
+
+def _probe_rank(rows: int, hidden: int, ffn: int, reps: int) -> tuple[Samples, Samples]:
+    """On every rank, for the FFN and the gather: solo samples (taking turns), then all running."""
     torch.set_num_threads(1)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     pin_rank(rank)
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(rows, hidden, generator=g)
     w1, w3 = torch.randn(hidden, ffn, generator=g), torch.randn(hidden, ffn, generator=g)
     w2 = torch.randn(ffn, hidden, generator=g)
+    src_RD = torch.randn(GATHER_ROWS, hidden, generator=g)
+    idx_R = torch.randperm(GATHER_ROWS, generator=g)
 
-    def run() -> None:
+    def ffn_call() -> None:
         _ffn(x, w1, w3, w2)
 
-    _timed(run, 2)  # warm up
+    def gather_call() -> None:
+        src_RD.index_select(0, idx_R)  # what permute / unpermute do to the token rows
+
+    return _solo_and_together(ffn_call, reps), _solo_and_together(gather_call, 4 * reps)
+
+
+def _solo_and_together(fn: Callable[[], None], reps: int) -> Samples:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    _timed(fn, 2)  # warm up
     solo: list[float] = []
     for turn in range(world):
         dist.barrier()
         if rank == turn:
-            solo = _timed(run, reps)
+            solo = _timed(fn, reps)
     dist.barrier()
-    together = _timed(run, reps)
+    together = _timed(fn, reps)
     dist.barrier()
     return solo, together
 
@@ -93,11 +119,13 @@ def co_run_factor(
     world: int, *, rows: int = 2048, hidden: int = 256, ffn: int = 512, reps: int = 8,
     timeout_s: float = 120.0,
 ) -> CoRun:  # fmt: skip
-    """Launch ``world`` local ranks and measure the co-run slowdown of one expert FFN."""
+    """Launch ``world`` local ranks; measure the co-run slowdown of an FFN and of a gather."""
     per_rank = launch(_probe_rank, world, args=(rows, hidden, ffn, reps), timeout_s=timeout_s)
-    solo = torch.tensor([s for r in per_rank for s in r[0]])
-    together = torch.tensor([s for r in per_rank for s in r[1]])
-    return CoRun(world, usable_cores(), float(solo.median()), float(together.median()))
+
+    def median(probe: int, part: int) -> float:
+        return float(torch.tensor([s for r in per_rank for s in r[probe][part]]).median())
+
+    return CoRun(world, usable_cores(), median(0, 0), median(0, 1), median(1, 0), median(1, 1))
 
 
 @functools.cache

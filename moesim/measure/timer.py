@@ -4,7 +4,11 @@
   calibrated until a block is far above timer resolution; samples are per-call
   times averaged over a block) with a fixed torch thread count; with
   ``flush_cache`` a hand loop that overwrites a buffer larger than the last-level
-  cache before every call instead.
+  cache before every call instead. ``clock="cpu"`` (one thread only) reads the
+  calling thread's CPU time instead of the wall clock: on a host shared with
+  other processes the time slices the OS gives them are left out, so a kernel
+  is timed as it runs on a core of its own (cache and memory-bandwidth
+  contention still count, as they should).
 * CUDA: ``triton.testing.do_bench`` when triton is installed and a flush is
   wanted; otherwise CUDA events recorded around every call, with the L2 cache
   overwritten between calls and a single synchronisation after the loop.
@@ -31,6 +35,9 @@ MAX_CUDA_SAMPLES = 2000
 #: a flushed CPU timing also stops once flushes and calls together took this many budgets
 CPU_FLUSH_WALL_BUDGETS = 4.0
 _cpu_flush_default = [False]
+#: what a CPU timing reads: the wall clock, or the calling thread's CPU time
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
+_CLOCK_TAG = {time.perf_counter: "", time.thread_time: "+thread_time"}
 
 
 @contextlib.contextmanager
@@ -81,6 +88,7 @@ def time_fn(
     flush_cache: bool | None = None,
     threads: int | None = None,
     prime: Callable[[], Any] | None = None,
+    clock: str = "wall",
 ) -> Timing:
     """Time ``fn()`` (no arguments) on ``device`` ("cpu" or "cuda") for about ``budget_s``.
 
@@ -91,7 +99,11 @@ def time_fn(
     ``prime``, run untimed after each flush, leaves ``fn``'s input in the caches
     as the op before it in a layer does (the router reads the rows ``permute``
     then gathers; the combine writes the rows ``unpermute`` reads).
+    ``clock``: ``"wall"`` or ``"cpu"`` (this thread's CPU time; CPU device with
+    ``threads == 1`` only, since other threads' work would be missed).
     """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock = {clock!r}: allowed: {', '.join(CLOCKS)}")
     if budget_s <= 0 or warmup_s < 0:
         raise ValueError(f"budget_s must be > 0 and warmup_s >= 0, got {budget_s}, {warmup_s}")
     threads = threads or torch.get_num_threads()
@@ -102,13 +114,16 @@ def time_fn(
         raise ValueError(f"device = {device!r}: allowed: cpu, cuda")
     if flush_cache is None:
         flush_cache = _cpu_flush_default[0]
+    if clock == "cpu" and threads != 1:
+        raise ValueError(f"clock = 'cpu' needs threads = 1 (got {threads})")
+    now = CLOCKS[clock]
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         _warm_up(fn, warmup_s, sync=None)
         if flush_cache:
-            return _time_cpu_flushed(fn, budget_s, threads, prime)
-        return _time_cpu(fn, budget_s, threads)
+            return _time_cpu_flushed(fn, budget_s, threads, prime, now)
+        return _time_cpu(fn, budget_s, threads, now)
     finally:
         torch.set_num_threads(previous)
 
@@ -125,16 +140,23 @@ def _warm_up(fn: Callable[[], Any], warmup_s: float, sync: Callable[[], None] | 
     return calls
 
 
-def _time_cpu(fn: Callable[[], Any], budget_s: float, threads: int) -> Timing:
-    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+def _time_cpu(
+    fn: Callable[[], Any], budget_s: float, threads: int, now: Callable[[], float]
+) -> Timing:
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, timer=now)
     measurement = timer.adaptive_autorange(
         threshold=0.1, min_run_time=budget_s, max_run_time=3 * budget_s
     )
-    return Timing.from_samples(list(measurement.times), threads, "torch.utils.benchmark")
+    method = "torch.utils.benchmark" + _CLOCK_TAG[now]
+    return Timing.from_samples(list(measurement.times), threads, method)
 
 
 def _time_cpu_flushed(
-    fn: Callable[[], Any], budget_s: float, threads: int, prime: Callable[[], Any] | None
+    fn: Callable[[], Any],
+    budget_s: float,
+    threads: int,
+    prime: Callable[[], Any] | None,
+    now: Callable[[], float] = time.perf_counter,
 ) -> Timing:
     scratch = torch.empty(CPU_FLUSH_BYTES // 4, dtype=torch.float32)
     samples: list[float] = []
@@ -144,11 +166,11 @@ def _time_cpu_flushed(
         scratch.fill_(len(samples))
         if prime is not None:
             prime()
-        start = time.perf_counter()
+        start = now()
         fn()
-        samples.append(time.perf_counter() - start)
+        samples.append(now() - start)
         spent += samples[-1]
-    method = "perf_counter+flush" + ("+prime" if prime is not None else "")
+    method = "perf_counter+flush" + ("+prime" if prime is not None else "") + _CLOCK_TAG[now]
     return Timing.from_samples(samples, threads, method)
 
 

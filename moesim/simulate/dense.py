@@ -16,6 +16,7 @@ Without SP the norms run on all ``tp * T`` tokens of the group.
 from __future__ import annotations
 
 from moesim.config.base import DTYPE_BYTES
+from moesim.config.router import gate_kind
 from moesim.config.scenario import Scenario
 from moesim.costs import work
 from moesim.costs.model import CostModel
@@ -96,7 +97,9 @@ def dense_costs(scn: Scenario, cost: CostModel) -> dict[str, float]:
         "dense": attn,
         "attn_core": core,
         "norm": norm,
-        "gate": float(cost.gate_s(T, D, E, K, dt, kind=scn.router.kind)),
+        "gate": float(
+            cost.gate_s(T, D, E, K, dt, kind=gate_kind(scn.router.kind, scn.router.n_group))
+        ),
         "permute": float(cost.permute_s(T, D, K, dt)),
         "unpermute": float(cost.unpermute_s(T, D, K, dt)),
         "shared_experts": shared,

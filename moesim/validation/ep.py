@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from moesim.config.hardware import HardwareProfile
+from moesim.config.hardware import Curve, GemmFit, HardwareProfile, MemoryOpFit
 from moesim.config.scenario import Scenario
 from moesim.errors import UserError
 from moesim.measure.ep_layer import PHASES, EPCase, EPMeasurement, run_ep_cases
+from moesim.measure.ep_probe import CoRun
 
 SPLITS = ["even", "uneven"]
 
@@ -217,6 +218,44 @@ def compute_slowdown(m: EPMeasurement, cores: int, interference: float) -> float
     return interference * max(1.0, max(finish) / max(max(rows), 1))
 
 
+def co_run_profile(hw: HardwareProfile, *, compute: float, memory: float) -> HardwareProfile:
+    """``hw`` priced for ranks running together: each phase by its own co-run factor.
+
+    Memory-bound ops (gating, permute, unpermute, regroup, copy) take ``memory``
+    times as long (latency x, bandwidth /), the expert GEMMs ``compute`` times;
+    the all-to-all fits are measured with the ranks running together already.
+    Factors come from :func:`moesim.measure.ep_probe.co_run_factor`.
+    """
+    cal = hw.calibration
+    if cal is None or (compute == 1.0 and memory == 1.0):
+        return hw
+    memory_fits = {k: _slower_memory(f, memory) for k, f in cal.memory.items()}
+    gemm = {k: _slower_gemm(f, compute) for k, f in cal.gemm.items()}
+    return hw.model_copy(
+        update={"calibration": cal.model_copy(update={"memory": memory_fits, "gemm": gemm})}
+    )
+
+
+def _slower_curve(curve: Curve, f: float) -> Curve:
+    return Curve(x=list(curve.x), y=[y / f for y in curve.y])
+
+
+def _slower_memory(fit: MemoryOpFit, f: float) -> MemoryOpFit:
+    return MemoryOpFit(
+        latency_us=fit.latency_us * f,
+        bandwidth_GBps=_slower_curve(fit.bandwidth_GBps, f),
+        tflops=None if fit.tflops is None else fit.tflops / f,
+    )
+
+
+def _slower_gemm(fit: GemmFit, f: float) -> GemmFit:
+    return GemmFit(
+        latency_us=fit.latency_us * f,
+        per_expert_us=fit.per_expert_us * f,
+        tflops=_slower_curve(fit.tflops, f),
+    )
+
+
 def predict(m: EPMeasurement, hw: HardwareProfile, trace: Path, slowdown: float) -> dict[str, Any]:
     """Simulate the measured case (its routing written to ``trace``); ``SimResult.to_dict()``."""
     from moesim.simulate import simulate
@@ -243,6 +282,7 @@ def compare(m: EPMeasurement, sim: dict[str, Any]) -> dict[str, Any]:
             "measured_s": m.phases_s[p],
             "predicted_s": float(sim["phases_s"].get(p, 0.0)),
             "error": rel_error(float(sim["phases_s"].get(p, 0.0)), m.phases_s[p]),
+            "spread": spread(m.repeat_phases_s.get(p, [])),
         }
         for p in PHASES
     }
@@ -269,7 +309,17 @@ def compare(m: EPMeasurement, sim: dict[str, Any]) -> dict[str, Any]:
         "cpu_share": m.cpu_share,
         "disturbed_steps": m.disturbed_steps,
         "step_samples_s": m.step_samples_s,
+        # one end-to-end median per repeat, and their (max - min) / median
+        "repeat_step_s": m.repeat_step_s,
+        "spread": spread(m.repeat_step_s),
     }
+
+
+def spread(values: list[float]) -> float:
+    """``(max - min) / median`` of repeated measurements (0 for fewer than two)."""
+    if len(values) < 2:
+        return 0.0
+    return float((max(values) - min(values)) / max(float(np.median(values)), 1e-30))
 
 
 @dataclass(frozen=True)
@@ -277,17 +327,32 @@ class EPValidation:
     world: int
     cases: list[dict[str, Any]]
     profile: str  # where the calibrated profile came from
-    interference: float = 1.0  # measured co-run penalty of the ranks (see compute_slowdown)
+    interference: float = 1.0  # co-run penalty of the expert GEMMs (see co_run_profile)
     cores_kept_awake: int = 0  # idle-priority spinners while measuring (CPU ranks)
+    memory_interference: float = 1.0  # co-run penalty of the memory-bound phases
+    repeats: int = 1
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``--json`` contract: cases, median and max absolute end-to-end error."""
+        """The ``--json`` contract: cases, median and max absolute end-to-end error.
+
+        Plus ``repeats`` and ``spread``: the median over cases of the end-to-end
+        and of each phase's spread over repeats (``(max - min) / median``).
+        """
         errs = [abs(c["error"]) for c in self.cases]
         return {
             "cases": self.cases,
             "median_abs_error": float(np.median(errs)),
             "max_abs_error": float(np.max(errs)),
+            "repeats": self.repeats,
+            "spread": self.spreads(),
         }
+
+    def spreads(self) -> dict[str, float]:
+        """Median over cases of the spread over repeats: ``step`` and each phase."""
+        out = {"step": float(np.median([c["spread"] for c in self.cases]))}
+        for p in PHASES:
+            out[p] = float(np.median([c["phases"][p]["spread"] for c in self.cases]))
+        return out
 
     def phase_errors(self) -> dict[str, float]:
         """Median signed error per phase: which phase the model gets wrong, and how."""
@@ -303,31 +368,59 @@ def validate_ep(
     steps: int = 10,
     warmup: int = 3,
     timeout_s: float = 300.0,
+    repeats: int = 3,
 ) -> EPValidation:
-    """Probe the host's co-run factor, measure every case on ``world`` ranks, simulate, compare."""
+    """Probe the host's co-run factors, measure every case on ``world`` ranks, simulate, compare.
+
+    The cases run ``repeats`` times, interleaved (see :func:`run_ep_cases`), within
+    ``timeout_s`` per repeat; the probe runs before and after them and its
+    factors come from the mean of the two.
+    """
     from moesim.measure.distributed import default_backend
     from moesim.measure.ep_probe import keep_cores_awake
 
     check_world(world, cases)
     with keep_cores_awake(enabled=default_backend() == "gloo") as spinners:
-        interference, cores = host_sharing(world)
-        measured = run_ep_cases(cases, world, steps=steps, warmup=warmup, timeout_s=timeout_s)
-    v = predict_all(measured, hw, profile=profile, cores=cores, interference=interference)
-    return replace(v, cores_kept_awake=spinners)
+        before = host_sharing(world)
+        measured = run_ep_cases(  # timeout_s is per repeat
+            cases, world, steps=steps, warmup=warmup, timeout_s=timeout_s * repeats, repeats=repeats
+        )
+        after = host_sharing(world)
+    probe = _mean_probe(before, after)
+    v = predict_all(
+        measured,
+        hw,
+        profile=profile,
+        cores=probe.cores,
+        interference=probe.interference,
+        memory_interference=probe.memory_interference,
+    )
+    return replace(v, cores_kept_awake=spinners, repeats=repeats)
 
 
-def host_sharing(world: int) -> tuple[float, int]:
-    """Co-run interference of ``world`` local CPU ranks and the usable cores.
+def host_sharing(world: int) -> CoRun:
+    """Co-run probe of ``world`` local CPU ranks (factors and usable cores).
 
-    On GPUs (NCCL) every rank has its own device: no sharing, ``(1.0, world)``.
+    On GPUs (NCCL) every rank has its own device: no sharing (factors 1, ``world`` cores).
     """
     from moesim.measure.distributed import default_backend
     from moesim.measure.ep_probe import co_run_factor
 
     if default_backend() != "gloo":
-        return 1.0, world
-    probe = co_run_factor(world)
-    return probe.interference, probe.cores
+        return CoRun(world, world, 1.0, 1.0)
+    return co_run_factor(world)
+
+
+def _mean_probe(a: CoRun, b: CoRun) -> CoRun:
+    """The probe with each median the mean of two runs' (factors then follow)."""
+    return CoRun(
+        a.world,
+        a.cores,
+        (a.solo_s + b.solo_s) / 2,
+        (a.together_s + b.together_s) / 2,
+        (a.memory_solo_s + b.memory_solo_s) / 2,
+        (a.memory_together_s + b.memory_together_s) / 2,
+    )
 
 
 def predict_all(
@@ -337,12 +430,21 @@ def predict_all(
     profile: str,
     cores: int,
     interference: float = 1.0,
+    memory_interference: float = 1.0,
 ) -> EPValidation:
-    """Simulate every measured case on ``hw`` and compare (all of one world size)."""
+    """Simulate every measured case on ``hw`` and compare (all of one world size).
+
+    Sharing is priced per phase: the co-run factors scale the profile's memory-bound
+    and GEMM fits (:func:`co_run_profile`); time sharing of cores (more ranks than
+    cores) is the per-GPU compute slowdown of :func:`compute_slowdown`.
+    """
     rows = []
+    priced = co_run_profile(hw, compute=interference, memory=memory_interference)
     with tempfile.TemporaryDirectory(prefix="moesim-ep-") as tmp:
         for i, m in enumerate(measured):
-            slow = compute_slowdown(m, cores, interference)
-            row = compare(m, predict(m, hw, Path(tmp) / f"case{i}.npy", slow))
+            slow = compute_slowdown(m, cores, 1.0)
+            row = compare(m, predict(m, priced, Path(tmp) / f"case{i}.npy", slow))
             rows.append(row | {"compute_slowdown": slow})
-    return EPValidation(measured[0].world, rows, profile, interference)
+    return EPValidation(
+        measured[0].world, rows, profile, interference, memory_interference=memory_interference
+    )

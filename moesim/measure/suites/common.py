@@ -48,7 +48,11 @@ class BenchContext:
         flush_cache: bool | None = None,
         prime: Callable[[], Any] | None = None,
     ) -> Timing:
-        """Time ``fn`` with this context's device, budget and threads (``prime``: see time_fn)."""
+        """Time ``fn`` with this context's device, budget and threads (``prime``: see time_fn).
+
+        Single-threaded CPU kernels are timed on the thread's CPU clock
+        (:attr:`clock`), so other processes on a shared host do not stretch them.
+        """
         return time_fn(
             fn,
             device=self.device,
@@ -57,7 +61,13 @@ class BenchContext:
             flush_cache=flush_cache,
             threads=self.threads,
             prime=prime,
+            clock=self.clock,
         )
+
+    @property
+    def clock(self) -> str:
+        """``cpu`` (thread CPU time) for one-thread CPU timings, else ``wall``."""
+        return "cpu" if self.device == "cpu" and self.threads == 1 else "wall"
 
     def generator(self, salt: int = 0) -> torch.Generator:
         """A CPU generator seeded from the run seed (tensors are made on CPU, then moved)."""
