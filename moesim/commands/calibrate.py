@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from moesim.calibrate import calibrate, write_profile
     from moesim.calibrate.profile import base_profile_name, peek_device
-    from moesim.config.loader import load_hardware
+    from moesim.config.loader import load_hardware, spec_name
 
     device, device_name = peek_device(args.results)
     # the spec profile by default (a plain name may resolve to a shipped measured one)
@@ -93,13 +93,6 @@ def run(args: argparse.Namespace) -> int:
     target = MAPE_TARGET[kind]
     print_calibration(report, out, mape_target=target, time_target_s=TIME_TARGET_S)
     return 0
-
-
-def spec_name(name: str) -> str:
-    """``h200-sxm`` -> ``h200-sxm-spec`` where a measured profile shadows the plain name."""
-    from moesim.config.loader import SPEC_SUFFIX, measured_alias
-
-    return f"{name}{SPEC_SUFFIX}" if measured_alias(name) else name
 
 
 def _imported(paths: list[Path]) -> bool:

@@ -209,6 +209,11 @@ def known_profiles() -> list[str]:
     return sorted(names)
 
 
+def spec_name(name: str) -> str:
+    """``h200-sxm`` -> ``h200-sxm-spec`` where a measured profile shadows the plain name."""
+    return f"{name}{SPEC_SUFFIX}" if measured_alias(name) else name
+
+
 def measured_alias(name: str) -> bool:
     """Whether the plain name ``name`` resolves to a shipped measured profile."""
     if name.endswith((".yaml", ".yml", SPEC_SUFFIX, MEASURED_SUFFIX)):
