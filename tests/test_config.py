@@ -116,7 +116,7 @@ BAD_PROFILES = [
 @pytest.mark.parametrize(("override", "field", "words"), BAD_PROFILES)
 def test_bad_profile_gives_one_line(override: str, field: str, words: str) -> None:
     with pytest.raises(ConfigError) as info:
-        load_hardware("h100-sxm", [override])
+        load_hardware("h100-sxm-spec", [override])  # the spec sheet file
     msg = str(info.value)
     assert "\n" not in msg and "h100-sxm.yaml" in msg
     assert field in msg, msg

@@ -50,7 +50,8 @@ def test_plan_pairs_profiles_and_seeds() -> None:
     tasks = _plan(seeds=3, top_k=(1, 2), hw=("cpu-local", "h100-sxm"))
     assert len(tasks) == 2 * 2 * 3
     assert [t.seed for t in tasks[:3]] == [0, 1, 2]  # workload.seed + i
-    assert {t.hardware.name for t in tasks} == {"cpu-local", "h100-sxm"}
+    # a plain name is the shipped measured profile (issue 11)
+    assert {t.hardware.name for t in tasks} == {"cpu-local", "h100-sxm-measured"}
     assert len({t.key for t in tasks}) == len(tasks)
     again = _plan(seeds=3, top_k=(1, 2), hw=("cpu-local", "h100-sxm"))
     assert [t.key for t in again] == [t.key for t in tasks]  # keys are stable

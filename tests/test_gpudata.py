@@ -174,13 +174,14 @@ def test_profile_round_trip(tmp_path: Path) -> None:
 
     def sub(kind: str, raw: pd.DataFrame) -> pd.DataFrame:
         if kind == "gemm":
-            return raw[
-                raw["n"].isin([1024, 2048, 4096]) & raw["k"].isin([1024, 4096]) & (raw["m"] <= 4096)
-            ]
+            keep = raw["n"].isin([1024, 4096]) & raw["k"].isin([1024, 4096]) & (raw["m"] <= 1024)
+            return raw[keep]
         if kind == "moe":
-            return raw[raw["hidden_size"].isin([2048, 4096]) & (raw["moe_ep_size"] <= 8)]
+            return raw[(raw["hidden_size"] == 2048) & (raw["moe_ep_size"] <= 4)]
         if kind == "deepep_normal":
-            return raw[raw["dispatch_sms"] == 24]
+            return raw[(raw["dispatch_sms"] == 24) & (raw["hidden_size"] <= 4096)]
+        if kind == "nccl":
+            return raw[raw["op_name"] == "all_reduce"]
         return raw
 
     imp = aic.import_system(
@@ -223,3 +224,65 @@ def test_spec_shape_efficiency_penalises_small_gemms() -> None:
     big = 2 * 8192**3 / float(cm.gemm_s(8192, 8192, 8192, "bf16"))
     skinny = 2 * 200 * 8192 * 8192 / float(cm.gemm_s(200, 8192, 8192, "bf16"))
     assert skinny < big  # tile padding (200 of 256 rows) and partial waves
+
+
+def test_deepep_normal_sends_a_token_once_per_rank() -> None:
+    from moesim.costs.model import deepep_bytes
+
+    row = 2.0 * 4096
+    # top-1: one copy, off-rank with probability 7/8, as in low-latency mode
+    assert float(deepep_bytes("combine", 10, 4096, 1, 8, 64, "normal")) == pytest.approx(
+        10 * row * 7 / 8
+    )
+    assert float(deepep_bytes("combine", 10, 4096, 1, 8, 64, "ll")) == pytest.approx(
+        10 * row * 7 / 8
+    )
+    # every expert chosen: every other rank gets the token exactly once
+    assert float(deepep_bytes("combine", 10, 4096, 64, 8, 64, "normal")) == pytest.approx(
+        10 * row * 7
+    )
+
+
+def test_low_latency_dispatch_on_measured_profile_follows_deepep_fit() -> None:
+    """Uniform rows on one node: the priced coflow is exactly the DeepEP fit's time."""
+    from moesim.config.loader import load_scenario
+    from moesim.costs.tables import curve_s
+    from moesim.simulate.plan import CommPricer
+    from moesim.simulate.topology import build_topology
+    from moesim.simulate.traffic import flat_links
+
+    sets = ["dispatcher=low_latency", "workload.mode=decode", "workload.tokens_per_gpu=64"]
+    scn = load_scenario("scenarios/mixtral-8x7b-8xh100.yaml", sets)
+    hw = load_hardware("h200-sxm")
+    topo, cm = build_topology(scn, hw), CostModel(hw)
+    rows_XL = flat_links(np.full((topo.num_groups, 8, 8), 16.0), topo)
+    cf = CommPricer(hw, cm, topo, "low_latency").price(rows_XL, 8192.0, op="dispatch")
+    fit = cm.deepep_fit("ll", "dispatch")
+    assert fit is not None
+    want = float(curve_s(fit, 7 * 16.0 * 8192.0))  # bytes a rank sends to the 7 others
+    assert float(cf.latency_X[0] + cf.solo_X[0]) == pytest.approx(want, rel=1e-9)
+    spec = CommPricer(hw, cm, topo, "alltoall").price(rows_XL, 8192.0, op="dispatch")
+    assert float(spec.latency_X[0] + spec.solo_X[0]) != pytest.approx(want, rel=1e-3)
+
+
+@needs_tables
+def test_cli_import_writes_a_results_file_calibrate_reads(tmp_path: Path) -> None:
+    from moesim.calibrate.results import load
+
+    assert main(["import", "aiconfigurator", "--system", "a100_sxm", "--out", str(tmp_path)]) == 0
+    files = list((tmp_path / "nvidia-a100-sxm4-80gb").glob("aiconfigurator-a100_sxm-*.parquet"))
+    assert len(files) == 1
+    df, _, _ = load(files)
+    assert {"gemm", "moe", "collective"} <= set(df["suite"])
+    assert (df["device_name"] == "NVIDIA A100-SXM4-80GB").all()
+
+
+def test_profiles_json_marks_measured_and_spec(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    assert main(["profiles", "--json"]) == 0
+    by_name = {p["lookup_name"]: p["provenance_kind"] for p in json.loads(capsys.readouterr().out)}
+    assert by_name["h200-sxm"]["kind"] == "measured"
+    assert "aiconfigurator_core" in by_name["h200-sxm"]["from"]
+    assert by_name["h200-sxm-spec"]["kind"] == "spec"
+    assert by_name["mi300x"]["kind"] == "spec"

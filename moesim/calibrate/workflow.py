@@ -20,7 +20,7 @@ from moesim.calibrate.profile import (
     write_profile,
 )
 from moesim.config.hardware import HardwareProfile
-from moesim.config.loader import load_hardware
+from moesim.config.loader import load_hardware, spec_name
 from moesim.errors import UserError
 
 
@@ -34,13 +34,6 @@ def base_for(paths: Sequence[Path], base: str | HardwareProfile | None = None) -
     if isinstance(base, HardwareProfile):
         return base
     return load_hardware(base or spec_name(base_profile_name(*peek_device(list(paths)))))
-
-
-def spec_name(name: str) -> str:
-    """``h200-sxm`` -> ``h200-sxm-spec`` where a measured profile shadows the plain name."""
-    from moesim.config.loader import SPEC_SUFFIX, measured_alias
-
-    return f"{name}{SPEC_SUFFIX}" if measured_alias(name) else name
 
 
 def calibrate_to(

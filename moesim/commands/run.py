@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moesim.config.hardware import HardwareProfile
-from moesim.config.loader import REPO_ROOT, load_hardware
+from moesim.config.loader import REPO_ROOT, load_hardware, spec_name
 from moesim.io import atomic_write_json, provenance
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def _spec_profiles(
 
     profiles = [(f"{base.name} (spec)", base)]
     for name in hardware_axis(hardware)[1]:
-        hw = load_hardware(name, relative_to=Path(scenario_path).parent)
+        hw = load_hardware(spec_name(name), relative_to=Path(scenario_path).parent)
         profiles.append((f"{hw.name} (spec)", hw))
     for _, hw in profiles:
         check_pair(scn, hw, file=scenario_path)
@@ -157,7 +157,7 @@ def _base_profile(name: str | None, device: str) -> HardwareProfile:
         from moesim.calibrate.profile import base_profile_name
 
         name = base_profile_name("cuda", torch.cuda.get_device_name())
-    return load_hardware(name or "cpu-local")
+    return load_hardware(spec_name(name or "cpu-local"))  # the sheet, not a measured profile
 
 
 def _bench(args: argparse.Namespace, device: str) -> Path:

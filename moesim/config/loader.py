@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -34,13 +35,17 @@ def profile_dirs() -> list[Path]:
     return seen
 
 
+#: libyaml's safe loader where built (measured profiles are ~350 kB of numbers)
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping safely; any problem is a one-line ConfigError."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError("file not found (expected a YAML file)", file=str(path))
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_SAFE_LOADER)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -195,6 +200,11 @@ def known_profiles() -> list[str]:
     return sorted(names)
 
 
+def spec_name(name: str) -> str:
+    """``h200-sxm`` -> ``h200-sxm-spec`` where a measured profile shadows the plain name."""
+    return f"{name}{SPEC_SUFFIX}" if measured_alias(name) else name
+
+
 def measured_alias(name: str) -> bool:
     """Whether the plain name ``name`` resolves to a shipped measured profile."""
     if name.endswith((".yaml", ".yml", SPEC_SUFFIX, MEASURED_SUFFIX)):
@@ -208,8 +218,18 @@ def load_hardware(
     name_or_path: str, overrides: Iterable[str] = (), *, relative_to: Path | None = None
 ) -> HardwareProfile:
     path = resolve_profile_path(name_or_path, relative_to=relative_to)
+    overrides = tuple(overrides)
+    if not overrides:  # profiles are immutable: parse each file once per process
+        stat = path.stat()
+        return _load_profile_file(str(path), str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     data = apply_overrides(read_yaml(path), overrides)
     return validate(HardwareProfile, data, file=str(path))
+
+
+@functools.lru_cache(maxsize=64)
+def _load_profile_file(path: str, resolved: str, mtime_ns: int, size: int) -> HardwareProfile:
+    """One parse per (file, version); ``path`` names the file in error messages."""
+    return validate(HardwareProfile, read_yaml(resolved), file=path)
 
 
 def load_scenario(path: str | Path, overrides: Iterable[str] = ()) -> Scenario:

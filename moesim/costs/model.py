@@ -155,6 +155,8 @@ class CostModel:
         f = np.asarray(flops, dtype=np.float64)
         b = np.asarray(nbytes, dtype=np.float64)
         fit = self._dense_fit(dtype) or self._gemm_fit(dtype)
+        if fit is not None and fit.tflops_by == "tokens":
+            fit = None  # a fused-MoE curve by tokens per expert does not price a bare FLOP count
         if fit is None:
             return self._launch_s + np.maximum(f / self._flops(dtype), b / self._mem_Bps)
         tflops = eval_curve(fit.tflops, np.maximum(f, 1.0)) * 1e12

@@ -35,5 +35,5 @@ def print_sources(
         info = profile_kind(hw)
         mape = "—" if info["worst_mape"] is None else f"{info['worst_mape']:.1%}"
         kind = info["kind"] + (f" (= {aliases[name]})" if name in aliases else "")
-        table.add_row(name, kind, mape, str(info["from"])[:160])
+        table.add_row(name, kind, mape, str(info["from"]))
     console.print(table)

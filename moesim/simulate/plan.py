@@ -48,7 +48,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from moesim.config.base import DTYPE_BYTES
-from moesim.config.hardware import HardwareProfile
+from moesim.config.hardware import CommFit, HardwareProfile
 from moesim.config.scenario import Scenario
 from moesim.costs.curves import eval_curve
 from moesim.costs.model import CostModel
@@ -213,22 +213,31 @@ class CommPricer:
     per rank)`` so a coflow alone takes what the fit predicts.
     """
 
-    def __init__(self, hw: HardwareProfile, cost: CostModel, topo: Topology):
+    def __init__(
+        self, hw: HardwareProfile, cost: CostModel, topo: Topology, dispatcher: str | None = None
+    ):
         self.cost, self.topo = cost, topo
         self.spec = dict(zip(("scaleup", "scaleout"), spec_bandwidths(hw), strict=True))
         self.fits = hw.calibration.alltoall if hw.calibration is not None else {}
+        # measured DeepEP kernels (issue 11) price the NVLink tier of their dispatcher
+        self.op_fits = deepep_tier_fits(cost, dispatcher)
 
-    def price(self, rows_XL: F64, row_bytes: float) -> Coflows:
-        """The coflows of ``rows_XL`` rows of ``row_bytes`` each, one per group."""
+    def price(self, rows_XL: F64, row_bytes: float, op: str | None = None) -> Coflows:
+        """The coflows of ``rows_XL`` rows of ``row_bytes`` each, one per group.
+
+        ``op`` (``dispatch``/``combine``) selects a measured DeepEP fit where the
+        profile has one for the dispatcher; otherwise the tier's all-to-all fit.
+        """
         demand = rows_XL * row_bytes
         P = self.topo.ep
         sent = np.stack([demand[:, :P].sum(-1), demand[:, 2 * P : 3 * P].sum(-1)], -1) / P
         latency = np.zeros(len(demand))
+        fits = {**self.fits, **self.op_fits.get(op or "", {})}
         for tier, sl in self.topo.tier_slices().items():
             per_rank = demand[:, sl][:, :P].sum(-1) / P  # egress ports of the tier
-            lat = self.cost.link(tier, float(per_rank.max())).latency_s  # type: ignore[arg-type]
+            fit = fits.get(tier)
+            lat = fit.latency_us * 1e-6 if fit is not None else self.cost.link(tier).latency_s  # type: ignore[arg-type]
             latency = np.where(per_rank > 0, np.maximum(latency, lat), latency)
-            fit = self.fits.get(tier)
             if fit is not None:
                 bw = eval_curve(fit.bandwidth_GBps, np.maximum(per_rank, 1.0)) * 1e9
                 demand[:, sl] *= (self.spec[tier] / bw)[:, None]
@@ -272,6 +281,21 @@ class CommPricer:
         return Coflows(cf.demand_XL, lat, cf.solo_X, sent)
 
 
+#: dispatcher -> DeepEP mode whose measured kernels price its NVLink tier
+DEEPEP_MODES = {"low_latency": "ll", "hierarchical": "normal"}
+
+
+def deepep_tier_fits(cost: CostModel, dispatcher: str | None) -> dict[str, dict[str, CommFit]]:
+    """``{op: {"scaleup": fit}}`` from a measured profile's DeepEP fits (empty if none)."""
+    mode = DEEPEP_MODES.get(dispatcher or "")
+    out: dict[str, dict[str, CommFit]] = {}
+    for op in ("dispatch", "combine"):
+        fit = cost.deepep_fit(mode, op) if mode else None
+        if fit is not None:
+            out[op] = {"scaleup": fit}
+    return out
+
+
 def build_plan(
     scn: Scenario, hw: HardwareProfile, topo: Topology, seed: int, layers: int | None = None
 ) -> StepPlan:
@@ -288,7 +312,7 @@ def build_plan(
     loads = LoadModel(scn, topo, seed, layers)
     stats = LoadStats()
     training = scn.workload.mode == "training"
-    pricer = CommPricer(hw, cost, topo)
+    pricer = CommPricer(hw, cost, topo, scn.dispatcher)
     exchange = split_exchange_s(scn, topo, pricer)
     placer = Placer(scn, topo, loads, layers)  # expert -> GPU slots (contiguous: identity)
 
@@ -406,8 +430,8 @@ def _layer_work(
     rows_XL = dispatch_rows(scn, topo, load)
     _add_stats(st, logical or load, load, X, P, rows_XL, layer)
     comb_bytes = row_bytes(D, scn.combine_dtype)
-    dispatch = pricer.price(rows_XL, row_bytes(D, scn.dispatch_dtype))
-    combine = pricer.price(rows_XL[:, topo.swap_L], comb_bytes)
+    dispatch = pricer.price(rows_XL, row_bytes(D, scn.dispatch_dtype), op="dispatch")
+    combine = pricer.price(rows_XL[:, topo.swap_L], comb_bytes, op="combine")
     grad = pricer.price(rows_XL, comb_bytes) if training else dispatch
     dispatch = dispatch.delayed(exchange_X)  # only the forward dispatch learns new splits
     regroup_s = np.zeros(X * P)
