@@ -30,6 +30,7 @@ from moesim.config.loader import (
     check_pair,
     load_hardware,
     read_yaml,
+    resolve_hf_config,
     scenario_overrides,
     validate,
 )
@@ -70,13 +71,16 @@ def load_scenario(
     or its fields as a dict). ``overrides`` are ``--set`` strings
     (``"top_k=2"``); keyword ``values`` set keys directly
     (``top_k=2``, ``**{"router.capacity_factor": 1.25}``). A path's relative
-    hardware profile and routing trace resolve against the file's folder.
+    hardware profile, routing trace and ``model.hf_config`` resolve against the
+    file's folder (a dict's against the working directory).
     """
     data, file = _scenario_data(source)
     if model is not None:
         data["model"] = model.model_dump(mode="json") if isinstance(model, Frozen) else dict(model)
     sets = [*overrides, *(f"{k}={json.dumps(v)}" for k, v in values.items())]
     data = apply_overrides(data, scenario_overrides(sets))
+    folder = Path(file).parent if file else Path.cwd()
+    data = resolve_hf_config(data, folder, file=file or "scenario")  # model: {hf_config: PATH}
     scn = validate(Scenario, data, file=file)
     return _resolved(scn, Path(file).parent) if file else scn
 

@@ -34,6 +34,6 @@ def run(args: argparse.Namespace) -> int:
     from moesim.report.profile_sources import print_sources
     from moesim.report.tables import profiles_table, render
 
-    render(profiles_table(profiles))
+    render(profiles_table(profiles, names))
     print_sources(names, profiles, aliases)
     return 0

@@ -130,11 +130,20 @@ class Footnotes:
             out.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
-def profiles_table(profiles: Sequence[HardwareProfile]) -> Table:
-    """One row per profile; ``name`` is what ``--hardware`` takes (print with :func:`render`)."""
+def profiles_table(
+    profiles: Sequence[HardwareProfile], names: Sequence[str] | None = None
+) -> Table:
+    """One row per profile; ``name`` is what ``--hardware`` takes (print with :func:`render`).
+
+    ``names`` are the lookup names (default each profile's own name); ``kind`` says
+    whether its figures are measured (imported GPU tables), calibrated here or spec.
+    """
+    from moesim.report.profile_sources import profile_kind
+
     table = Table(title="Hardware profiles (--hardware NAME)", title_justify="left")
     for col, just in [
         ("name", "left"),
+        ("kind", "left"),
         ("BF16\nTFLOP/s", "right"),
         ("FP8\nTFLOP/s", "right"),
         ("HBM\nGB/s", "right"),
@@ -146,10 +155,11 @@ def profiles_table(profiles: Sequence[HardwareProfile]) -> Table:
         ("calibrated\non", "left"),
     ]:
         table.add_column(col, justify=just)  # type: ignore[arg-type]
-    for p in profiles:
+    for name, p in zip(names or [p.name for p in profiles], profiles, strict=True):
         peaks = p.gpu.peak_tflops
         table.add_row(
-            p.name,
+            name,
+            str(profile_kind(p)["kind"]),
             _num(peaks.get("bf16")),
             _num(peaks.get("fp8")),
             _num(p.gpu.hbm_GBps),
