@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from moesim.config import HardwareProfile, Scenario, apply_overrides, validate
+from moesim.config import HardwareProfile
 from moesim.config.hardware import (
     Calibration,
     CalibrationSource,
@@ -195,58 +195,10 @@ def bench() -> SyntheticBench:
 
 # -- simulator tests: round-number hardware, small scenarios --------------------------
 
-#: every figure round, no latency, no efficiency loss: times can be worked out on paper
-HW: dict[str, Any] = {
-    "name": "test-hw",
-    "source": "test",
-    "gpu": {
-        "name": "test gpu",
-        "peak_tflops": {"fp32": 1.0, "bf16": 2.0, "fp8": 4.0},
-        "hbm_GBps": 100.0,
-        "hbm_GiB": 80.0,
-        "gemm_efficiency": 1.0,
-        "memory_efficiency": 1.0,
-        "kernel_launch_us": 0.0,
-    },
-    "node": {
-        "gpus_per_node": 2,
-        "scaleup": {"link_GBps": 100.0, "latency_us": 0.0, "efficiency": 1.0},
-    },
-    "scaleout": {
-        "nic_GBps": 10.0,
-        "latency_us": 0.0,
-        "efficiency": 1.0,
-        "topology": "fat_tree",
-        "oversubscription": 1.0,
-    },
-}
-
-SCENARIO: dict[str, Any] = {
-    "name": "test",
-    "hardware": "test-hw",
-    "cluster": {"nodes": 1, "gpus_per_node": 2},
-    "model": {
-        "hidden_size": 64,
-        "moe_intermediate_size": 128,
-        "num_experts": 4,
-        "top_k": 1,
-        "num_moe_layers": 1,
-        "dtype": "fp32",
-    },
-    "router": {"kind": "softmax_topk"},
-    "parallel": {"ep": 2},
-    "dispatcher": "alltoall",
-    "workload": {"mode": "prefill", "tokens_per_gpu": 8, "routing": {"distribution": "uniform"}},
-}
-
-
-def _hardware(*overrides: str, gpus_per_node: int = 2) -> HardwareProfile:
-    data = apply_overrides(HW, [f"node.gpus_per_node={gpus_per_node}", *overrides])
-    return validate(HardwareProfile, data)
-
-
-def _scenario(*overrides: str, base: dict[str, Any] | None = None) -> Scenario:
-    return validate(Scenario, apply_overrides(base or SCENARIO, overrides))
+# the round-number simulator builders live in tests/sim_builders.py (one source); the
+# fixtures below hand them to tests, and module-level helpers import them directly
+from sim_builders import hardware as _hardware  # noqa: E402
+from sim_builders import scenario as _scenario  # noqa: E402
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from scipy import stats
-from test_sim_support import hardware, scenario
+from sim_builders import hardware, scenario
 
 from moesim.cli import main
 from moesim.config.dynamics import DynamicsConfig

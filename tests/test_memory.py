@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_sim_support import hardware, scenario
+from sim_builders import hardware, scenario
 
 from moesim.config.scenario import MemoryConfig
 from moesim.simulate import simulate

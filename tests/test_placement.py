@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_sim_support import hardware, scenario
+from sim_builders import hardware, scenario
 
 from moesim.config.dynamics import PlacementConfig
 from moesim.errors import ConfigError

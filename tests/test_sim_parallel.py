@@ -1,6 +1,6 @@
 """TP / SP, CP, expert TP, MoE Parallel Folding and recompute in the simulator, on paper.
 
-Round-number hardware (tests/test_sim_support.py): fp32, 100 GB/s HBM and
+Round-number hardware (tests/sim_builders.py): fp32, 100 GB/s HBM and
 NVLink, no latency. T = 8 tokens per GPU, D = 64.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_sim_support import hardware, scenario
+from sim_builders import hardware, scenario
 
 from moesim.costs.model import CostModel
 from moesim.errors import ConfigError

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from test_sim_support import hardware, scenario
+from sim_builders import hardware, scenario
 
 from moesim.errors import ConfigError
 from moesim.simulate import simulate
