@@ -350,7 +350,7 @@ def test_frame_helpers_match_the_bench_columns(bench: Any, tmp_path: Path) -> No
     rows = bench.add_noise(bench.true_rows(CostModel(bench.truth()), ("experts",)), 0.0, 0)
     path = write_results(to_frame(rows), tmp_path / "r.parquet", {"device": "cpu"})
     df, _ = read_results(path)
-    assert list(df.columns) == list(COLUMNS)
+    assert list(df.columns) == list(ALL_COLUMNS)  # bench columns, then provenance (empty)
     m = tokens_matrix(df)
     for i, r in enumerate(rows):
         counts = [float(c) for c in json.loads(r["tokens_per_expert"])]  # as written
