@@ -1,0 +1,481 @@
+"""A real pipeline of MoE layers over ``torch.distributed``: 1F1B, timed by parts.
+
+``stages x dp`` ranks (rank ``r`` = replica ``r // stages``, stage ``r % stages``).
+Each stage holds ``layers_per_stage`` MoE layers (router, permute, SwiGLU experts,
+unpermute: the kernels of :mod:`moesim.kernels`, fp32, every expert on the rank:
+EP = 1). One step runs ``micro_batches`` micro-batches of ``tokens`` tokens per
+replica through the stages in the 1F1B order of Megatron-Core
+(``forward_backward_pipelining_without_interleaving``): stage ``s`` runs
+``stages - s - 1`` warm-up forwards, then one forward and one backward in turn,
+then the remaining backwards. Activations go forward and their gradients back
+with real ``isend`` / blocking ``recv`` (gloo), the backward is autograd's, and
+after the last backward each stage all-reduces (sum) its router gradients, then
+its expert gradients, over its ``dp`` replicas (Megatron's DDP without the
+distributed optimizer and without overlap).
+
+Parts, per rank, from wall clocks (``perf_counter``: ``CLOCK_MONOTONIC``, the same
+clock in every local process, so send and receive times can be matched):
+
+- ``forward`` / ``backward``: the stage's compute of the forward (loss included on
+  the last stage) and backward passes, summed over micro-batches;
+- ``sends``: exposed point-to-point time: for each receive, from the later of the
+  receive's start and the matching send's start to the data's arrival (a send
+  is asynchronous for the sender);
+- ``grad_sync``: the gradient all-reduces;
+- ``bubble``: the rest of the step (waiting for the other stage, before a send
+  started, and for the slowest rank at the end).
+
+The step runs from the last rank leaving a barrier to the last rank finishing,
+so per rank ``forward + backward + sends + grad_sync + bubble = step``, the
+simulator's breakdown. :func:`reference` is the same model in one process: the
+pipeline's losses, last-stage outputs and all-reduced gradients are checked
+against it.
+
+Legend: T = tokens per micro-batch, D = hidden, S = stages, P = parameters (flat).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moesim.errors import UserError
+from moesim.kernels.dispatch import permute, unpermute
+from moesim.kernels.experts import experts_forward
+from moesim.measure.distributed import launch
+from moesim.measure.ep_layer import EPCase, EPWeights, gate, make_weights
+from moesim.measure.ep_probe import keep_freed_memory, pin_rank
+
+PARTS = ("forward", "backward", "sends", "bubble", "grad_sync")
+#: relative tolerance of the pipeline's results against the single-process reference
+TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class PipeCase:
+    """One pipeline run. ``tokens`` per micro-batch and replica; fp32 throughout."""
+
+    stages: int = 2
+    dp: int = 2
+    layers_per_stage: int = 2
+    micro_batches: int = 4
+    tokens: int = 256
+    hidden: int = 128
+    ffn: int = 256
+    num_experts: int = 8
+    top_k: int = 2
+    seed: int = 0
+
+    @property
+    def world(self) -> int:
+        return self.stages * self.dp
+
+    def layer_case(self, layer: int) -> EPCase:
+        """Layer ``layer`` (global index) as an EP case: its shapes and weight seed."""
+        return EPCase(
+            num_experts=self.num_experts, top_k=self.top_k, tokens=self.tokens,
+            hidden=self.hidden, ffn=self.ffn, seed=self.seed * 1000 + layer,
+        )  # fmt: skip
+
+    def label(self) -> str:
+        return (
+            f"pp{self.stages} dp{self.dp} L{self.layers_per_stage}/stage m{self.micro_batches} "
+            f"T{self.tokens} D{self.hidden} F{self.ffn} E{self.num_experts} k{self.top_k}"
+        )
+
+
+def check_case(case: PipeCase) -> None:
+    """Raise :class:`UserError` (one line) for a pipeline that cannot run."""
+    for name in ("stages", "dp", "layers_per_stage", "micro_batches", "tokens"):
+        if getattr(case, name) < 1:
+            raise UserError(f"pipeline {name} = {getattr(case, name)}: must be >= 1")
+    if case.stages < 2:
+        raise UserError(f"pipeline stages = {case.stages}: a pipeline needs >= 2 stages")
+    if case.top_k > case.num_experts:
+        raise UserError(f"top_k = {case.top_k}: must be <= num_experts ({case.num_experts})")
+
+
+# -- the model ---------------------------------------------------------------------------
+
+
+def stage_weights(case: PipeCase, stage: int) -> list[EPWeights]:
+    """The stage's layers' weights (router and experts require grad; the bias does not)."""
+    out = []
+    for j in range(case.layers_per_stage):
+        w = make_weights(case.layer_case(stage * case.layers_per_stage + j))
+        for t in (w.router_DE, w.w_gate_EDF, w.w_up_EDF, w.w_down_EFD):
+            t.requires_grad_(True)
+        out.append(w)
+    return out
+
+
+def dense_params(ws: list[EPWeights]) -> list[torch.Tensor]:
+    """Non-expert parameters (the routers), in backward order."""
+    return [w.router_DE for w in reversed(ws)]
+
+
+def expert_params(ws: list[EPWeights]) -> list[torch.Tensor]:
+    """Expert parameters, in backward order."""
+    return [t for w in reversed(ws) for t in (w.w_down_EFD, w.w_up_EDF, w.w_gate_EDF)]
+
+
+def moe_layer(x_TD: torch.Tensor, w: EPWeights, case: PipeCase) -> torch.Tensor:
+    """gate -> permute -> experts -> unpermute, differentiable (autograd)."""
+    c = case.layer_case(0)
+    r = gate(x_TD, w, c.router_spec())
+    x_ND, tpe_E, state = permute(x_TD, r, c.dispatch, num_experts=case.num_experts)
+    y_ND = experts_forward(x_ND, tpe_E, w.w_gate_EDF, w.w_up_EDF, w.w_down_EFD, c.experts)
+    return unpermute(y_ND, state, c.dispatch)
+
+
+def run_stage(x_TD: torch.Tensor, ws: list[EPWeights], case: PipeCase) -> torch.Tensor:
+    for w in ws:
+        x_TD = moe_layer(x_TD, w, case)
+    return x_TD
+
+
+def loss_of(out_TD: torch.Tensor) -> torch.Tensor:
+    """The last stage's loss: mean square of the output."""
+    return out_TD.square().mean()
+
+
+def micro_batch(case: PipeCase, replica: int, mb: int) -> torch.Tensor:
+    """Replica ``replica``'s input ``x_TD`` of micro-batch ``mb`` (standard normal, seeded)."""
+    g = torch.Generator().manual_seed(case.seed * 1_000_003 + replica * 1009 + mb + 1)
+    return torch.randn(case.tokens, case.hidden, generator=g)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Single-process results: losses ``[dp][m]`` and summed gradients per stage."""
+
+    losses: list[list[float]]
+    grads: list[list[torch.Tensor]]  # per stage: dense_params then expert_params
+
+
+def reference(case: PipeCase) -> Reference:
+    """Every replica's micro-batches through all layers in one process, gradients summed."""
+    stages = [stage_weights(case, s) for s in range(case.stages)]
+    losses = []
+    for d in range(case.dp):
+        row = []
+        for i in range(case.micro_batches):
+            x = micro_batch(case, d, i)
+            for ws in stages:
+                x = run_stage(x, ws, case)
+            loss = loss_of(x)
+            loss.backward()
+            row.append(float(loss.detach()))
+        losses.append(row)
+    grads = [[_grad(p) for p in dense_params(ws) + expert_params(ws)] for ws in stages]
+    return Reference(losses, grads)
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    return p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+
+
+# -- one rank ------------------------------------------------------------------------------
+
+
+def one_f_one_b(stages: int, stage: int, m: int) -> list[tuple[str, int]]:
+    """The 1F1B order of ``stage``: ``[("F", mb) | ("B", mb), ...]``."""
+    warm = min(stages - stage - 1, m)
+    order = [("F", i) for i in range(warm)]
+    for i in range(m - warm):
+        order += [("F", warm + i), ("B", i)]
+    return order + [("B", i) for i in range(m - warm, m)]
+
+
+@dataclass
+class StepLog:
+    """One step of one rank: ``(kind, micro-batch, start, end)`` events, kind one of
+    ``F``, ``B`` (compute), ``recv_F``, ``recv_B`` (activations, gradients), ``send_F``,
+    ``send_B`` (start only), ``sync``; plus the step's start and end."""
+
+    events: list[tuple[str, int, float, float]] = field(default_factory=list)
+    start: float = 0.0
+    end: float = 0.0
+
+
+@dataclass
+class PipeRankResult:
+    rank: int
+    stage: int
+    replica: int
+    steps: list[StepLog]
+    losses: list[float]  # last stage: the last step's losses per micro-batch
+    grads: list[torch.Tensor]  # the last step's all-reduced gradients
+
+
+class _StageRunner:
+    """One rank's stage: runs the 1F1B order of one step and logs its events."""
+
+    def __init__(self, case: PipeCase, rank: int) -> None:
+        self.case, self.rank = case, rank
+        self.stage, self.replica = rank % case.stages, rank // case.stages
+        self.ws = stage_weights(case, self.stage)
+        self.params = dense_params(self.ws) + expert_params(self.ws)
+        self.inputs = [micro_batch(case, self.replica, i) for i in range(case.micro_batches)]
+        self.groups = [
+            dist.new_group([d * case.stages + s for d in range(case.dp)])
+            for s in range(case.stages)
+        ]  # every rank creates every group, in the same order
+
+    @property
+    def first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def last(self) -> bool:
+        return self.stage == self.case.stages - 1
+
+    def step(self) -> tuple[StepLog, list[float]]:
+        for p in self.params:
+            p.grad = None
+        log, sends, losses = StepLog(), [], [0.0] * self.case.micro_batches
+        live: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        dist.barrier()
+        log.start = time.perf_counter()
+        for kind, i in one_f_one_b(self.case.stages, self.stage, self.case.micro_batches):
+            if kind == "F":
+                live[i] = self._forward(i, log, sends, losses)
+            else:
+                self._backward(i, *live.pop(i), log, sends)
+        for work, _ in sends:
+            work.wait()
+        self._sync(log)
+        log.end = time.perf_counter()
+        return log, losses
+
+    def _recv(self, kind: str, i: int, peer: int, log: StepLog) -> torch.Tensor:
+        buf = torch.empty(self.case.tokens, self.case.hidden)
+        t0 = time.perf_counter()
+        dist.recv(buf, src=peer)
+        log.events.append((f"recv_{kind}", i, t0, time.perf_counter()))
+        return buf
+
+    def _send(self, kind: str, i: int, t: torch.Tensor, peer: int, log: StepLog, sends: list):
+        t0 = time.perf_counter()
+        buf = t.detach().contiguous()
+        sends.append((dist.isend(buf, dst=peer), buf))  # the buffer lives until the wait
+        log.events.append((f"send_{kind}", i, t0, t0))
+
+    def _forward(self, i: int, log: StepLog, sends: list, losses: list[float]):
+        if self.first:
+            x = self.inputs[i]
+        else:
+            x = self._recv("F", i, self.rank - 1, log).requires_grad_(True)
+        t0 = time.perf_counter()
+        out = run_stage(x, self.ws, self.case)
+        if self.last:
+            out = loss_of(out)
+            losses[i] = float(out.detach())
+        log.events.append(("F", i, t0, time.perf_counter()))
+        if not self.last:
+            self._send("F", i, out, self.rank + 1, log, sends)
+        return x, out
+
+    def _backward(self, i: int, x: torch.Tensor, out: torch.Tensor, log: StepLog, sends: list):
+        grad = None if self.last else self._recv("B", i, self.rank + 1, log)
+        t0 = time.perf_counter()
+        out.backward(grad)
+        log.events.append(("B", i, t0, time.perf_counter()))
+        if not self.first:
+            assert x.grad is not None
+            self._send("B", i, x.grad, self.rank - 1, log, sends)
+
+    def _sync(self, log: StepLog) -> None:
+        t0 = time.perf_counter()
+        if self.case.dp > 1:
+            group = self.groups[self.stage]
+            for part in (dense_params(self.ws), expert_params(self.ws)):
+                flat_P = torch.cat([_grad(p).flatten() for p in part])
+                dist.all_reduce(flat_P, group=group)
+                _unflatten(flat_P, part)
+        log.events.append(("sync", -1, t0, time.perf_counter()))
+
+
+def _unflatten(flat_P: torch.Tensor, params: list[torch.Tensor]) -> None:
+    at = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat_P[at : at + n].view_as(p).clone()
+        at += n
+
+
+def run_rank(case: PipeCase, steps: int, warmup: int) -> PipeRankResult:
+    """Body of one rank (process group initialised): warm up, then log ``steps`` steps."""
+    torch.set_num_threads(1)
+    rank = dist.get_rank()
+    pin_rank(rank)  # rank r on core r % cores: with 2 cores, each stage's replicas share one
+    keep_freed_memory()
+    runner = _StageRunner(case, rank)
+    logs, losses = [], []
+    for k in range(warmup + steps):
+        log, losses = runner.step()
+        if k >= warmup:
+            logs.append(log)
+    grads = [_grad(p) for p in runner.params]
+    return PipeRankResult(rank, runner.stage, runner.replica, logs, losses, grads)
+
+
+# -- the whole run ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PipeMeasurement:
+    """Medians over steps of each part, mean over ranks (and the step, the slowest rank)."""
+
+    case: PipeCase
+    parts_s: dict[str, float]  # mean over ranks, median over steps
+    step_s: float
+    step_samples_s: list[float]
+    per_rank_s: list[dict[str, float]]  # per rank, median over steps
+    max_rel_error: float  # losses and gradients vs :func:`reference`
+
+
+class PipeMismatch(RuntimeError):
+    """The pipeline's results differ from the single-process reference (a bug, exit 1)."""
+
+
+def run_pipeline(
+    case: PipeCase, *, steps: int = 8, warmup: int = 2, timeout_s: float = 300.0
+) -> PipeMeasurement:
+    """Run the pipeline on ``case.world`` local gloo ranks, check it, summarise its parts."""
+    check_case(case)
+    results: list[PipeRankResult] = launch(
+        run_rank, case.world, args=(case, steps, warmup), backend="gloo", timeout_s=timeout_s
+    )
+    err = check_against_reference(case, results)
+    per_step = [step_parts([r.steps[k] for r in results]) for k in range(steps)]
+    return summarise(case, per_step, err)
+
+
+def step_parts(logs: list[StepLog]) -> list[dict[str, float]]:
+    """Parts of one step, per rank (``logs`` by rank); the step is shared by all ranks."""
+    start, end = max(g.start for g in logs), max(g.end for g in logs)
+    sends = {
+        (r, kind.removeprefix("send_"), i): t0
+        for r, g in enumerate(logs)
+        for kind, i, t0, _ in g.events
+        if kind.startswith("send_")
+    }
+    out = []
+    for r, g in enumerate(logs):
+        parts = dict.fromkeys(PARTS, 0.0)
+        for kind, i, t0, t1 in g.events:
+            if kind == "F":
+                parts["forward"] += t1 - t0
+            elif kind == "B":
+                parts["backward"] += t1 - t0
+            elif kind == "sync":
+                parts["grad_sync"] += t1 - t0
+            elif kind.startswith("recv_"):
+                d = kind.removeprefix("recv_")
+                peer = r - 1 if d == "F" else r + 1
+                sent = sends.get((peer, d, i), t0)
+                parts["sends"] += max(0.0, t1 - max(t0, sent))
+        parts["step"] = end - start
+        parts["bubble"] = parts["step"] - sum(parts[p] for p in PARTS if p != "bubble")
+        out.append(parts)
+    return out
+
+
+def summarise(
+    case: PipeCase, per_step: list[list[dict[str, float]]], err: float
+) -> PipeMeasurement:
+    """Medians over steps of the mean over ranks of each part."""
+    names = (*PARTS, "step")
+    t_SRP = torch.tensor([[[r[p] for p in names] for r in step] for step in per_step])
+    mean_SP = t_SRP.mean(1)
+    med_P = mean_SP.median(0).values
+    per_rank = t_SRP.median(0).values
+    return PipeMeasurement(
+        case=case,
+        parts_s={p: float(med_P[j]) for j, p in enumerate(PARTS)},
+        step_s=float(med_P[-1]),
+        step_samples_s=mean_SP[:, -1].tolist(),
+        per_rank_s=[{p: float(row[j]) for j, p in enumerate(names)} for row in per_rank],
+        max_rel_error=err,
+    )
+
+
+def check_against_reference(case: PipeCase, results: list[PipeRankResult]) -> float:
+    """Largest relative difference of losses and gradients; raise :class:`PipeMismatch`."""
+    ref = reference(case)
+    worst = 0.0
+    for r in results:
+        pairs: list[tuple[str, torch.Tensor, torch.Tensor]] = [
+            (f"gradient {j}", got, want)
+            for j, (got, want) in enumerate(zip(r.grads, ref.grads[r.stage], strict=True))
+        ]
+        if r.stage == case.stages - 1:
+            pairs.append(
+                ("losses", torch.tensor(r.losses), torch.tensor(ref.losses[r.replica]))
+            )
+        for what, got, want in pairs:
+            scale = max(float(want.abs().max()), 1e-30)
+            diff = float((got - want).abs().max()) / scale
+            if not diff <= TOLERANCE:
+                raise PipeMismatch(
+                    f"pipeline {what} of rank {r.rank} (stage {r.stage}) differs from the "
+                    f"single-process reference by {diff:.3g} relative ({case.label()})"
+                )
+            worst = max(worst, diff)
+    return worst
+
+
+def to_jsonable(m: PipeMeasurement) -> dict[str, Any]:
+    return {
+        "parts_s": m.parts_s,
+        "step_s": m.step_s,
+        "step_samples_s": m.step_samples_s,
+        "per_rank_s": m.per_rank_s,
+        "max_rel_error": m.max_rel_error,
+    }
+
+
+# -- point-to-point and all-reduce costs on these ranks ---------------------------------------
+
+
+def comm_rank(sizes: list[int], reps: int) -> dict[str, list[float]]:
+    """On 2 ranks: median one-way ``send``/``recv`` seconds (half a ping-pong) and median
+    ``all_reduce`` seconds per size (bytes of fp32)."""
+    torch.set_num_threads(1)
+    rank = dist.get_rank()
+    pin_rank(rank)
+    out: dict[str, list[float]] = {"p2p_s": [], "allreduce_s": []}
+    for nbytes in sizes:
+        buf = torch.zeros(max(nbytes // 4, 1))
+        pings, reduces = [], []
+        for k in range(reps + 1):
+            dist.barrier()
+            t0 = time.perf_counter()
+            if rank == 0:
+                dist.send(buf, dst=1)
+                dist.recv(buf, src=1)
+            else:
+                dist.recv(buf, src=0)
+                dist.send(buf, dst=0)
+            t1 = time.perf_counter()
+            dist.barrier()
+            t2 = time.perf_counter()
+            dist.all_reduce(buf)
+            t3 = time.perf_counter()
+            if k:  # the first round warms the connection and the pages
+                pings.append((t1 - t0) / 2)
+                reduces.append(t3 - t2)
+        out["p2p_s"].append(float(torch.tensor(pings).median()))
+        out["allreduce_s"].append(float(torch.tensor(reduces).median()))
+    return out
+
+
+def measure_comm(sizes: list[int], reps: int = 7, timeout_s: float = 120.0) -> dict[str, Any]:
+    """``{"bytes", "p2p_s", "allreduce_s"}`` measured on 2 local gloo ranks (rank 0's)."""
+    got = launch(comm_rank, 2, args=(sizes, reps), backend="gloo", timeout_s=timeout_s)
+    return {"bytes": list(sizes), **got[0]}
