@@ -4,9 +4,12 @@
 the real expert-parallel layer on N local ranks over a set of configurations,
 simulate each and print predicted vs measured per phase and end to end.
 ``--published``: simulate every cited figure of ``moesim/validation/published.yaml``.
-Neither flag: both, with ``--ep-world 2``. ``--json`` prints one JSON object:
+``--pipeline``: a real 2-stage 1F1B pipeline of MoE layers over local gloo ranks
+(sends, autograd backward, gradient all-reduce), predicted by parts.
+No flag: EP (``--ep-world 2``) and published. ``--json`` prints one JSON object:
 the EP contract ``{"cases", "median_abs_error", "max_abs_error"}`` (plus
-``"published"`` when both run), or the published report alone.
+``"published"`` and ``"pipeline"`` when they run too), or the published report
+or the pipeline report alone when only that runs.
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--published", action="store_true", help="predict the cited published figures"
     )
     parser.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="a real 2-stage 1F1B pipeline (pp 2 x dp 2 gloo ranks) predicted by parts",
+    )
+    parser.add_argument(
         "--only", default=None, metavar="TEXT", help="published rows whose id contains TEXT"
     )
     parser.add_argument(
@@ -57,8 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     worlds = _worlds(args.ep_world)
-    published = args.published or (args.ep_world is None)
-    if args.ep_world is None and not args.published:
+    pipeline = bool(getattr(args, "pipeline", False))
+    published = args.published or (args.ep_world is None and not pipeline)
+    if args.ep_world is None and not args.published and not pipeline:
         worlds = [2]
     _check_counts(args)
     out: dict[str, Any] = {}
@@ -70,6 +79,12 @@ def run(args: argparse.Namespace) -> int:
             out["published"] = pub
         else:
             out = pub
+    if pipeline:
+        pipe = _run_pipeline(args)
+        if worlds or published:
+            out["pipeline"] = pipe
+        else:
+            out = pipe
     if args.json:
         print(json.dumps(out))
     return 0
@@ -170,6 +185,26 @@ def _save(path: Path, obj: dict[str, Any]) -> None:
     from moesim.io import atomic_write_json, provenance
 
     atomic_write_json(path, obj | {"provenance": provenance()})
+
+
+# -- the pipeline ---------------------------------------------------------------------------
+
+
+def _run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
+    from moesim.measure.ep_probe import usable_cores
+    from moesim.validation import pipeline as pv
+
+    case = pv.tiny_case() if args.tiny else pv.default_case()
+    hw, profile = _profile(args, [case.layer_case(0)], 1)
+    context = {"cores": usable_cores(), "loadavg_before": _load()}
+    v = pv.validate_pipeline(case, hw, profile=profile, steps=args.steps, warmup=args.warmup)
+    result = v.to_dict() | {"context": context | {"loadavg_after": _load()}}
+    _save(args.out / f"pipeline-{_stamp()}.json", result)
+    if not args.json:
+        from moesim.report.validate_tables import print_pipeline
+
+        print_pipeline(result)
+    return result
 
 
 # -- published figures ------------------------------------------------------------------

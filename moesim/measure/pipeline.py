@@ -37,7 +37,7 @@ Legend: T = tokens per micro-batch, D = hidden, S = stages, P = parameters (flat
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -48,7 +48,7 @@ from moesim.kernels.dispatch import permute, unpermute
 from moesim.kernels.experts import experts_forward
 from moesim.measure.distributed import launch
 from moesim.measure.ep_layer import EPCase, EPWeights, gate, make_weights
-from moesim.measure.ep_probe import keep_freed_memory, pin_rank
+from moesim.measure.ep_probe import keep_freed_memory, pin_rank, usable_cores
 
 PARTS = ("forward", "backward", "sends", "bubble", "grad_sync")
 #: relative tolerance of the pipeline's results against the single-process reference
@@ -200,16 +200,13 @@ class StepLog:
     events: list[tuple[str, int, float, float]] = field(default_factory=list)
     start: float = 0.0
     end: float = 0.0
+    compute_cpu_s: float = 0.0  # thread CPU seconds of the F and B passes
 
-
-@dataclass
-class PipeRankResult:
-    rank: int
-    stage: int
-    replica: int
-    steps: list[StepLog]
-    losses: list[float]  # last stage: the last step's losses per micro-batch
-    grads: list[torch.Tensor]  # the last step's all-reduced gradients
+    @property
+    def share(self) -> float:
+        """Thread CPU time over wall time of this rank's compute (1: a core to itself)."""
+        wall = sum(t1 - t0 for kind, _, t0, t1 in self.events if kind in ("F", "B"))
+        return self.compute_cpu_s / max(wall, 1e-12)
 
 
 class _StageRunner:
@@ -237,7 +234,8 @@ class _StageRunner:
     def step(self) -> tuple[StepLog, list[float]]:
         for p in self.params:
             p.grad = None
-        log, sends, losses = StepLog(), [], [0.0] * self.case.micro_batches
+        log, losses = StepLog(), [0.0] * self.case.micro_batches
+        sends: list[tuple[Any, torch.Tensor]] = []  # (work, buffer) of each isend
         live: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         dist.barrier()
         log.start = time.perf_counter()
@@ -270,21 +268,23 @@ class _StageRunner:
             x = self.inputs[i]
         else:
             x = self._recv("F", i, self.rank - 1, log).requires_grad_(True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         out = run_stage(x, self.ws, self.case)
         if self.last:
             out = loss_of(out)
             losses[i] = float(out.detach())
         log.events.append(("F", i, t0, time.perf_counter()))
+        log.compute_cpu_s += time.thread_time() - c0
         if not self.last:
             self._send("F", i, out, self.rank + 1, log, sends)
         return x, out
 
     def _backward(self, i: int, x: torch.Tensor, out: torch.Tensor, log: StepLog, sends: list):
         grad = None if self.last else self._recv("B", i, self.rank + 1, log)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         out.backward(grad)
         log.events.append(("B", i, t0, time.perf_counter()))
+        log.compute_cpu_s += time.thread_time() - c0
         if not self.first:
             assert x.grad is not None
             self._send("B", i, x.grad, self.rank - 1, log, sends)
@@ -308,20 +308,64 @@ def _unflatten(flat_P: torch.Tensor, params: list[torch.Tensor]) -> None:
         at += n
 
 
+#: a step counts as undisturbed when every rank's compute got at least this share of
+#: what it should (a core, or cores / ranks with more ranks than cores)
+CLEAN_SHARE = 0.85
+#: at most this many times ``steps`` steps are run looking for undisturbed ones
+MAX_ATTEMPTS = 3
+
+
+@dataclass
+class PipeRankResult:
+    rank: int
+    stage: int
+    replica: int
+    steps: list[StepLog]
+    losses: list[float]  # last stage: the last step's losses per micro-batch
+    grads: list[torch.Tensor]  # the last step's all-reduced gradients
+    disturbed: int = 0  # steps re-run because other processes took the cores
+    min_share: float = 1.0  # median over kept steps of the smallest rank's compute share
+
+
 def run_rank(case: PipeCase, steps: int, warmup: int) -> PipeRankResult:
-    """Body of one rank (process group initialised): warm up, then log ``steps`` steps."""
+    """Body of one rank (process group initialised): warm up, then log ``steps`` steps.
+
+    As in :func:`moesim.measure.ep_layer.run_rank`, a step in which some rank's
+    compute got less than :data:`CLEAN_SHARE` of its core is disturbed by other
+    processes and re-run (up to ``MAX_ATTEMPTS * steps`` steps); disturbed steps are
+    kept only when too few clean ones turned up. All ranks decide alike (an
+    all-reduce of the smallest share), so they stay in step.
+    """
     torch.set_num_threads(1)
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cores = usable_cores()  # before pinning narrows this process to one core
     pin_rank(rank)  # rank r on core r % cores: with 2 cores, each stage's replicas share one
     keep_freed_memory()
     runner = _StageRunner(case, rank)
-    logs, losses = [], []
-    for k in range(warmup + steps):
+    expected = min(1.0, cores / world)
+    clean: list[tuple[StepLog, float]] = []
+    disturbed: list[tuple[StepLog, float]] = []
+    losses: list[float] = []
+    for k in range(warmup + MAX_ATTEMPTS * steps):
+        if len(clean) >= steps:
+            break
         log, losses = runner.step()
+        share = _min_share(log.share)
         if k >= warmup:
-            logs.append(log)
+            (clean if share >= CLEAN_SHARE * expected else disturbed).append((log, share))
+    kept = clean if len(clean) >= max(1, steps // 2) else (clean + disturbed)[:steps]
     grads = [_grad(p) for p in runner.params]
-    return PipeRankResult(rank, runner.stage, runner.replica, logs, losses, grads)
+    return PipeRankResult(
+        rank, runner.stage, runner.replica, [g for g, _ in kept], losses, grads,
+        disturbed=len(disturbed),
+        min_share=float(torch.tensor([s for _, s in kept]).median()),
+    )  # fmt: skip
+
+
+def _min_share(share: float) -> float:
+    t = torch.tensor([share], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return float(t.item())
 
 
 # -- the whole run ---------------------------------------------------------------------------
@@ -337,6 +381,8 @@ class PipeMeasurement:
     step_samples_s: list[float]
     per_rank_s: list[dict[str, float]]  # per rank, median over steps
     max_rel_error: float  # losses and gradients vs :func:`reference`
+    cpu_share: float = 1.0  # median of each kept step's smallest rank compute share
+    disturbed_steps: int = 0
 
 
 class PipeMismatch(RuntimeError):
@@ -352,8 +398,10 @@ def run_pipeline(
         run_rank, case.world, args=(case, steps, warmup), backend="gloo", timeout_s=timeout_s
     )
     err = check_against_reference(case, results)
-    per_step = [step_parts([r.steps[k] for r in results]) for k in range(steps)]
-    return summarise(case, per_step, err)
+    kept = len(results[0].steps)
+    per_step = [step_parts([r.steps[k] for r in results]) for k in range(kept)]
+    m = summarise(case, per_step, err)
+    return replace(m, cpu_share=results[0].min_share, disturbed_steps=results[0].disturbed)
 
 
 def step_parts(logs: list[StepLog]) -> list[dict[str, float]]:
@@ -415,9 +463,7 @@ def check_against_reference(case: PipeCase, results: list[PipeRankResult]) -> fl
             for j, (got, want) in enumerate(zip(r.grads, ref.grads[r.stage], strict=True))
         ]
         if r.stage == case.stages - 1:
-            pairs.append(
-                ("losses", torch.tensor(r.losses), torch.tensor(ref.losses[r.replica]))
-            )
+            pairs.append(("losses", torch.tensor(r.losses), torch.tensor(ref.losses[r.replica])))
         for what, got, want in pairs:
             scale = max(float(want.abs().max()), 1e-30)
             diff = float((got - want).abs().max()) / scale
@@ -437,6 +483,8 @@ def to_jsonable(m: PipeMeasurement) -> dict[str, Any]:
         "step_samples_s": m.step_samples_s,
         "per_rank_s": m.per_rank_s,
         "max_rel_error": m.max_rel_error,
+        "cpu_share": m.cpu_share,
+        "disturbed_steps": m.disturbed_steps,
     }
 
 
@@ -479,3 +527,59 @@ def measure_comm(sizes: list[int], reps: int = 7, timeout_s: float = 120.0) -> d
     """``{"bytes", "p2p_s", "allreduce_s"}`` measured on 2 local gloo ranks (rank 0's)."""
     got = launch(comm_rank, 2, args=(sizes, reps), backend="gloo", timeout_s=timeout_s)
     return {"bytes": list(sizes), **got[0]}
+
+
+# -- backward over forward of one layer's kernels ---------------------------------------------
+
+
+def backward_ratios(case: PipeCase, reps: int = 15) -> dict[str, float]:
+    """Median autograd backward / forward time of one layer's kernels in this process.
+
+    ``gemm``: the expert GEMMs (``experts_forward`` on the permuted rows; input and
+    weight gradients); ``memory``: the layer with identity experts (router, permute,
+    unpermute). Thread CPU seconds, so other processes sharing the core do not count;
+    forwards are timed with autograd recording, as the pipeline runs them, and freed
+    memory is kept (:func:`keep_freed_memory`) as in the pipeline's ranks.
+    """
+    torch.set_num_threads(1)
+    keep_freed_memory()
+    w = stage_weights(case, 0)[0]
+    x_TD = micro_batch(case, 0, 0).requires_grad_(True)
+    c = case.layer_case(0)
+    r = gate(x_TD.detach(), w, c.router_spec())
+    x_ND, tpe_E, _ = permute(x_TD.detach(), r, c.dispatch, num_experts=case.num_experts)
+    x_ND.requires_grad_(True)
+
+    def experts() -> torch.Tensor:
+        return experts_forward(x_ND, tpe_E, w.w_gate_EDF, w.w_up_EDF, w.w_down_EFD, c.experts)
+
+    def routing_only() -> torch.Tensor:
+        rt = gate(x_TD, w, c.router_spec())
+        y_ND, _, state = permute(x_TD, rt, c.dispatch, num_experts=case.num_experts)
+        return unpermute(y_ND, state, c.dispatch)
+
+    fe, be = _fwd_bwd(experts, reps)
+    fm, bm = _fwd_bwd(routing_only, reps)
+    return {
+        "gemm": be / fe,
+        "memory": bm / fm,
+        "experts_forward_s": fe,
+        "experts_backward_s": be,
+        "memory_forward_s": fm,
+        "memory_backward_s": bm,
+    }
+
+
+def _fwd_bwd(fn: Any, reps: int) -> tuple[float, float]:
+    """Median thread CPU seconds of ``fn()`` and of its output's backward (2 warm-ups)."""
+    fwd, bwd = [], []
+    for k in range(reps + 2):
+        t0 = time.thread_time()
+        y = fn()
+        t1 = time.thread_time()
+        y.backward(torch.ones_like(y))
+        t2 = time.thread_time()
+        if k >= 2:
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+    return float(torch.tensor(fwd).median()), float(torch.tensor(bwd).median())
