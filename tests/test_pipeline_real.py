@@ -141,3 +141,17 @@ def test_validate_pipeline_rejects_an_uncalibrated_profile(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "not a calibrated profile" in err and err.count("\n") == 1
+
+
+def test_compute_slowdown_from_the_measured_share() -> None:
+    """Idle host, 4 ranks on 2 cores: share 1/2, slowdown 2 x co-run; loaded: more."""
+    assert pv.compute_slowdown(1.1, 2.2, 0.5) == pytest.approx(2.2)
+    assert pv.compute_slowdown(1.1, 2.2, 0.25) == pytest.approx(4.4)
+    assert pv.compute_slowdown(1.1, 2.2, 0.9) == pytest.approx(2.2)  # never below expected
+
+
+def test_p2p_fit_through_the_origin_when_the_intercept_would_be_negative() -> None:
+    b = [1e3, 1e4, 1e5, 1e6]
+    comm = {"bytes": b, "p2p_s": [x / 1e9 for x in b], "allreduce_s": [x / 1e9 for x in b]}
+    fit = pv.fit_p2p(comm)
+    assert fit["latency_s"] >= 0 and fit["bandwidth_Bps"] == pytest.approx(1e9, rel=1e-6)

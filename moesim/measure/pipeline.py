@@ -69,6 +69,11 @@ class PipeCase:
     num_experts: int = 8
     top_k: int = 2
     seed: int = 0
+    #: finish the sends in flight before the next pass computes (after its receive, as
+    #: Megatron's ``send_forward_recv_backward`` pairs them): gloo moves the bytes with
+    #: the sender's CPU, and a send left beside the next pass's compute on the same
+    #: core waits for it (a GPU's copy engines need no SMs); the wait is bubble
+    wait_sends: bool = True
 
     @property
     def world(self) -> int:
@@ -263,11 +268,19 @@ class _StageRunner:
         sends.append((dist.isend(buf, dst=peer), buf))  # the buffer lives until the wait
         log.events.append((f"send_{kind}", i, t0, t0))
 
+    def _drain(self, sends: list) -> None:
+        """Before a pass computes: wait for the sends in flight (when ``wait_sends``)."""
+        if self.case.wait_sends:
+            for work, _ in sends:
+                work.wait()
+            sends.clear()
+
     def _forward(self, i: int, log: StepLog, sends: list, losses: list[float]):
         if self.first:
             x = self.inputs[i]
         else:
             x = self._recv("F", i, self.rank - 1, log).requires_grad_(True)
+        self._drain(sends)
         t0, c0 = time.perf_counter(), time.thread_time()
         out = run_stage(x, self.ws, self.case)
         if self.last:
@@ -281,6 +294,7 @@ class _StageRunner:
 
     def _backward(self, i: int, x: torch.Tensor, out: torch.Tensor, log: StepLog, sends: list):
         grad = None if self.last else self._recv("B", i, self.rank + 1, log)
+        self._drain(sends)
         t0, c0 = time.perf_counter(), time.thread_time()
         out.backward(grad)
         log.events.append(("B", i, t0, time.perf_counter()))
@@ -381,7 +395,7 @@ class PipeMeasurement:
     step_samples_s: list[float]
     per_rank_s: list[dict[str, float]]  # per rank, median over steps
     max_rel_error: float  # losses and gradients vs :func:`reference`
-    cpu_share: float = 1.0  # median of each kept step's smallest rank compute share
+    cpu_share: float = 1.0  # compute CPU time / wall, mean over ranks, median over steps
     disturbed_steps: int = 0
 
 
@@ -401,7 +415,8 @@ def run_pipeline(
     kept = len(results[0].steps)
     per_step = [step_parts([r.steps[k] for r in results]) for k in range(kept)]
     m = summarise(case, per_step, err)
-    return replace(m, cpu_share=results[0].min_share, disturbed_steps=results[0].disturbed)
+    share_S = torch.tensor([[r.steps[k].share for r in results] for k in range(kept)]).mean(1)
+    return replace(m, cpu_share=float(share_S.median()), disturbed_steps=results[0].disturbed)
 
 
 def step_parts(logs: list[StepLog]) -> list[dict[str, float]]:

@@ -214,8 +214,9 @@ def print_pipeline(result: dict[str, Any]) -> None:
     )
     con.print(
         f"backward / forward measured here: expert GEMMs {bw['gemm']:.2f}x, memory-bound "
-        f"ops {bw['memory']:.2f}x; compute slowdown of each rank (cores shared, co-run) "
-        f"{result['compute_slowdown']:.2f}x; compute CPU share {result['cpu_share']:.0%}, "
+        f"ops {bw['memory']:.2f}x; compute slowdown of each rank {result['compute_slowdown']:.2f}x "
+        f"(co-run / measured CPU share {result['cpu_share']:.0%}; "
+        f"{result['expected_slowdown']:.2f}x on an idle host), "
         f"{result['disturbed_steps']} disturbed steps re-run; profile {result['profile']}"
     )
     ctx = result.get("context", {})

@@ -74,9 +74,7 @@ def fit_p2p(comm: dict[str, Any]) -> dict[str, Any]:
     b = np.asarray(comm["bytes"], dtype=np.float64)
     t = np.asarray(comm["p2p_s"], dtype=np.float64)
     fit_idx, held = np.arange(0, len(b), 2), np.arange(1, len(b), 2)
-    A = np.stack([np.ones(len(fit_idx)), b[fit_idx]], axis=1)
-    (lat, inv_bw), *_ = np.linalg.lstsq(A, t[fit_idx], rcond=None)
-    lat, inv_bw = max(float(lat), 0.0), max(float(inv_bw), 1e-15)
+    lat, inv_bw = _line(b[fit_idx], t[fit_idx])
 
     def model(nbytes: np.ndarray) -> np.ndarray:
         return lat + nbytes * inv_bw
@@ -93,6 +91,16 @@ def fit_p2p(comm: dict[str, Any]) -> dict[str, Any]:
         "allreduce_error": ((ar_pred - ar) / ar).tolist(),
         "allreduce_median_abs_error": float(np.median(np.abs((ar_pred - ar) / ar))),
     }
+
+
+def _line(b: np.ndarray, t: np.ndarray) -> tuple[float, float]:
+    """``t = lat + b * inv_bw`` minimising relative errors, ``lat >= 0``."""
+    w = 1.0 / t
+    A = np.stack([np.ones(len(b)), b], axis=1) * w[:, None]
+    (lat, inv_bw), *_ = np.linalg.lstsq(A, t * w, rcond=None)
+    if lat < 0:  # through the origin instead
+        lat, inv_bw = 0.0, float(np.sum(w * w * b * t) / np.sum(w * w * b * b))
+    return float(lat), max(float(inv_bw), 1e-15)
 
 
 def with_measured(
@@ -186,6 +194,7 @@ class PipeValidation:
     backward: dict[str, float]
     slowdown: float
     profile: str
+    expected_slowdown: float = 1.0  # on an idle host (ranks per core x co-run)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` contract: per part measured / predicted / error, the median."""
@@ -219,6 +228,7 @@ class PipeValidation:
             "p2p_fit": self.p2p,
             "backward_factors": self.backward,
             "compute_slowdown": self.slowdown,
+            "expected_slowdown": self.expected_slowdown,
             "profile": self.profile,
         }  # fmt: skip
 
@@ -244,7 +254,22 @@ def validate_pipeline(
         probe = co_run_factor(case.world)
         measured = run_pipeline(case, steps=steps, warmup=warmup, timeout_s=timeout_s)
     p2p = fit_p2p(comm) | {"measured": comm}
-    slowdown = probe.factor
+    slowdown = compute_slowdown(probe.interference, probe.factor, measured.cpu_share)
     hw = with_measured(hw, p2p, ratios, case.world)
     predicted = predict(case, hw, slowdown)
-    return PipeValidation(case, measured, predicted, p2p, ratios, slowdown, profile)
+    return PipeValidation(
+        case, measured, predicted, p2p, ratios, slowdown, profile, expected_slowdown=probe.factor
+    )
+
+
+def compute_slowdown(interference: float, expected: float, cpu_share: float) -> float:
+    """How much slower each rank computes than the single-process calibration bench.
+
+    ``interference / cpu_share``: the co-run penalty (caches, memory bandwidth) over
+    the share of a core the ranks' compute got during the run (thread CPU time /
+    wall time, measured). On an otherwise idle host the share is ``cores / ranks``
+    (capped at 1) and this is ``expected`` (:attr:`CoRun.factor`); other processes
+    on the host lower the share, and the ranks then compute slower, in every part
+    of the step alike. Never below ``expected``.
+    """
+    return max(expected, interference / max(cpu_share, 1e-3))
