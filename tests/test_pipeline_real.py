@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,10 @@ def test_one_f_one_b_order_by_hand() -> None:
     assert one_f_one_b(3, 0, 1) == [("F", 0), ("B", 0)]
 
 
-def test_pipeline_equals_one_process_and_a_wrong_gradient_is_caught() -> None:
+@pytest.mark.parametrize("wait_sends", [True, False])
+def test_pipeline_equals_one_process_and_a_wrong_gradient_is_caught(wait_sends: bool) -> None:
     """pp 2 x dp 2 on gloo: losses and all-reduced gradients equal the one-process model."""
-    case = pv.tiny_case()
+    case = replace(pv.tiny_case(), wait_sends=wait_sends)
     m = run_pipeline(case, steps=1, warmup=0, timeout_s=120)
     assert m.max_rel_error < 1e-4
     for rank in m.per_rank_s:  # every part was seen, and they add up to the step
