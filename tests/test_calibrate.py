@@ -344,7 +344,7 @@ def test_frame_helpers_match_the_bench_columns(bench: Any, tmp_path: Path) -> No
     back what the rows hold after a round trip through the bench's results file."""
     from moesim.calibrate.families import expert_flops_matrix, tokens_matrix
     from moesim.calibrate.results import REQUIRED_COLUMNS
-    from moesim.measure.results import COLUMNS
+    from moesim.measure.results import ALL_COLUMNS, COLUMNS
 
     assert set(REQUIRED_COLUMNS) <= set(COLUMNS)
     rows = bench.add_noise(bench.true_rows(CostModel(bench.truth()), ("experts",)), 0.0, 0)

@@ -6,10 +6,12 @@ simulate each and print predicted vs measured per phase and end to end.
 ``--published``: simulate every cited figure of ``moesim/validation/published.yaml``.
 ``--memory``: peak memory of the real MoE layer (forward + backward) measured here
 with the profiler's allocator events against the memory model's prediction.
-No flag: all three, with ``--ep-world 2``. ``--json`` prints one JSON object:
-the EP contract ``{"cases", "median_abs_error", "max_abs_error"}`` (plus
-``"published"`` and ``"memory"`` when they run too), or the published or
-memory report alone when it is the only one asked for.
+``--pipeline``: a real 2-stage 1F1B pipeline of MoE layers over local gloo ranks
+(sends, autograd backward, gradient all-reduce), predicted by parts.
+No flag: EP (``--ep-world 2``), published and memory. ``--json`` prints one JSON
+object: the EP contract ``{"cases", "median_abs_error", "max_abs_error"}`` (plus
+``"published"``, ``"memory"`` and ``"pipeline"`` when they run too), or the one
+report alone when only that one is asked for.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--memory",
         action="store_true",
         help="measure the real MoE layer's peak memory here against the prediction",
+    )
+    parser.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="a real 2-stage 1F1B pipeline (pp 2 x dp 2 gloo ranks) predicted by parts",
     )
     parser.add_argument(
         "--only", default=None, metavar="TEXT", help="published rows whose id contains TEXT"
@@ -106,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dynamics is not None:
         return _run_dynamics(args)
     worlds = _worlds(args.ep_world)
-    everything = args.ep_world is None and not args.published and not args.memory
+    pipeline = bool(getattr(args, "pipeline", False))
+    everything = args.ep_world is None and not args.published and not args.memory and not pipeline
     published = args.published or everything
     memory = args.memory or everything
     if everything:
@@ -124,6 +132,12 @@ def run(args: argparse.Namespace) -> int:
             out[name] = report
         else:
             out = report
+    if pipeline:
+        pipe = _run_pipeline(args)
+        if worlds or published or memory:
+            out["pipeline"] = pipe
+        else:
+            out = pipe
     if args.json:
         print(json.dumps(out))
     return 0
@@ -235,6 +249,26 @@ def _save(path: Path, obj: dict[str, Any]) -> None:
     from moesim.io import atomic_write_json, provenance
 
     atomic_write_json(path, obj | {"provenance": provenance()})
+
+
+# -- the pipeline ---------------------------------------------------------------------------
+
+
+def _run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
+    from moesim.measure.ep_probe import usable_cores
+    from moesim.validation import pipeline as pv
+
+    case = pv.tiny_case() if args.tiny else pv.default_case()
+    hw, profile = _profile(args, [case.layer_case(0)], 1)
+    context = {"cores": usable_cores(), "loadavg_before": _load()}
+    v = pv.validate_pipeline(case, hw, profile=profile, steps=args.steps, warmup=args.warmup)
+    result = v.to_dict() | {"context": context | {"loadavg_after": _load()}}
+    _save(args.out / f"pipeline-{_stamp()}.json", result)
+    if not args.json:
+        from moesim.report.validate_tables import print_pipeline
+
+        print_pipeline(result)
+    return result
 
 
 # -- published figures ------------------------------------------------------------------

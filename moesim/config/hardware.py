@@ -178,6 +178,19 @@ class CalibrationSource(Frozen):
     measured_by: str | None = None  # imported tables: package, version, frameworks, tables
 
 
+class BackwardFit(Frozen):
+    """Measured backward / forward time of one MoE layer's kernels (autograd, this device).
+
+    ``gemm``: the expert GEMMs' backward (input and weight gradients) over their
+    forward; ``memory``: the memory-bound ops' (router, permute, unpermute). Without
+    it the simulator takes 2 and 1 (two GEMMs per forward GEMM, one pass per copy).
+    """
+
+    gemm: float = Field(default=2.0, gt=0)
+    memory: float = Field(default=1.0, gt=0)
+    source: str = ""  # what was timed
+
+
 class Calibration(Frozen):
     """Fitted cost curves. Families missing here fall back to the spec roofline."""
 
@@ -192,6 +205,7 @@ class Calibration(Frozen):
     notes: list[str] = Field(default_factory=list)  # e.g. families fitted but not validated
     # dense GEMMs (attention, shared experts) per dtype, from the roofline suite
     dense: dict[str, GemmFit] = Field(default_factory=dict)
+    backward: BackwardFit | None = None  # measured backward factors (default 2x / 1x)
     # family -> {strategy: shapes it priced}; a curve prices the fastest measured
     # strategy per shape (what a tuned system runs) unless one was chosen (--strategy)
     strategies: dict[str, dict[str, int]] = Field(default_factory=dict)

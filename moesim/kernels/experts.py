@@ -77,13 +77,14 @@ GLUS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"gpt_oss": _gpt_oss_glu}
 
 
 def _loop_gmm(x_NA: Tensor, counts_E: Tensor, w_EAB: Tensor) -> Tensor:
-    out_NB = x_NA.new_empty(x_NA.shape[0], w_EAB.shape[2])
-    start = 0
-    for e, rows in enumerate(counts_E.tolist()):
-        if rows:
-            out_NB[start : start + rows] = x_NA[start : start + rows] @ w_EAB[e]
-        start += rows
-    return out_NB
+    # split / unbind / cat rather than slice-assign and ``w_EAB[e]``: the same GEMMs and
+    # one copy of the output, and under autograd a backward of one cat and one stack
+    # (indexing a slice of ``w_EAB`` would materialise a full-size gradient per expert)
+    rows_E = counts_E.tolist()
+    if not rows_E:
+        return x_NA.new_empty(x_NA.shape[0], w_EAB.shape[2])
+    parts = [x @ w for x, w in zip(torch.split(x_NA, rows_E), w_EAB.unbind(0), strict=True)]
+    return torch.cat(parts)
 
 
 def _bmm_gmm(x_NA: Tensor, counts_E: Tensor, w_EAB: Tensor) -> Tensor:

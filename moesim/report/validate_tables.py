@@ -265,3 +265,69 @@ def print_gpu_tables(report: dict[str, Any], limit: float = 0.15) -> None:
         f"|error|: median {med:.1%}, worst {report['max_abs_error']:.1%} over "
         f"{report['n_measured']} measured cases; target median <= {limit:.0%}: {verdict}"
     )
+
+
+PIPE_PARTS = ("forward", "backward", "sends", "bubble", "grad_sync")
+_PIPE_LABELS = {
+    "forward": "stage compute: forward",
+    "backward": "stage compute: backward",
+    "sends": "sends (exposed p2p)",
+    "bubble": "bubble",
+    "grad_sync": "gradient all-reduce",
+    "step": "step",
+}
+
+
+def pipeline_table(result: dict[str, Any]) -> Table:
+    """One row per part (mean over ranks, median over steps): measured, predicted, error."""
+    c = result["case"]
+    table = Table(
+        title=(
+            f"1F1B pipeline, pp {c['stages']} x dp {c['dp']} local gloo ranks, "
+            f"{c['layers_per_stage']} MoE layers per stage, {c['micro_batches']} micro-batches "
+            f"of {c['tokens']} tokens: predicted vs measured (ms per step, mean over ranks)"
+        ),
+        title_justify="left",
+    )
+    for col in ("part", "measured", "predicted", "error"):
+        table.add_column(col, justify="left" if col == "part" else "right")
+    for p in (*PIPE_PARTS, "step"):
+        row = result["parts"][p]
+        table.add_row(
+            _PIPE_LABELS[p],
+            _ms(row["measured_s"]),
+            _ms(row["predicted_s"]),
+            _err(row["error"], 0.10 if p != "step" else None),
+        )
+    return table
+
+
+def print_pipeline(result: dict[str, Any]) -> None:
+    """The per-part table, the median error and what the prediction was calibrated from."""
+    con = console
+    render(pipeline_table(result))
+    p2p, bw = result["p2p_fit"], result["backward_factors"]
+    con.print(
+        f"median |error| over the parts: {result['median_abs_error']:.1%} "
+        f"(max {result['max_abs_error']:.1%}); outputs and gradients match one process "
+        f"to {result['max_rel_error_vs_reference']:.1e} relative"
+    )
+    con.print(
+        f"gloo p2p fit: {p2p['latency_s'] * 1e6:,.0f} us + bytes / "
+        f"{p2p['bandwidth_Bps'] / 1e9:.2f} GB/s, held-out median |error| "
+        f"{p2p['held_out_median_abs_error']:.0%}; all-reduce priced from it: median |error| "
+        f"{p2p['allreduce_median_abs_error']:.0%}"
+    )
+    con.print(
+        f"backward / forward measured here: expert GEMMs {bw['gemm']:.2f}x, memory-bound "
+        f"ops {bw['memory']:.2f}x; compute slowdown of each rank {result['compute_slowdown']:.2f}x "
+        f"(co-run / measured CPU share {result['cpu_share']:.0%}; "
+        f"{result['expected_slowdown']:.2f}x on an idle host), "
+        f"{result['disturbed_steps']} disturbed steps re-run; profile {result['profile']}"
+    )
+    ctx = result.get("context", {})
+    if ctx:
+        con.print(
+            f"host: {ctx.get('cores')} cores, load average {ctx.get('loadavg_before')} before, "
+            f"{ctx.get('loadavg_after')} after (timings on a shared machine are noisy)"
+        )

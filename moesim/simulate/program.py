@@ -85,6 +85,8 @@ PHASES: dict[str, tuple[str, str]] = {
     "param_all_gather": ("dp", "updated non-expert parameters"),
     "expert_param_all_gather": ("edp", "updated expert parameters"),
 }
+#: forward ops whose backward is memory-bound (one pass, or a measured factor)
+MEMORY_BOUND = ("gate", "permute", "unpermute")
 #: suffixes of the backward passes' and of full recompute's phase names
 BWD, WGRAD, RECOMPUTE = "_bwd", "_wgrad", "_recompute"
 
@@ -197,11 +199,23 @@ def _recompute(prog: Program, j: int, mb: int) -> list[Op]:
 SELECTIVE = {"attn_core": "core_attn", "norm": "layernorm", "shared_experts": "shared_experts"}
 
 
+def backward_factors(prog: Program, part: str) -> tuple[float, float]:
+    """(GEMM, memory-bound) time of pass ``part`` over the forward's: a calibrated
+    profile's measured :class:`~moesim.config.hardware.BackwardFit`, else 2 and 1;
+    ``Bi`` and ``W`` take half the GEMM factor each (``W`` no memory-bound ops)."""
+    cal = prog.plan.cost.cal
+    fit = cal.backward if cal is not None else None
+    gemm, mem = (fit.gemm, fit.memory) if fit is not None else (2.0, 1.0)
+    return (gemm, mem) if part == "B" else (gemm / 2, mem if part == "Bi" else 0.0)
+
+
 def moe_backward(prog: Program, j: int, mb: int, part: str) -> list[Op]:
     """``part`` B (all), Bi (input gradients) or W (weight gradients)."""
     c, w, cf = prog.plan.compute_s, prog.plan.work[j][mb], prog.plan.collectives
-    gemm = {"B": 2.0, "Bi": 1.0, "W": 1.0}[part]
-    experts = gemm * w.experts_s_G + (w.regroup_s_G if part != "W" else 0.0)
+    gemm, mem = backward_factors(prog, part)
+    if mem != 1.0 and part != "W":
+        c = {k: v * mem if k in MEMORY_BOUND else v for k, v in c.items()}
+    experts = gemm * w.experts_s_G + mem * w.regroup_s_G
     if part == "W":
         sfx = WGRAD
         return [

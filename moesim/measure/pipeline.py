@@ -1,0 +1,610 @@
+"""A real pipeline of MoE layers over ``torch.distributed``: 1F1B, timed by parts.
+
+``stages x dp`` ranks (rank ``r`` = replica ``r // stages``, stage ``r % stages``).
+Each stage holds ``layers_per_stage`` MoE layers (router, permute, SwiGLU experts,
+unpermute: the kernels of :mod:`moesim.kernels`, fp32, every expert on the rank:
+EP = 1). One step runs ``micro_batches`` micro-batches of ``tokens`` tokens per
+replica through the stages in the 1F1B order of Megatron-Core
+(``forward_backward_pipelining_without_interleaving``): stage ``s`` runs
+``stages - s - 1`` warm-up forwards, then one forward and one backward in turn,
+then the remaining backwards. Activations go forward and their gradients back
+with real ``isend`` / blocking ``recv`` (gloo), the backward is autograd's, and
+after the last backward each stage all-reduces (sum) its router gradients, then
+its expert gradients, over its ``dp`` replicas (Megatron's DDP without the
+distributed optimizer and without overlap).
+
+Parts, per rank, from wall clocks (``perf_counter``: ``CLOCK_MONOTONIC``, the same
+clock in every local process, so send and receive times can be matched):
+
+- ``forward`` / ``backward``: the stage's compute of the forward (loss included on
+  the last stage) and backward passes, summed over micro-batches;
+- ``sends``: exposed point-to-point time: for each receive, from the later of the
+  receive's start and the matching send's start to the data's arrival (a send
+  is asynchronous for the sender);
+- ``grad_sync``: the gradient all-reduces;
+- ``bubble``: the rest of the step (waiting for the other stage, before a send
+  started, and for the slowest rank at the end).
+
+The step runs from the last rank leaving a barrier to the last rank finishing,
+so per rank ``forward + backward + sends + grad_sync + bubble = step``, the
+simulator's breakdown. :func:`reference` is the same model in one process: the
+pipeline's losses, last-stage outputs and all-reduced gradients are checked
+against it.
+
+Legend: T = tokens per micro-batch, D = hidden, S = stages, P = parameters (flat).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moesim.errors import UserError
+from moesim.kernels.dispatch import permute, unpermute
+from moesim.kernels.experts import experts_forward
+from moesim.measure.distributed import launch
+from moesim.measure.ep_layer import EPCase, EPWeights, gate, make_weights
+from moesim.measure.ep_probe import keep_freed_memory, pin_rank, usable_cores
+
+PARTS = ("forward", "backward", "sends", "bubble", "grad_sync")
+#: relative tolerance of the pipeline's results against the single-process reference
+TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class PipeCase:
+    """One pipeline run. ``tokens`` per micro-batch and replica; fp32 throughout."""
+
+    stages: int = 2
+    dp: int = 2
+    layers_per_stage: int = 2
+    micro_batches: int = 4
+    tokens: int = 256
+    hidden: int = 128
+    ffn: int = 256
+    num_experts: int = 8
+    top_k: int = 2
+    seed: int = 0
+    #: finish the sends in flight before the next pass computes (after its receive, as
+    #: Megatron's ``send_forward_recv_backward`` pairs them): gloo moves the bytes with
+    #: the sender's CPU, and a send left beside the next pass's compute on the same
+    #: core waits for it (a GPU's copy engines need no SMs); the wait is bubble
+    wait_sends: bool = True
+
+    @property
+    def world(self) -> int:
+        return self.stages * self.dp
+
+    def layer_case(self, layer: int) -> EPCase:
+        """Layer ``layer`` (global index) as an EP case: its shapes and weight seed."""
+        return EPCase(
+            num_experts=self.num_experts, top_k=self.top_k, tokens=self.tokens,
+            hidden=self.hidden, ffn=self.ffn, seed=self.seed * 1000 + layer,
+        )  # fmt: skip
+
+    def label(self) -> str:
+        return (
+            f"pp{self.stages} dp{self.dp} L{self.layers_per_stage}/stage m{self.micro_batches} "
+            f"T{self.tokens} D{self.hidden} F{self.ffn} E{self.num_experts} k{self.top_k}"
+        )
+
+
+def check_case(case: PipeCase) -> None:
+    """Raise :class:`UserError` (one line) for a pipeline that cannot run."""
+    for name in ("stages", "dp", "layers_per_stage", "micro_batches", "tokens"):
+        if getattr(case, name) < 1:
+            raise UserError(f"pipeline {name} = {getattr(case, name)}: must be >= 1")
+    if case.stages < 2:
+        raise UserError(f"pipeline stages = {case.stages}: a pipeline needs >= 2 stages")
+    if case.top_k > case.num_experts:
+        raise UserError(f"top_k = {case.top_k}: must be <= num_experts ({case.num_experts})")
+
+
+# -- the model ---------------------------------------------------------------------------
+
+
+def stage_weights(case: PipeCase, stage: int) -> list[EPWeights]:
+    """The stage's layers' weights (router and experts require grad; the bias does not)."""
+    out = []
+    for j in range(case.layers_per_stage):
+        w = make_weights(case.layer_case(stage * case.layers_per_stage + j))
+        for t in (w.router_DE, *_expert_tensors(w)):
+            t.requires_grad_(True)
+        out.append(w)
+    return out
+
+
+def dense_params(ws: list[EPWeights]) -> list[torch.Tensor]:
+    """Non-expert parameters (the routers), in backward order."""
+    return [w.router_DE for w in reversed(ws)]
+
+
+def expert_params(ws: list[EPWeights]) -> list[torch.Tensor]:
+    """Expert parameters, in backward order."""
+    return [t for w in reversed(ws) for t in reversed(_expert_tensors(w))]
+
+
+def _expert_tensors(w: EPWeights) -> list[torch.Tensor]:
+    """The routed experts' weights, gate (if gated), up, down."""
+    e = w.experts
+    return [t for t in (e.w_gate_EDF, e.w_up_EDF, e.w_down_EFD) if t is not None]
+
+
+def moe_layer(x_TD: torch.Tensor, w: EPWeights, case: PipeCase) -> torch.Tensor:
+    """gate -> permute -> experts -> unpermute, differentiable (autograd)."""
+    c = case.layer_case(0)
+    r = gate(x_TD, w, c.router_spec())
+    x_ND, tpe_E, state = permute(x_TD, r, c.dispatch, num_experts=case.num_experts)
+    y_ND = experts_forward(
+        x_ND, tpe_E, w.experts.w_gate_EDF, w.experts.w_up_EDF, w.experts.w_down_EFD, c.experts
+    )
+    return unpermute(y_ND, state, c.dispatch)
+
+
+def run_stage(x_TD: torch.Tensor, ws: list[EPWeights], case: PipeCase) -> torch.Tensor:
+    for w in ws:
+        x_TD = moe_layer(x_TD, w, case)
+    return x_TD
+
+
+def loss_of(out_TD: torch.Tensor) -> torch.Tensor:
+    """The last stage's loss: mean square of the output."""
+    return out_TD.square().mean()
+
+
+def micro_batch(case: PipeCase, replica: int, mb: int) -> torch.Tensor:
+    """Replica ``replica``'s input ``x_TD`` of micro-batch ``mb`` (standard normal, seeded)."""
+    g = torch.Generator().manual_seed(case.seed * 1_000_003 + replica * 1009 + mb + 1)
+    return torch.randn(case.tokens, case.hidden, generator=g)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Single-process results: losses ``[dp][m]`` and summed gradients per stage."""
+
+    losses: list[list[float]]
+    grads: list[list[torch.Tensor]]  # per stage: dense_params then expert_params
+
+
+def reference(case: PipeCase) -> Reference:
+    """Every replica's micro-batches through all layers in one process, gradients summed."""
+    stages = [stage_weights(case, s) for s in range(case.stages)]
+    losses = []
+    for d in range(case.dp):
+        row = []
+        for i in range(case.micro_batches):
+            x = micro_batch(case, d, i)
+            for ws in stages:
+                x = run_stage(x, ws, case)
+            loss = loss_of(x)
+            loss.backward()
+            row.append(float(loss.detach()))
+        losses.append(row)
+    grads = [[_grad(p) for p in dense_params(ws) + expert_params(ws)] for ws in stages]
+    return Reference(losses, grads)
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    return p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+
+
+# -- one rank ------------------------------------------------------------------------------
+
+
+def one_f_one_b(stages: int, stage: int, m: int) -> list[tuple[str, int]]:
+    """The 1F1B order of ``stage``: ``[("F", mb) | ("B", mb), ...]``."""
+    warm = min(stages - stage - 1, m)
+    order = [("F", i) for i in range(warm)]
+    for i in range(m - warm):
+        order += [("F", warm + i), ("B", i)]
+    return order + [("B", i) for i in range(m - warm, m)]
+
+
+@dataclass
+class StepLog:
+    """One step of one rank: ``(kind, micro-batch, start, end)`` events, kind one of
+    ``F``, ``B`` (compute), ``recv_F``, ``recv_B`` (activations, gradients), ``send_F``,
+    ``send_B`` (start only), ``sync``; plus the step's start and end."""
+
+    events: list[tuple[str, int, float, float]] = field(default_factory=list)
+    start: float = 0.0
+    end: float = 0.0
+    compute_cpu_s: float = 0.0  # thread CPU seconds of the F and B passes
+
+    @property
+    def share(self) -> float:
+        """Thread CPU time over wall time of this rank's compute (1: a core to itself)."""
+        wall = sum(t1 - t0 for kind, _, t0, t1 in self.events if kind in ("F", "B"))
+        return self.compute_cpu_s / max(wall, 1e-12)
+
+
+class _StageRunner:
+    """One rank's stage: runs the 1F1B order of one step and logs its events."""
+
+    def __init__(self, case: PipeCase, rank: int) -> None:
+        self.case, self.rank = case, rank
+        self.stage, self.replica = rank % case.stages, rank // case.stages
+        self.ws = stage_weights(case, self.stage)
+        self.params = dense_params(self.ws) + expert_params(self.ws)
+        self.inputs = [micro_batch(case, self.replica, i) for i in range(case.micro_batches)]
+        self.groups = [
+            dist.new_group([d * case.stages + s for d in range(case.dp)])
+            for s in range(case.stages)
+        ]  # every rank creates every group, in the same order
+
+    @property
+    def first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def last(self) -> bool:
+        return self.stage == self.case.stages - 1
+
+    def step(self) -> tuple[StepLog, list[float]]:
+        for p in self.params:
+            p.grad = None
+        log, losses = StepLog(), [0.0] * self.case.micro_batches
+        sends: list[tuple[Any, torch.Tensor]] = []  # (work, buffer) of each isend
+        live: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        dist.barrier()
+        log.start = time.perf_counter()
+        for kind, i in one_f_one_b(self.case.stages, self.stage, self.case.micro_batches):
+            if kind == "F":
+                live[i] = self._forward(i, log, sends, losses)
+            else:
+                self._backward(i, *live.pop(i), log, sends)
+        for work, _ in sends:
+            work.wait()
+        self._sync(log)
+        log.end = time.perf_counter()
+        return log, losses
+
+    def _recv(self, kind: str, i: int, peer: int, log: StepLog) -> torch.Tensor:
+        buf = torch.empty(self.case.tokens, self.case.hidden)
+        t0 = time.perf_counter()
+        dist.recv(buf, src=peer)
+        log.events.append((f"recv_{kind}", i, t0, time.perf_counter()))
+        return buf
+
+    def _send(self, kind: str, i: int, t: torch.Tensor, peer: int, log: StepLog, sends: list):
+        t0 = time.perf_counter()
+        buf = t.detach().contiguous()
+        sends.append((dist.isend(buf, dst=peer), buf))  # the buffer lives until the wait
+        log.events.append((f"send_{kind}", i, t0, t0))
+
+    def _drain(self, sends: list) -> None:
+        """Before a pass computes: wait for the sends in flight (when ``wait_sends``)."""
+        if self.case.wait_sends:
+            for work, _ in sends:
+                work.wait()
+            sends.clear()
+
+    def _forward(self, i: int, log: StepLog, sends: list, losses: list[float]):
+        if self.first:
+            x = self.inputs[i]
+        else:
+            x = self._recv("F", i, self.rank - 1, log).requires_grad_(True)
+        self._drain(sends)
+        t0, c0 = time.perf_counter(), time.thread_time()
+        out = run_stage(x, self.ws, self.case)
+        if self.last:
+            out = loss_of(out)
+            losses[i] = float(out.detach())
+        log.events.append(("F", i, t0, time.perf_counter()))
+        log.compute_cpu_s += time.thread_time() - c0
+        if not self.last:
+            self._send("F", i, out, self.rank + 1, log, sends)
+        return x, out
+
+    def _backward(self, i: int, x: torch.Tensor, out: torch.Tensor, log: StepLog, sends: list):
+        grad = None if self.last else self._recv("B", i, self.rank + 1, log)
+        self._drain(sends)
+        t0, c0 = time.perf_counter(), time.thread_time()
+        out.backward(grad)
+        log.events.append(("B", i, t0, time.perf_counter()))
+        log.compute_cpu_s += time.thread_time() - c0
+        if not self.first:
+            assert x.grad is not None
+            self._send("B", i, x.grad, self.rank - 1, log, sends)
+
+    def _sync(self, log: StepLog) -> None:
+        t0 = time.perf_counter()
+        if self.case.dp > 1:
+            group = self.groups[self.stage]
+            for part in (dense_params(self.ws), expert_params(self.ws)):
+                flat_P = torch.cat([_grad(p).flatten() for p in part])
+                dist.all_reduce(flat_P, group=group)
+                _unflatten(flat_P, part)
+        log.events.append(("sync", -1, t0, time.perf_counter()))
+
+
+def _unflatten(flat_P: torch.Tensor, params: list[torch.Tensor]) -> None:
+    at = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat_P[at : at + n].view_as(p).clone()
+        at += n
+
+
+#: a step counts as undisturbed when every rank's compute got at least this share of
+#: what it should (a core, or cores / ranks with more ranks than cores)
+CLEAN_SHARE = 0.85
+#: at most this many times ``steps`` steps are run looking for undisturbed ones
+MAX_ATTEMPTS = 3
+
+
+@dataclass
+class PipeRankResult:
+    rank: int
+    stage: int
+    replica: int
+    steps: list[StepLog]
+    losses: list[float]  # last stage: the last step's losses per micro-batch
+    grads: list[torch.Tensor]  # the last step's all-reduced gradients
+    disturbed: int = 0  # steps re-run because other processes took the cores
+    min_share: float = 1.0  # median over kept steps of the smallest rank's compute share
+
+
+def run_rank(case: PipeCase, steps: int, warmup: int) -> PipeRankResult:
+    """Body of one rank (process group initialised): warm up, then log ``steps`` steps.
+
+    As in :func:`moesim.measure.ep_layer.run_rank`, a step in which some rank's
+    compute got less than :data:`CLEAN_SHARE` of its core is disturbed by other
+    processes and re-run (up to ``MAX_ATTEMPTS * steps`` steps); disturbed steps are
+    kept only when too few clean ones turned up. All ranks decide alike (an
+    all-reduce of the smallest share), so they stay in step.
+    """
+    torch.set_num_threads(1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cores = usable_cores()  # before pinning narrows this process to one core
+    pin_rank(rank)  # rank r on core r % cores: with 2 cores, each stage's replicas share one
+    keep_freed_memory()
+    runner = _StageRunner(case, rank)
+    expected = min(1.0, cores / world)
+    clean: list[tuple[StepLog, float]] = []
+    disturbed: list[tuple[StepLog, float]] = []
+    losses: list[float] = []
+    for k in range(warmup + MAX_ATTEMPTS * steps):
+        if len(clean) >= steps:
+            break
+        log, losses = runner.step()
+        share = _min_share(log.share)
+        if k >= warmup:
+            (clean if share >= CLEAN_SHARE * expected else disturbed).append((log, share))
+    kept = clean if len(clean) >= max(1, steps // 2) else (clean + disturbed)[:steps]
+    grads = [_grad(p) for p in runner.params]
+    return PipeRankResult(
+        rank, runner.stage, runner.replica, [g for g, _ in kept], losses, grads,
+        disturbed=len(disturbed),
+        min_share=float(torch.tensor([s for _, s in kept]).median()),
+    )  # fmt: skip
+
+
+def _min_share(share: float) -> float:
+    t = torch.tensor([share], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return float(t.item())
+
+
+# -- the whole run ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PipeMeasurement:
+    """Medians over steps of each part, mean over ranks (and the step, the slowest rank)."""
+
+    case: PipeCase
+    parts_s: dict[str, float]  # mean over ranks, median over steps
+    step_s: float
+    step_samples_s: list[float]
+    per_rank_s: list[dict[str, float]]  # per rank, median over steps
+    max_rel_error: float  # losses and gradients vs :func:`reference`
+    cpu_share: float = 1.0  # compute CPU time / wall, mean over ranks, median over steps
+    disturbed_steps: int = 0
+
+
+class PipeMismatch(RuntimeError):
+    """The pipeline's results differ from the single-process reference (a bug, exit 1)."""
+
+
+def run_pipeline(
+    case: PipeCase, *, steps: int = 8, warmup: int = 2, timeout_s: float = 300.0
+) -> PipeMeasurement:
+    """Run the pipeline on ``case.world`` local gloo ranks, check it, summarise its parts."""
+    check_case(case)
+    results: list[PipeRankResult] = launch(
+        run_rank, case.world, args=(case, steps, warmup), backend="gloo", timeout_s=timeout_s
+    )
+    err = check_against_reference(case, results)
+    kept = len(results[0].steps)
+    per_step = [step_parts([r.steps[k] for r in results]) for k in range(kept)]
+    m = summarise(case, per_step, err)
+    share_S = torch.tensor([[r.steps[k].share for r in results] for k in range(kept)]).mean(1)
+    return replace(m, cpu_share=float(share_S.median()), disturbed_steps=results[0].disturbed)
+
+
+def step_parts(logs: list[StepLog]) -> list[dict[str, float]]:
+    """Parts of one step, per rank (``logs`` by rank); the step is shared by all ranks."""
+    start, end = max(g.start for g in logs), max(g.end for g in logs)
+    sends = {
+        (r, kind.removeprefix("send_"), i): t0
+        for r, g in enumerate(logs)
+        for kind, i, t0, _ in g.events
+        if kind.startswith("send_")
+    }
+    out = []
+    for r, g in enumerate(logs):
+        parts = dict.fromkeys(PARTS, 0.0)
+        for kind, i, t0, t1 in g.events:
+            if kind == "F":
+                parts["forward"] += t1 - t0
+            elif kind == "B":
+                parts["backward"] += t1 - t0
+            elif kind == "sync":
+                parts["grad_sync"] += t1 - t0
+            elif kind.startswith("recv_"):
+                d = kind.removeprefix("recv_")
+                peer = r - 1 if d == "F" else r + 1
+                sent = sends.get((peer, d, i), t0)
+                parts["sends"] += max(0.0, t1 - max(t0, sent))
+        parts["step"] = end - start
+        parts["bubble"] = parts["step"] - sum(parts[p] for p in PARTS if p != "bubble")
+        out.append(parts)
+    return out
+
+
+def summarise(
+    case: PipeCase, per_step: list[list[dict[str, float]]], err: float
+) -> PipeMeasurement:
+    """Medians over steps of the mean over ranks of each part."""
+    names = (*PARTS, "step")
+    t_SRP = torch.tensor([[[r[p] for p in names] for r in step] for step in per_step])
+    mean_SP = t_SRP.mean(1)
+    med_P = mean_SP.median(0).values
+    per_rank = t_SRP.median(0).values
+    return PipeMeasurement(
+        case=case,
+        parts_s={p: float(med_P[j]) for j, p in enumerate(PARTS)},
+        step_s=float(med_P[-1]),
+        step_samples_s=mean_SP[:, -1].tolist(),
+        per_rank_s=[{p: float(row[j]) for j, p in enumerate(names)} for row in per_rank],
+        max_rel_error=err,
+    )
+
+
+def check_against_reference(case: PipeCase, results: list[PipeRankResult]) -> float:
+    """Largest relative difference of losses and gradients; raise :class:`PipeMismatch`."""
+    ref = reference(case)
+    worst = 0.0
+    for r in results:
+        pairs: list[tuple[str, torch.Tensor, torch.Tensor]] = [
+            (f"gradient {j}", got, want)
+            for j, (got, want) in enumerate(zip(r.grads, ref.grads[r.stage], strict=True))
+        ]
+        if r.stage == case.stages - 1:
+            pairs.append(("losses", torch.tensor(r.losses), torch.tensor(ref.losses[r.replica])))
+        for what, got, want in pairs:
+            scale = max(float(want.abs().max()), 1e-30)
+            diff = float((got - want).abs().max()) / scale
+            if not diff <= TOLERANCE:
+                raise PipeMismatch(
+                    f"pipeline {what} of rank {r.rank} (stage {r.stage}) differs from the "
+                    f"single-process reference by {diff:.3g} relative ({case.label()})"
+                )
+            worst = max(worst, diff)
+    return worst
+
+
+def to_jsonable(m: PipeMeasurement) -> dict[str, Any]:
+    return {
+        "parts_s": m.parts_s,
+        "step_s": m.step_s,
+        "step_samples_s": m.step_samples_s,
+        "per_rank_s": m.per_rank_s,
+        "max_rel_error": m.max_rel_error,
+        "cpu_share": m.cpu_share,
+        "disturbed_steps": m.disturbed_steps,
+    }
+
+
+# -- point-to-point and all-reduce costs on these ranks ---------------------------------------
+
+
+def comm_rank(sizes: list[int], reps: int) -> dict[str, list[float]]:
+    """On 2 ranks: median one-way ``send``/``recv`` seconds (half a ping-pong) and median
+    ``all_reduce`` seconds per size (bytes of fp32)."""
+    torch.set_num_threads(1)
+    rank = dist.get_rank()
+    pin_rank(rank)
+    out: dict[str, list[float]] = {"p2p_s": [], "allreduce_s": []}
+    for nbytes in sizes:
+        buf = torch.zeros(max(nbytes // 4, 1))
+        pings, reduces = [], []
+        for k in range(reps + 1):
+            dist.barrier()
+            t0 = time.perf_counter()
+            if rank == 0:
+                dist.send(buf, dst=1)
+                dist.recv(buf, src=1)
+            else:
+                dist.recv(buf, src=0)
+                dist.send(buf, dst=0)
+            t1 = time.perf_counter()
+            dist.barrier()
+            t2 = time.perf_counter()
+            dist.all_reduce(buf)
+            t3 = time.perf_counter()
+            if k:  # the first round warms the connection and the pages
+                pings.append((t1 - t0) / 2)
+                reduces.append(t3 - t2)
+        out["p2p_s"].append(float(torch.tensor(pings).median()))
+        out["allreduce_s"].append(float(torch.tensor(reduces).median()))
+    return out
+
+
+def measure_comm(sizes: list[int], reps: int = 7, timeout_s: float = 120.0) -> dict[str, Any]:
+    """``{"bytes", "p2p_s", "allreduce_s"}`` measured on 2 local gloo ranks (rank 0's)."""
+    got = launch(comm_rank, 2, args=(sizes, reps), backend="gloo", timeout_s=timeout_s)
+    return {"bytes": list(sizes), **got[0]}
+
+
+# -- backward over forward of one layer's kernels ---------------------------------------------
+
+
+def backward_ratios(case: PipeCase, reps: int = 15) -> dict[str, float]:
+    """Median autograd backward / forward time of one layer's kernels in this process.
+
+    ``gemm``: the expert GEMMs (``experts_forward`` on the permuted rows; input and
+    weight gradients); ``memory``: the layer with identity experts (router, permute,
+    unpermute). Thread CPU seconds, so other processes sharing the core do not count;
+    forwards are timed with autograd recording, as the pipeline runs them, and freed
+    memory is kept (:func:`keep_freed_memory`) as in the pipeline's ranks.
+    """
+    torch.set_num_threads(1)
+    keep_freed_memory()
+    w = stage_weights(case, 0)[0]
+    x_TD = micro_batch(case, 0, 0).requires_grad_(True)
+    c = case.layer_case(0)
+    r = gate(x_TD.detach(), w, c.router_spec())
+    x_ND, tpe_E, _ = permute(x_TD.detach(), r, c.dispatch, num_experts=case.num_experts)
+    x_ND.requires_grad_(True)
+
+    def experts() -> torch.Tensor:
+        return experts_forward(
+            x_ND, tpe_E, w.experts.w_gate_EDF, w.experts.w_up_EDF, w.experts.w_down_EFD, c.experts
+        )
+
+    def routing_only() -> torch.Tensor:
+        rt = gate(x_TD, w, c.router_spec())
+        y_ND, _, state = permute(x_TD, rt, c.dispatch, num_experts=case.num_experts)
+        return unpermute(y_ND, state, c.dispatch)
+
+    fe, be = _fwd_bwd(experts, reps)
+    fm, bm = _fwd_bwd(routing_only, reps)
+    return {
+        "gemm": be / fe,
+        "memory": bm / fm,
+        "experts_forward_s": fe,
+        "experts_backward_s": be,
+        "memory_forward_s": fm,
+        "memory_backward_s": bm,
+    }
+
+
+def _fwd_bwd(fn: Any, reps: int) -> tuple[float, float]:
+    """Median thread CPU seconds of ``fn()`` and of its output's backward (2 warm-ups)."""
+    fwd, bwd = [], []
+    for k in range(reps + 2):
+        t0 = time.thread_time()
+        y = fn()
+        t1 = time.thread_time()
+        y.backward(torch.ones_like(y))
+        t2 = time.thread_time()
+        if k >= 2:
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+    return float(torch.tensor(fwd).median()), float(torch.tensor(bwd).median())

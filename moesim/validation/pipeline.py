@@ -1,0 +1,275 @@
+"""Predicted vs measured, by parts: a real 1F1B pipeline here against the simulator.
+
+The pipeline of :mod:`moesim.measure.pipeline` (``stages x dp`` gloo ranks, MoE
+layers, real sends, autograd backward, gradient all-reduce) is measured, and
+the same run is simulated as a scenario of one node with ``stages x dp``
+"GPUs" (``parallel.pp``, ``pp_schedule: 1f1b``, ``dp``, EP 1, the same layers,
+tokens per micro-batch, micro-batches; gradient all-reduce without the
+distributed optimizer and without overlap). The hardware is a profile of this
+machine calibrated here:
+
+- the layer's kernels, benched and fitted as ``moesim calibrate`` does
+  (:func:`moesim.validation.ep.calibrate_here`);
+- the backward / forward factors of the expert GEMMs and of the memory-bound ops
+  (:func:`moesim.measure.pipeline.backward_ratios`, ``calibration.backward``);
+- the gloo point-to-point cost: ``latency + bytes / bandwidth`` fitted to
+  one-way ``send``/``recv`` times at half of the measured sizes, its error on
+  the other half reported (held out), and the all-reduce the simulator prices
+  from it checked against measured all-reduces too. It replaces the profile's
+  scale-up all-to-all fit (the pipeline runs no all-to-all: EP 1).
+
+Local ranks share the cores: with ``pin_rank`` the replicas of a stage share a
+core when there are fewer cores than ranks, and they run the same passes at
+the same time, so every simulated GPU computes ``ranks per core x co-run
+interference`` slower (:class:`moesim.measure.ep_probe.CoRun`), measured
+before the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from moesim.config.hardware import BackwardFit, CommFit, Curve, HardwareProfile
+from moesim.config.scenario import Scenario
+from moesim.measure.pipeline import PARTS, PipeCase, PipeMeasurement
+
+#: measured part -> the simulator's per-GPU breakdown key (mean over GPUs)
+PART_KEYS = {"sends": "exposed_pp", "bubble": "bubble", "grad_sync": "exposed_dp"}
+
+
+def default_case(seed: int = 0) -> PipeCase:
+    """pp 2 x dp 2, two MoE layers per stage, 6 micro-batches of 256 tokens."""
+    return PipeCase(micro_batches=6, seed=seed)
+
+
+def tiny_case(seed: int = 0) -> PipeCase:
+    """A small pipeline for tests and smoke runs (about a second)."""
+    return PipeCase(
+        layers_per_stage=1, micro_batches=3, tokens=64, hidden=32, ffn=64, num_experts=4,
+        seed=seed,
+    )  # fmt: skip
+
+
+# -- calibration on this machine ---------------------------------------------------------
+
+
+def comm_sizes(case: PipeCase) -> list[int]:
+    """Message sizes from a quarter of an activation to past the largest gradient bucket."""
+    act = case.tokens * case.hidden * 4
+    grads = case.layers_per_stage * case.num_experts * 3 * case.hidden * case.ffn * 4
+    lo, hi = int(np.log2(max(act // 4, 1024))), int(np.ceil(np.log2(grads * 2)))
+    return [2**p for p in range(lo, hi + 1)]
+
+
+def fit_p2p(comm: dict[str, Any]) -> dict[str, Any]:
+    """Least-squares ``t = latency + bytes / bw`` on every other size; errors on the rest.
+
+    Returns the fit, its held-out relative errors, and the all-reduce the
+    simulator would price from it on 2 ranks (ring: 2 latencies, ``bytes`` moved
+    per rank) against the measured all-reduces.
+    """
+    b = np.asarray(comm["bytes"], dtype=np.float64)
+    t = np.asarray(comm["p2p_s"], dtype=np.float64)
+    fit_idx, held = np.arange(0, len(b), 2), np.arange(1, len(b), 2)
+    lat, inv_bw = _line(b[fit_idx], t[fit_idx])
+
+    def model(nbytes: np.ndarray) -> np.ndarray:
+        return lat + nbytes * inv_bw
+
+    held_err = (model(b[held]) - t[held]) / t[held]
+    ar = np.asarray(comm["allreduce_s"], dtype=np.float64)
+    ar_pred = 2 * lat + b * inv_bw
+    return {
+        "latency_s": lat,
+        "bandwidth_Bps": 1.0 / inv_bw,
+        "held_out_bytes": b[held].tolist(),
+        "held_out_error": held_err.tolist(),
+        "held_out_median_abs_error": float(np.median(np.abs(held_err))) if len(held) else 0.0,
+        "allreduce_error": ((ar_pred - ar) / ar).tolist(),
+        "allreduce_median_abs_error": float(np.median(np.abs((ar_pred - ar) / ar))),
+    }
+
+
+def _line(b: np.ndarray, t: np.ndarray) -> tuple[float, float]:
+    """``t = lat + b * inv_bw`` minimising relative errors, ``lat >= 0``."""
+    w = 1.0 / t
+    A = np.stack([np.ones(len(b)), b], axis=1) * w[:, None]
+    (lat, inv_bw), *_ = np.linalg.lstsq(A, t * w, rcond=None)
+    if lat < 0:  # through the origin instead
+        lat, inv_bw = 0.0, float(np.sum(w * w * b * t) / np.sum(w * w * b * b))
+    return float(lat), max(float(inv_bw), 1e-15)
+
+
+def with_measured(
+    hw: HardwareProfile, p2p: dict[str, Any], ratios: dict[str, float], world: int
+) -> HardwareProfile:
+    """``hw`` with the p2p fit as its scale-up link, the measured backward factors and
+    at least ``world`` GPUs per node."""
+    assert hw.calibration is not None
+    link = CommFit(
+        latency_us=p2p["latency_s"] * 1e6,
+        bandwidth_GBps=Curve(x=[1.0], y=[p2p["bandwidth_Bps"] / 1e9]),
+    )
+    back = BackwardFit(
+        gemm=ratios["gemm"], memory=ratios["memory"],
+        source="moesim.measure.pipeline.backward_ratios (thread CPU time, this machine)",
+    )  # fmt: skip
+    cal = hw.calibration.model_copy(
+        update={"alltoall": {**hw.calibration.alltoall, "scaleup": link}, "backward": back}
+    )
+    node = hw.node.model_copy(update={"gpus_per_node": max(hw.node.gpus_per_node, world)})
+    return hw.model_copy(update={"calibration": cal, "node": node})
+
+
+# -- simulating the run --------------------------------------------------------------------
+
+
+def scenario_for(case: PipeCase, slowdown: float = 1.0) -> Scenario:
+    """The measured pipeline as a one-node training scenario."""
+    stragglers = [{"gpu": g, "compute_slowdown": slowdown} for g in range(case.world)]
+    c = case.layer_case(0)
+    return Scenario.model_validate(
+        {
+            "name": f"pipeline {case.label()}",
+            "hardware": "calibrated",
+            "cluster": {"nodes": 1, "gpus_per_node": case.world},
+            "model": {
+                "hidden_size": case.hidden,
+                "moe_intermediate_size": case.ffn,
+                "num_experts": case.num_experts,
+                "top_k": case.top_k,
+                "num_moe_layers": case.stages * case.layers_per_stage,
+                "dtype": "fp32",
+            },
+            "router": c.router_spec().model_dump(exclude={"top_k"}),
+            "parallel": {"ep": 1, "dp": case.dp, "pp": case.stages, "pp_schedule": "1f1b"},
+            "dispatcher": "alltoall",
+            "training": {
+                "distributed_optimizer": False,
+                "overlap_grad_reduce": False,
+                "overlap_param_gather": False,
+            },
+            "workload": {
+                "mode": "training",
+                "tokens_per_gpu": case.tokens,
+                "micro_batches": case.micro_batches,
+                "routing": {"distribution": "uniform"},
+                "stragglers": stragglers if slowdown > 1.0 else [],
+                "seed": case.seed,
+            },
+        }
+    )
+
+
+def predict(case: PipeCase, hw: HardwareProfile, slowdown: float) -> dict[str, float]:
+    """Predicted parts (mean over GPUs), forward / backward split from the phase tables."""
+    from moesim.simulate import simulate
+
+    res = simulate(scenario_for(case, slowdown), hw)
+    mean = res.step_breakdown_s["mean"]
+    passes = case.layers_per_stage * case.micro_batches
+    fwd = passes * sum(v for k, v in res.phases_s.items() if k not in ("grad_sync",))
+    fwd = min(fwd, mean["compute"])
+    out = {"forward": fwd, "backward": mean["compute"] - fwd}
+    out |= {p: float(mean[k]) for p, k in PART_KEYS.items()}
+    return out | {"step": float(res.step_time_s)}
+
+
+# -- comparing -----------------------------------------------------------------------------
+
+
+def rel_error(predicted: float, measured: float) -> float:
+    return (predicted - measured) / measured if measured > 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class PipeValidation:
+    case: PipeCase
+    measured: PipeMeasurement
+    predicted: dict[str, float]
+    p2p: dict[str, Any]
+    backward: dict[str, float]
+    slowdown: float
+    profile: str
+    expected_slowdown: float = 1.0  # on an idle host (ranks per core x co-run)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` contract: per part measured / predicted / error, the median."""
+        m = self.measured
+        measured = m.parts_s | {"step": m.step_s}
+        parts = {
+            p: {
+                "measured_s": measured[p],
+                "predicted_s": self.predicted[p],
+                "error": rel_error(self.predicted[p], measured[p]),
+            }
+            for p in (*PARTS, "step")
+        }
+        errs = [abs(parts[p]["error"]) for p in PARTS]
+        c = self.case
+        return {
+            "case": {
+                "stages": c.stages, "dp": c.dp, "layers_per_stage": c.layers_per_stage,
+                "micro_batches": c.micro_batches, "tokens": c.tokens, "hidden": c.hidden,
+                "ffn": c.ffn, "num_experts": c.num_experts, "top_k": c.top_k,
+                "schedule": "1f1b", "world": c.world,
+            },
+            "parts": parts,
+            "median_abs_error": float(np.median(errs)),
+            "max_abs_error": float(np.max(errs)),
+            "max_rel_error_vs_reference": m.max_rel_error,
+            "cpu_share": m.cpu_share,
+            "disturbed_steps": m.disturbed_steps,
+            "per_rank_s": m.per_rank_s,
+            "step_samples_s": m.step_samples_s,
+            "p2p_fit": self.p2p,
+            "backward_factors": self.backward,
+            "compute_slowdown": self.slowdown,
+            "expected_slowdown": self.expected_slowdown,
+            "profile": self.profile,
+        }  # fmt: skip
+
+
+def validate_pipeline(
+    case: PipeCase,
+    hw: HardwareProfile,
+    *,
+    profile: str,
+    steps: int = 8,
+    warmup: int = 2,
+    timeout_s: float = 300.0,
+) -> PipeValidation:
+    """Measure the comm fit, backward factors and co-run factor, run the pipeline, predict."""
+    from moesim.measure.distributed import launch
+    from moesim.measure.ep_probe import co_run_factor, keep_cores_awake
+    from moesim.measure.pipeline import backward_ratios, check_case, measure_comm, run_pipeline
+
+    check_case(case)
+    with keep_cores_awake():
+        comm = measure_comm(comm_sizes(case))
+        ratios = launch(backward_ratios, 1, args=(case,), backend="gloo")[0]
+        probe = co_run_factor(case.world)
+        measured = run_pipeline(case, steps=steps, warmup=warmup, timeout_s=timeout_s)
+    p2p = fit_p2p(comm) | {"measured": comm}
+    slowdown = compute_slowdown(probe.interference, probe.factor, measured.cpu_share)
+    hw = with_measured(hw, p2p, ratios, case.world)
+    predicted = predict(case, hw, slowdown)
+    return PipeValidation(
+        case, measured, predicted, p2p, ratios, slowdown, profile, expected_slowdown=probe.factor
+    )
+
+
+def compute_slowdown(interference: float, expected: float, cpu_share: float) -> float:
+    """How much slower each rank computes than the single-process calibration bench.
+
+    ``interference / cpu_share``: the co-run penalty (caches, memory bandwidth) over
+    the share of a core the ranks' compute got during the run (thread CPU time /
+    wall time, measured). On an otherwise idle host the share is ``cores / ranks``
+    (capped at 1) and this is ``expected`` (:attr:`CoRun.factor`); other processes
+    on the host lower the share, and the ranks then compute slower, in every part
+    of the step alike. Never below ``expected``.
+    """
+    return max(expected, interference / max(cpu_share, 1e-3))

@@ -1,0 +1,159 @@
+"""The real 1F1B pipeline (gloo ranks) and ``moesim validate --pipeline``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moesim.cli import main
+from moesim.config.loader import load_hardware
+from moesim.measure.pipeline import (
+    PARTS,
+    PipeMismatch,
+    PipeRankResult,
+    StepLog,
+    check_against_reference,
+    one_f_one_b,
+    reference,
+    run_pipeline,
+    step_parts,
+)
+from moesim.simulate import simulate
+from moesim.validation import pipeline as pv
+
+REPO = Path(__file__).resolve().parents[1]
+PROFILE = REPO / "results/validation/cpu-ep2-calibrated.yaml"
+
+
+def test_one_f_one_b_order_by_hand() -> None:
+    assert one_f_one_b(2, 0, 3) == [("F", 0), ("F", 1), ("B", 0), ("F", 2), ("B", 1), ("B", 2)]
+    assert one_f_one_b(2, 1, 3) == [("F", 0), ("B", 0), ("F", 1), ("B", 1), ("F", 2), ("B", 2)]
+    assert one_f_one_b(3, 0, 1) == [("F", 0), ("B", 0)]
+
+
+@pytest.mark.parametrize("wait_sends", [True, False])
+def test_pipeline_equals_one_process_and_a_wrong_gradient_is_caught(wait_sends: bool) -> None:
+    """pp 2 x dp 2 on gloo: losses and all-reduced gradients equal the one-process model."""
+    case = replace(pv.tiny_case(), wait_sends=wait_sends)
+    m = run_pipeline(case, steps=1, warmup=0, timeout_s=120)
+    assert m.max_rel_error < 1e-4
+    for rank in m.per_rank_s:  # every part was seen, and they add up to the step
+        assert rank["forward"] > 0 and rank["backward"] > 0 and rank["grad_sync"] > 0
+        assert sum(rank[p] for p in PARTS) == pytest.approx(rank["step"], rel=1e-6)
+    # the reference is not trivially equal to anything: a gradient off by 1e-3 fails
+    ref = reference(case)
+    fake = [
+        PipeRankResult(r, r % 2, r // 2, [], ref.losses[r // 2], list(ref.grads[r % 2]))
+        for r in range(case.world)
+    ]
+    assert check_against_reference(case, fake) == 0.0
+    fake[1].grads[0] = fake[1].grads[0] * (1 + 1e-3)
+    with pytest.raises(PipeMismatch, match="rank 1"):
+        check_against_reference(case, fake)
+
+
+def _log(events: list[tuple[str, int, float, float]], start: float, end: float) -> StepLog:
+    return StepLog(events=events, start=start, end=end)
+
+
+def test_step_parts_by_hand() -> None:
+    """Stage 0 computes F0 [0,2], sends at 2; stage 1 waits from 0, gets it at 3, ..."""
+    r0 = _log([("F", 0, 0.0, 2.0), ("send_F", 0, 2.0, 2.0),
+               ("recv_B", 0, 2.0, 9.0), ("B", 0, 9.0, 12.0), ("sync", -1, 12.0, 13.0)],
+              0.0, 13.0)  # fmt: skip
+    r1 = _log([("recv_F", 0, 0.0, 3.0), ("F", 0, 3.0, 5.0), ("B", 0, 5.0, 8.0),
+               ("send_B", 0, 8.0, 8.0), ("sync", -1, 8.0, 8.5)], 0.0, 8.5)  # fmt: skip
+    p0, p1 = step_parts([r0, r1])
+    # rank 0: the gradient was sent at 8, arrived at 9: 1 s exposed; waiting 2..8 is bubble
+    assert p0 == pytest.approx(
+        {"forward": 2, "backward": 3, "sends": 1, "grad_sync": 1, "bubble": 6, "step": 13}
+    )
+    # rank 1: the activation was sent at 2, arrived at 3; 0..2 and 8.5..13 are bubble
+    assert p1 == pytest.approx(
+        {"forward": 2, "backward": 3, "sends": 1, "grad_sync": 0.5, "bubble": 6.5, "step": 13}
+    )
+
+
+def test_p2p_fit_recovers_a_line_and_prices_the_allreduce() -> None:
+    b = [2.0**p for p in range(10, 20)]
+    lat, bw = 50e-6, 2e9
+    comm = {"bytes": b, "p2p_s": [lat + x / bw for x in b],
+            "allreduce_s": [2 * lat + x / bw for x in b]}  # fmt: skip
+    fit = pv.fit_p2p(comm)
+    assert fit["latency_s"] == pytest.approx(lat, rel=1e-6)
+    assert fit["bandwidth_Bps"] == pytest.approx(bw, rel=1e-6)
+    assert fit["held_out_median_abs_error"] == pytest.approx(0, abs=1e-9)
+    assert fit["allreduce_median_abs_error"] == pytest.approx(0, abs=1e-9)
+
+
+def test_measured_backward_factors_scale_the_backward_ops() -> None:
+    """With calibration.backward (gemm g, memory m): B experts = g x F, B gate = m x F."""
+    hw = load_hardware(str(PROFILE))
+    case = pv.tiny_case()
+    p2p = {"latency_s": 1e-4, "bandwidth_Bps": 1e9}
+    res = {}
+    for g, mem in ((2.0, 1.0), (3.0, 0.5)):
+        prof = pv.with_measured(hw, p2p, {"gemm": g, "memory": mem}, case.world)
+        res[g] = r = simulate(pv.scenario_for(case), prof)
+        f, b = r.phases_s, r.backward_phases_s
+        assert b["experts"] == pytest.approx(g * f["experts"], rel=1e-9)
+        for op in ("gate", "permute", "unpermute"):
+            assert b[op] == pytest.approx(mem * f[op], rel=1e-9)
+    # without calibration.backward the factors are 2x / 1x
+    prof = pv.with_measured(hw, p2p, {"gemm": 2.0, "memory": 1.0}, case.world)
+    assert prof.calibration is not None
+    prof = prof.model_copy(
+        update={"calibration": prof.calibration.model_copy(update={"backward": None})}
+    )
+    plain = simulate(pv.scenario_for(case), prof)
+    assert plain.step_time_s == pytest.approx(res[2.0].step_time_s, rel=1e-12)
+    assert res[3.0].step_time_s > res[2.0].step_time_s
+
+
+def test_validate_pipeline_tiny_end_to_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["validate", "--pipeline", "--tiny", "--steps", "2", "--warmup", "0",
+            "--profile", str(PROFILE), "--out", str(tmp_path), "--json"]  # fmt: skip
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["parts"]) == {*PARTS, "step"}
+    for part, row in out["parts"].items():
+        assert row["measured_s"] > 0 or part in ("sends", "bubble"), part
+        assert row["predicted_s"] >= 0
+        if row["measured_s"] > 0:
+            want = (row["predicted_s"] - row["measured_s"]) / row["measured_s"]
+            assert row["error"] == pytest.approx(want)
+    errs = [abs(out["parts"][p]["error"]) for p in PARTS]
+    assert out["median_abs_error"] == pytest.approx(float(np.median(errs)))
+    assert out["max_rel_error_vs_reference"] < 1e-4
+    assert out["case"]["stages"] == 2 and out["case"]["schedule"] == "1f1b"
+    saved = list(tmp_path.glob("pipeline-*.json"))
+    assert len(saved) == 1 and "provenance" in json.loads(saved[0].read_text())
+
+
+def test_validate_pipeline_rejects_an_uncalibrated_profile(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["validate", "--pipeline", "--tiny", "--profile", "cpu-local", "--json"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "not a calibrated profile" in err and err.count("\n") == 1
+
+
+def test_compute_slowdown_from_the_measured_share() -> None:
+    """Idle host, 4 ranks on 2 cores: share 1/2, slowdown 2 x co-run; loaded: more."""
+    assert pv.compute_slowdown(1.1, 2.2, 0.5) == pytest.approx(2.2)
+    assert pv.compute_slowdown(1.1, 2.2, 0.25) == pytest.approx(4.4)
+    assert pv.compute_slowdown(1.1, 2.2, 0.9) == pytest.approx(2.2)  # never below expected
+
+
+def test_p2p_fit_through_the_origin_when_the_intercept_would_be_negative() -> None:
+    b = [1e3, 1e4, 1e5, 1e6]
+    comm = {"bytes": b, "p2p_s": [x / 1e9 for x in b], "allreduce_s": [x / 1e9 for x in b]}
+    fit = pv.fit_p2p(comm)
+    assert fit["latency_s"] >= 0 and fit["bandwidth_Bps"] == pytest.approx(1e9, rel=1e-6)
