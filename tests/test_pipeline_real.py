@@ -26,7 +26,7 @@ from moesim.simulate import simulate
 from moesim.validation import pipeline as pv
 
 REPO = Path(__file__).resolve().parents[1]
-PROFILE = REPO / "results/validation/cpu-ep2-calibrated.yaml"
+PROFILE = REPO / "results/reference/epyc-2core/validation/cpu-ep2-calibrated.yaml"
 
 
 def test_one_f_one_b_order_by_hand() -> None:
