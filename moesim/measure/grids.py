@@ -76,7 +76,7 @@ _CPU_QUICK: dict[str, Grid] = {
         "skew": [0.0, 1.2],
     },
     "roofline": {
-        "copy_MiB": [1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64],
+        "copy_MiB": [1, 1.5, 2, 3, 4, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64],
         "gemm": [128, 192, 256, 384, 512],
     },
     "alltoall": {"msg_bytes": [2**p for p in range(12, 21)], "split": ["even"]},
