@@ -3,13 +3,14 @@
 The simulator's cost grows with the size of the scenario: SimPy events per
 (EP group, layer, micro-batch), and numpy cells per (GPU, expert, layer,
 micro-batch). :func:`estimate` prices a scenario with coefficients fitted to
-``benchmarks/sim_speed.py --growth`` runs (DeepSeek-V3-like training steps,
-64 to 65,536 GPUs, 2 to 58 layers, 1 to 8 micro-batches, 64 or 256 experts,
-EP 8 or 64; CPU seconds and peak RSS of a fresh process, on the 2-core
-development VM, shared with other work: wall time there was 2-3x the CPU time). On
-those runs the time estimate was within 0.89-1.10x and the memory estimate
-within 0.94-1.03x of the measurement; inference steps (no
-backward) take less than estimated.
+``benchmarks/sim_speed.py --growth`` runs of the op-program engine
+(DeepSeek-V3-like training steps, one pipeline stage, 64 to 65,536 GPUs, 2 to
+58 layers, 1 to 8 micro-batches, 64 or 256 experts, EP 8 or 64; CPU seconds and
+peak RSS of a fresh process on the quiet 2-core development VM). On those runs
+the time estimate was within 0.75-1.18x of the measurement except one: 2,048
+GPUs at EP 8 (256 EP groups of 58 layers) took 84 s, 3x the estimate, so
+many small EP groups are under-estimated. The memory estimate was within
+0.87-1.10x. Inference steps (no backward) take less than estimated.
 
 :func:`check_budget` refuses a scenario whose estimate is above the limits
 (default :data:`MAX_SECONDS` and :data:`MAX_GIB`; the environment variables
@@ -31,15 +32,15 @@ MAX_SECONDS = 600.0
 MAX_GIB = 8.0
 
 # CPU seconds = sum of coefficient x size term (fitted, see the module docstring)
-_S_FIXED = 1.92e-2  # start-up of one simulate() call
-_S_PER_GROUP_LAYER_MB = 1.27e-4  # SimPy events of one EP group, layer and micro-batch
-_S_PER_CELL = 1.98e-8  # one (GPU, expert) cell of one layer and micro-batch
-_S_PER_GPU_LAYER_MB = 8.01e-7  # per-GPU vectors of one layer and micro-batch
-_S_PER_GPU_EXPERT = 5.34e-8  # per-step (GPU, expert) arrays
+_S_FIXED = 0.106  # start-up of one simulate() call (profile, plan, program)
+_S_PER_GROUP_LAYER_MB = 7.06e-4  # the op program's events of one EP group, layer, micro-batch
+_S_PER_CELL = 5.01e-9  # one (GPU, expert) cell of one layer and micro-batch
+_S_PER_GROUP2_LAYER_MB = 8.0e-7  # rate updates: concurrent groups x their events
 # peak bytes
-_B_FIXED = 55.1e6  # interpreter, numpy, simpy, moesim
-_B_PER_GPU_LAYER_MB = 125.0  # recorded per-GPU times of one layer and micro-batch
-_B_PER_GPU_EXPERT = 21.8  # live (GPU, expert) load arrays of one layer
+_B_FIXED = 57.0e6  # interpreter, numpy, simpy, moesim
+_B_PER_GPU_LAYER_MB = 226.0  # recorded per-GPU times of one layer and micro-batch
+_B_PER_GPU_EXPERT = 20.7  # live (GPU, expert) load arrays of one layer
+_B_PER_GROUP_LAYER_MB = 6.26e3  # ops and coflows kept per EP group, layer, micro-batch
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,14 @@ def estimate(scn: Scenario) -> Estimate:
         _S_FIXED
         + _S_PER_GROUP_LAYER_MB * X * Ly * mb
         + _S_PER_CELL * G * E * Ly * mb
-        + _S_PER_GPU_LAYER_MB * G * Ly * mb
-        + _S_PER_GPU_EXPERT * G * E
+        + _S_PER_GROUP2_LAYER_MB * X * X * Ly * mb
     )
-    peak = _B_FIXED + _B_PER_GPU_LAYER_MB * G * Ly * mb + _B_PER_GPU_EXPERT * G * E
+    peak = (
+        _B_FIXED
+        + _B_PER_GPU_LAYER_MB * G * Ly * mb
+        + _B_PER_GPU_EXPERT * G * E
+        + _B_PER_GROUP_LAYER_MB * X * Ly * mb
+    )
     return Estimate(seconds, peak)
 
 
