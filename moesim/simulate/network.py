@@ -35,7 +35,11 @@ def maxmin_rates(demand_CfL: F64, cap_L: F64) -> F64:
     positive entry); ``cap_L`` bytes/s. Coflow ``c`` then drains link ``l`` at
     ``x_c * demand_CfL[c, l] / max_l demand_CfL[c, l]``.
     """
-    share = demand_CfL / demand_CfL.max(axis=1, keepdims=True)
+    return _progressive_fill(demand_CfL / demand_CfL.max(axis=1, keepdims=True), cap_L)
+
+
+def _progressive_fill(share: F64, cap_L: F64) -> F64:
+    """:func:`maxmin_rates` on demands already divided by each row's maximum."""
     Cf = share.shape[0]
     x = np.zeros(Cf)
     free = np.asarray(cap_L, dtype=np.float64).copy()
@@ -62,6 +66,13 @@ class _Coflow:
     left: float = 1.0  # fraction of the coflow not yet moved
     rate: float = 0.0  # fraction per second
     finish: float = float("inf")  # when it ends at the current rate (kept while the rate is)
+    peak: float = field(init=False)  # max_l demand_L: bytes of its most loaded link
+    share_L: F64 = field(init=False)  # demand_L / peak, the row max-min filling reads
+
+    def __post_init__(self) -> None:
+        # computed once: every rate update of the domain reads them (profiled hot path)
+        self.peak = float(self.demand_L.max())
+        self.share_L = self.demand_L / self.peak
 
 
 @dataclass
@@ -150,11 +161,9 @@ class FluidNetwork:
         if len(active) == 1:
             active[0].rate = 1.0 / active[0].solo
             return
-        peak = [float(f.demand_L.max()) for f in active]
-        share = np.stack([f.demand_L / p for f, p in zip(active, peak, strict=True)])
-        x = maxmin_rates(share, self.cap_L)
-        for f, xc, p in zip(active, x, peak, strict=True):
-            f.rate = float(xc) / p
+        x = _progressive_fill(np.stack([f.share_L for f in active]), self.cap_L)
+        for f, xc in zip(active, x, strict=True):
+            f.rate = float(xc) / f.peak
 
     def _wake(self, key: object, version: int) -> None:
         dom = self._domains[key]
