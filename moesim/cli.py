@@ -45,10 +45,11 @@ dropped tokens and load imbalance, for any model, router and parallel layout.
 
 EPILOG = """\
 start here:
-  moesim run                                   measure this machine, then compare
+  moesim run                            measure this machine, then compare
   moesim simulate scenarios/mixtral-8x7b-8xh100.yaml --set top_k=1
   moesim compare SCENARIO --vary top_k=1,2 --hardware h100-sxm,h800-sxm
-  moesim profiles                              the names --hardware takes
+  moesim profiles                       the names --hardware takes
+  moesim import aiconfigurator --system h200_sxm   measured GPU kernel tables
 
 "moesim COMMAND --help" explains each command. Exit codes: 0 ok, 2 bad input
 (one line on stderr naming the file, field and value), 1 internal error.

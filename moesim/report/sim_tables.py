@@ -61,8 +61,10 @@ def _memory_rows(r: Any) -> list[tuple[str, str]]:
     if not m:
         return []
     verdict = "fits" if r.fits else "[bold red]DOES NOT FIT[/]"
-    where = f"GPU {m['peak_gpu']}, stage {m['peak_stage']}"
-    return [("peak memory", f"{m['peak_GiB']:.1f} of {m['hbm_GiB']:.1f} GiB ({where}): {verdict}")]
+    return [
+        ("peak memory", f"{m['peak_GiB']:.1f} of {m['hbm_GiB']:.1f} GiB: {verdict}"),
+        ("  held by", f"GPU {m['peak_gpu']}, pipeline stage {m['peak_stage']}"),
+    ]
 
 
 STEP_PARTS = {
@@ -170,8 +172,8 @@ def memory_table(r: Any) -> Table:
     m = r.memory
     verdict = "[green]fits[/]" if r.fits else "[bold red]DOES NOT FIT[/]"
     title = (
-        f"Memory: peak {m['peak_GiB']:.1f} GiB on GPU {m['peak_gpu']} (stage "
-        f"{m['peak_stage']}) of {m['hbm_GiB']:.1f} GiB HBM: {verdict}"
+        f"Memory: peak {m['peak_GiB']:.1f} of {m['hbm_GiB']:.1f} GiB HBM on GPU "
+        f"{m['peak_gpu']}, stage {m['peak_stage']}: {verdict}"
     )
     table = Table(title=title, title_justify="left")
     table.add_column("part")
@@ -182,12 +184,11 @@ def memory_table(r: Any) -> Table:
     style = "green" if r.fits else "bold red"
     table.add_row("headroom", f"[{style}]{m['headroom_GiB']:.2f}[/]")
     table.add_row("mean / min over GPUs", f"{m['mean_GiB']:.1f} / {m['min_GiB']:.1f}")
-    table.add_row(
-        "rows received by one GPU (peak / mean / bound)",
-        f"{m['recv_rows_peak']:,.0f} / {m['recv_rows_mean']:,.0f} / {m['recv_rows_bound']:,.0f}",
-    )
+    table.add_row("rows received by one GPU: peak", f"{m['recv_rows_peak']:,.0f}")
+    table.add_row("  mean over GPUs", f"{m['recv_rows_mean']:,.0f}")
+    table.add_row("  bound (capacity or dropless)", f"{m['recv_rows_bound']:,.0f}")
     inflight = ", ".join(f"{v:g}" for v in m["inflight_micro_batches"][:8])
-    table.add_row(f"micro-batches in flight per stage ({m['schedule']})", inflight)
+    table.add_row(f"in flight per stage ({m['schedule']})", inflight)
     return table
 
 
