@@ -219,7 +219,7 @@ def _show(report: CalibrationReport, records: list[Record], scenario_path: str) 
 
     fits = ", ".join(f"{name} {err['mape']:.0%}" for name, err in report.families.items())
     console.print(f"calibration fit error (held-out MAPE): {fits or 'none'}")
-    over = [f"{n} {e['mape']:.0%}" for n, e in report.families.items() if e["mape"] > MAPE_TARGET]
+    over = [f"{n} {e['mape']:.1%}" for n, e in report.families.items() if e["mape"] > MAPE_TARGET]
     if over:
         console.print(
             f"  [yellow]above the {MAPE_TARGET:.0%} target: {', '.join(over)}[/] (timing "
