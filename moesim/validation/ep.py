@@ -144,6 +144,24 @@ def calibrate_here(
 # -- simulating a measured case ---------------------------------------------------------
 
 
+def measured_model(
+    hidden: int, ffn: int, experts: int, top_k: int, layers: int = 1
+) -> dict[str, Any]:
+    """The ``model`` section of a layer measured here: fp32 MoE layers of these shapes.
+
+    One definition for every validation that predicts a real CPU run (EP layer,
+    memory, pipeline).
+    """
+    return {
+        "hidden_size": hidden,
+        "moe_intermediate_size": ffn,
+        "num_experts": experts,
+        "top_k": top_k,
+        "num_moe_layers": layers,
+        "dtype": "fp32",
+    }
+
+
 def scenario_for(case: EPCase, world: int, trace: Path, slowdown: float = 1.0) -> Scenario:
     """The measured configuration as a one-node scenario with ``world`` GPUs.
 
@@ -158,14 +176,7 @@ def scenario_for(case: EPCase, world: int, trace: Path, slowdown: float = 1.0) -
             "name": f"ep-layer {case.label()} x{world}",
             "hardware": "calibrated",
             "cluster": {"nodes": 1, "gpus_per_node": world},
-            "model": {
-                "hidden_size": case.hidden,
-                "moe_intermediate_size": case.ffn,
-                "num_experts": case.num_experts,
-                "top_k": case.top_k,
-                "num_moe_layers": 1,
-                "dtype": "fp32",
-            },
+            "model": measured_model(case.hidden, case.ffn, case.num_experts, case.top_k),
             "router": case.router_spec().model_dump(exclude={"top_k"}),
             "parallel": {"ep": world},
             "dispatcher": "alltoall",

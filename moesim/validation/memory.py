@@ -30,6 +30,7 @@ from moesim.config.scenario import Scenario
 from moesim.measure.memory import MemCase, MemMeasurement, measure_layer_peak
 from moesim.simulate import simulate
 from moesim.simulate.memory import GiB
+from moesim.validation.ep import measured_model
 
 #: parts of the memory model the measured layer holds (no optimizer, no reserve)
 LAYER_PARTS = ("params", "grads", "moe_tokens", "moe_expert_act", "transient", "dispatcher")
@@ -68,14 +69,7 @@ def layer_scenario(case: MemCase, trace: Path) -> Scenario:
             "name": f"memory-{case.label()}",
             "hardware": "cpu-local",
             "cluster": {"nodes": 1, "gpus_per_node": 1},
-            "model": {
-                "hidden_size": case.hidden,
-                "moe_intermediate_size": case.ffn,
-                "num_experts": case.num_experts,
-                "top_k": case.top_k,
-                "num_moe_layers": 1,
-                "dtype": "fp32",
-            },
+            "model": measured_model(case.hidden, case.ffn, case.num_experts, case.top_k),
             "router": {"kind": "softmax_topk", "capacity_factor": case.capacity_factor},
             "parallel": {"ep": 1},
             "workload": {

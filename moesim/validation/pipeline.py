@@ -35,6 +35,7 @@ import numpy as np
 from moesim.config.hardware import BackwardFit, CommFit, Curve, HardwareProfile
 from moesim.config.scenario import Scenario
 from moesim.measure.pipeline import PARTS, PipeCase, PipeMeasurement
+from moesim.validation.ep import measured_model
 
 #: measured part -> the simulator's per-GPU breakdown key (mean over GPUs)
 PART_KEYS = {"sends": "exposed_pp", "bubble": "bubble", "grad_sync": "exposed_dp"}
@@ -136,14 +137,13 @@ def scenario_for(case: PipeCase, slowdown: float = 1.0) -> Scenario:
             "name": f"pipeline {case.label()}",
             "hardware": "calibrated",
             "cluster": {"nodes": 1, "gpus_per_node": case.world},
-            "model": {
-                "hidden_size": case.hidden,
-                "moe_intermediate_size": case.ffn,
-                "num_experts": case.num_experts,
-                "top_k": case.top_k,
-                "num_moe_layers": case.stages * case.layers_per_stage,
-                "dtype": "fp32",
-            },
+            "model": measured_model(
+                case.hidden,
+                case.ffn,
+                case.num_experts,
+                case.top_k,
+                layers=case.stages * case.layers_per_stage,
+            ),
             "router": c.router_spec().model_dump(exclude={"top_k"}),
             "parallel": {"ep": 1, "dp": case.dp, "pp": case.stages, "pp_schedule": "1f1b"},
             "dispatcher": "alltoall",
