@@ -39,15 +39,14 @@ METRICS: dict[str, Metric] = {
 }
 #: extra per-run numbers that may be plotted but are not table columns
 EXTRA_METRICS: dict[str, Metric] = {
-    "dispatch_bytes_per_gpu": Metric(
-        "dispatch_bytes_per_gpu", "dispatch bytes/GPU", "bytes", False
-    ),
-    "memory_headroom_GiB": Metric("memory_headroom_GiB", "HBM headroom", "GiB", True),
-    "oom": Metric("oom", "P(some GPU exceeds HBM)", "fraction", False),
-    # routed-expert weights one GPU holds (details.placement): what redundant copies cost
-    "expert_weight_bytes_per_gpu": Metric(
-        "expert_weight_bytes_per_gpu", "expert weights/GPU", "bytes", False
-    ),
+    m.key: m
+    for m in (
+        Metric("dispatch_bytes_per_gpu", "dispatch bytes/GPU", "bytes", False),
+        Metric("memory_headroom_GiB", "HBM headroom", "GiB", True),
+        Metric("oom", "P(some GPU exceeds HBM)", "fraction", False),
+        # routed-expert weights one GPU holds (details.placement): what redundant copies cost
+        Metric("expert_weight_bytes_per_gpu", "expert weights/GPU", "bytes", False),
+    )
 }
 PHASE_PREFIX = "phase_"
 #: ``result["dynamics"]["summary"][x]`` flattens to ``dyn_x``
