@@ -168,8 +168,53 @@ def test_fit_recovers_a_known_ar1() -> None:
         shares.append(np.random.default_rng(len(shares)).multinomial(n, proc.share()) / n)
         proc.observe(np.zeros_like(mu))
     fit = fit_process(np.array(shares), n)
-    assert fit.persistence == pytest.approx(0.8, abs=0.15)
-    assert fit.drift == pytest.approx(0.1, rel=0.3)
+    assert np.median(fit.persistence_LE) == pytest.approx(0.8, abs=0.15)
+    assert np.median(fit.drift_LE) == pytest.approx(0.1, rel=0.3)
+    assert np.abs(fit.sharpening_L1).max() < 2e-3  # a fixed level: no sharpening
+
+
+def _shares_of(proc: ParametricProcess, steps: int, n: int) -> np.ndarray:
+    rng = np.random.default_rng(99)
+    out = []
+    for _ in range(steps):
+        out.append(rng.multinomial(n, proc.share()) / n)
+        proc.observe(np.zeros_like(proc.z))
+    return np.array(out)
+
+
+def test_fit_recovers_per_expert_persistence_and_drift() -> None:
+    # (rho, drift) = (0.3, 0.1), (0.3, 0.2), (0.8, 0.1), (0.8, 0.2), 16 experts of each
+    # (E = 64: the softmax's shared normaliser barely mixes them); 40 layers are replicates
+    rho, drift = np.tile([0.3, 0.3, 0.8, 0.8], 16), np.tile([0.1, 0.2, 0.1, 0.2], 16)
+    mu = np.zeros((40, 64))
+    cfg = DynamicsConfig()
+    proc = ParametricProcess(cfg, mu, mu, np.random.default_rng(3), persistence=rho, drift=drift)
+    fit = fit_process(_shares_of(proc, 120, 10**8), 10**8)
+    got_rho = fit.persistence_LE.mean(0).reshape(16, 4).mean(0)
+    got_drift = fit.drift_LE.mean(0).reshape(16, 4).mean(0)
+    assert got_rho == pytest.approx([0.3, 0.3, 0.8, 0.8], abs=0.1)
+    assert got_drift == pytest.approx([0.1, 0.2, 0.1, 0.2], rel=0.2)
+
+
+def test_fit_recovers_the_sharpening() -> None:
+    # spread over experts grows as 1 + k·t: seen from the last step, k / (1 + k·(T - 1))
+    k, T = 0.004, 150
+    mu = np.log(np.linspace(1, 4, 16))[None].repeat(2, 0)
+    cfg = DynamicsConfig(persistence=0.0, drift=0.01, sharpening=k)
+    proc = ParametricProcess(cfg, mu, mu, np.random.default_rng(4))
+    fit = fit_process(_shares_of(proc, T, 10**7), 10**7)
+    assert fit.sharpening_L1.ravel() == pytest.approx(k / (1 + k * (T - 1)), rel=0.15)
+
+
+def test_sharpening_scales_the_level_linearly_down_to_flat() -> None:
+    mu = np.array([[1.0, -1.0]])
+    cfg = DynamicsConfig(persistence=0.0, drift=0.0)
+    cases = [(0.5, [[1.5, -1.5], [2.0, -2.0]]), (-0.5, [[0.5, -0.5], [0.0, 0.0], [0.0, 0.0]])]
+    for k, want in cases:
+        proc = ParametricProcess(cfg, mu, mu, np.random.default_rng(0), sharpening=k)
+        for level in want:
+            proc.observe(np.ones((1, 2)))
+            assert proc.z.tolist() == [level]
 
 
 def test_step_metrics_by_hand() -> None:

@@ -51,7 +51,10 @@ class DynamicsConfig(Frozen):
     ``source: parametric``: per layer, log-popularity ``z`` follows an AR(1)
     process around the scenario's own popularity (``routing.distribution``):
     ``z[t+1] = mu + persistence·(z[t] - mu) + drift·N(0, 1)`` starting
-    ``initial_scale`` times as skewed as ``mu``; the router picks by
+    ``initial_scale`` times as skewed as ``mu``, the skew of ``mu`` growing
+    linearly, ``max(0, 1 + sharpening·t)`` times ``mu - mean(mu)`` at step ``t``
+    (router logits that sharpen over training; fitted to the measured runs by
+    ``moesim validate --dynamics``); the router picks by
     ``softmax(z + b)``; ``balancing`` acts on the simulated loads each step:
     ``bias`` is DeepSeek-V3's ``b_i <- b_i + gamma·sign(mean load - load_i)``,
     ``aux_loss`` moves ``b_i`` by ``-aux_rate·(load_i / mean - 1)``.
@@ -64,6 +67,7 @@ class DynamicsConfig(Frozen):
     persistence: float = Field(default=0.9, ge=0, le=1)
     drift: float = Field(default=0.05, ge=0)  # sd of the per-step innovation, log units
     initial_scale: float = Field(default=1.0, ge=0)
+    sharpening: float = Field(default=0.0, ge=-0.1, le=0.1)  # per-step growth of mu's skew
     balancing: Literal["none", "aux_loss", "bias"] = "none"
     gamma: float = Field(default=0.001, ge=0)  # bias update speed, log-popularity units
     aux_rate: float = Field(default=0.0, ge=0)

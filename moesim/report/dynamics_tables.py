@@ -103,10 +103,13 @@ def print_dynamics_validation(report: dict[str, Any]) -> None:
         title_justify="left",
         caption=f"ok: |drop error| <= {tol['drop_pp']} pp and |max/mean error| <= "
         f"{100 * tol['max_mean']:.0f} % (means over the predicted steps); [95 %]: the predicted "
-        "paths' spread of that mean; step MAE / MAPE: per-step errors",
+        "paths' spread of that mean; step MAE / MAPE: per-step errors; rho, drift: medians "
+        "over experts; sharpen: growth of the level's spread per 100 steps; drop fit end: "
+        f"measured over the last {report['level_steps']} fitted steps",
         caption_justify="left",
     )
-    cols = ("run", "cf", "fit/pred.", "rho, drift", "rule rate", "drop meas. → pred. [95 %]",
+    cols = ("run", "cf", "fit/pred.", "rho, drift", "sharpen", "rule rate", "drop fit end",
+            "drop meas. → pred. [95 %]",
             "err", "step MAE", "max/mean meas. → pred. [95 %]", "err", "step MAPE",
             "ok")  # fmt: skip
     for c in cols:
@@ -119,7 +122,9 @@ def print_dynamics_validation(report: dict[str, Any]) -> None:
             f"{r['capacity_factor']:g}",
             f"{r['fit_steps']}/{r['predicted_steps']}",
             f"{r['persistence']:.2f}, {r['drift']:.3f}",
+            f"{1e4 * r['sharpening']:+.0f} %",
             "—" if r["balancing"] == "none" else f"{r['balancing']} {r['rate']:.4f}",
+            f"{r['measured_drop_pct_fit_end']:.2f} %",
             f"{r['measured_drop_pct']:.2f} → {r['predicted_drop_pct']:.2f} % [{lo:.1f}, {hi:.1f}]",
             f"{r['drop_error_pp']:+.2f} pp",
             f"{r['drop_step_mae_pp']:.2f} pp",
@@ -136,8 +141,14 @@ def print_dynamics_validation(report: dict[str, Any]) -> None:
             by.setdefault(r["scheme"], []).append(r["ok"])
         parts = ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in by.items())
         band = sum(r["drop_in_band"] for r in rows)
+        moved = sum(
+            abs(r["measured_drop_pct"] - r["measured_drop_pct_fit_end"]) > tol["drop_pp"]
+            for r in rows
+        )
         console.print(
             f"cf {cf:g}: within tolerance {sum(r['ok'] for r in rows)}/{len(rows)} ({parts}); "
-            f"measured drop inside the predicted 95 % band {band}/{len(rows)}"
+            f"measured drop inside the predicted 95 % band {band}/{len(rows)}; the measured "
+            f"drop itself moved by more than {tol['drop_pp']} pp from the fit's last "
+            f"{report['level_steps']} steps to the rest in {moved}/{len(rows)}"
         )
     console.print(f"trace {report['trace']}")

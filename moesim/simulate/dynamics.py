@@ -7,7 +7,9 @@ B = L*M*X (one "batch row" per layer, micro-batch and group), N = nodes of a gro
 Where per-step popularity comes from (:class:`DynamicsConfig`):
 
 - :class:`ParametricProcess`: per layer, log-popularity ``z`` is AR(1) around the
-  scenario's own popularity ``mu`` (``z[t+1] = mu + rho·(z[t] - mu) + drift·N(0,1)``);
+  scenario's own popularity ``mu`` (``z[t+1] = mu + rho·(z[t] - mu) + drift·N(0,1)``,
+  ``rho`` and ``drift`` scalars or per (layer, expert)) whose skew grows linearly,
+  ``mu[t] = mean + max(0, 1 + sharpening·t)·(mu - mean)`` (0: a fixed level);
   the router picks by ``softmax(z + b)``; after each step a balancing rule
   reads the *simulated* loads: ``bias`` is DeepSeek-V3's
   ``b_i <- b_i + gamma·sign(mean load - load_i)``, ``aux_loss`` moves ``b_i``
@@ -95,7 +97,12 @@ def softmax(z_LE: F64) -> F64:
 
 # -- where per-step popularity comes from ------------------------------------------------
 class ParametricProcess:
-    """AR(1) log-popularity with drift, and a balancing rule on the simulated loads."""
+    """AR(1) log-popularity around a sharpening level, and a balancing rule on the simulated loads.
+
+    ``persistence``, ``drift`` (``[L, E]`` or scalar) and ``sharpening`` (``[L, 1]``
+    or scalar) default to the config's scalars; a fit to a measured run gives
+    them per (layer, expert) and per layer (:mod:`moesim.validation.dynamics`).
+    """
 
     def __init__(
         self,
@@ -104,11 +111,19 @@ class ParametricProcess:
         z0_LE: F64,
         rng: np.random.Generator,
         b0_LE: F64 | None = None,
+        *,
+        persistence: F64 | float | None = None,
+        drift: F64 | float | None = None,
+        sharpening: F64 | float | None = None,
     ) -> None:
         self.cfg, self.mu, self.z, self.rng = cfg, mu_LE, z0_LE.copy(), rng
         self.b = (
             np.zeros_like(self.z) if b0_LE is None else np.broadcast_to(b0_LE, self.z.shape).copy()
         )
+        self.rho = cfg.persistence if persistence is None else persistence
+        self.sd = cfg.drift if drift is None else drift
+        self.k = cfg.sharpening if sharpening is None else sharpening
+        self.mu0, self.t = mu_LE, 0
 
     def share(self) -> F64:
         """``[L, E]`` popularity of this step (sums to 1 per layer)."""
@@ -120,8 +135,22 @@ class ParametricProcess:
         rule = RULES.get(c.balancing)
         if rule is not None:
             self.b = rule(self.b, load_LE, c)
-        noise = c.drift * self.rng.standard_normal(self.z.shape)
-        self.z = self.mu + c.persistence * (self.z - self.mu) + noise
+        self.step()
+
+    def step(self) -> None:
+        """Move the popularity one step (level sharpened, AR(1) drawn), no rule."""
+        self.t += 1
+        self.mu = sharpen(self.mu0, np.maximum(1.0 + self.k * self.t, 0.0))
+        noise = self.sd * self.rng.standard_normal(self.z.shape)
+        self.z = self.mu + self.rho * (self.z - self.mu) + noise
+
+
+def sharpen(mu_LE: F64, factor: F64 | float) -> F64:
+    """``mean + factor·(mu - mean)`` per layer: the level's skew scaled (softmax shape only)."""
+    if np.all(np.asarray(factor) == 1.0):
+        return mu_LE
+    m = mu_LE.mean(-1, keepdims=True)
+    return m + factor * (mu_LE - m)
 
 
 class TraceProcess:

@@ -6,16 +6,23 @@ For each token-choice run of a ``moesim train-router`` trace: the first
 ``fit_fraction`` of the steps is all the fit sees. Per layer and expert the
 observed log-share ``y = log(load / sum load)`` is taken as ``mu + x + e``:
 ``x`` an AR(1) process (the :class:`~moesim.simulate.dynamics.ParametricProcess`
-with ``persistence`` rho and innovation sd ``drift``), ``e`` the sampling noise
-of ``n`` assignments (variance ``(1 - p)/(n p)``, known). ``mu`` is the mean of
-``y`` over the last :data:`LEVEL_STEPS` fitted steps; rho and the variance of
-``x`` come from the pooled lag-0 and lag-1 autocovariances with the noise
-variance taken off lag 0. Runs balanced by ``bias`` or ``aux_loss`` are fitted
-with that rule on: ``y - rate·C`` with ``C`` the rule's cumulative signal from
-the observed loads, ``rate`` by grid search (:data:`RATES`) as the value that
-leaves ``y - rate·C`` with the least variance (no trend left); the AR(1) is then
-fitted to ``y - rate·C``. The other schemes' effects are part of what the AR(1)
-absorbs.
+with ``persistence`` rho and innovation sd ``drift``, each expert its own), ``e``
+the sampling noise of ``n`` assignments (variance ``(1 - p)/(n p)``, known).
+``mu`` is the mean of ``y`` over the last :data:`LEVEL_STEPS` fitted steps; each
+expert's rho and variance of ``x`` come from its lag-0 and lag-1 autocovariances
+there with its noise variance taken off lag 0 (a few experts carry most of the
+variance: pooled over experts, the hot experts' spread was given to every
+expert). Per layer, the *sharpening* moves the level on: the spread of ``y``
+over experts (``std_E``) fitted as a straight line against the step over all
+fitted steps, its slope relative to the spread of the last :data:`LEVEL_STEPS`
+steps (Adam moves the router's weights at a roughly constant rate, so its
+logits' scale grows about linearly); runs without balancing grow more skewed
+as they train, which a fixed level cannot foresee. Runs balanced by ``bias`` or
+``aux_loss`` are fitted with that rule on: ``y - rate·C`` with ``C`` the rule's
+cumulative signal from the observed loads, ``rate`` by grid search
+(:data:`RATES`) as the value that leaves ``y - rate·C`` with the least variance
+(no trend left); the process is then fitted to ``y - rate·C``. The other
+schemes' effects are part of what the process absorbs.
 
 The rest of the run is then predicted from the fitted process alone (started
 at the last fitted step's shrunk state, never fed later steps): ``Q`` paths,
@@ -39,7 +46,7 @@ from numpy.typing import NDArray
 
 from moesim.config.dynamics import DynamicsConfig
 from moesim.errors import ConfigError
-from moesim.simulate.dynamics import ParametricProcess, shares_of
+from moesim.simulate.dynamics import ParametricProcess, shares_of, sharpen
 
 F64 = NDArray[np.float64]
 DEFAULT_TRACE = Path("results/dynamics/router-dynamics.parquet")
@@ -54,15 +61,18 @@ IMBALANCE_TOL = 0.10
 
 @dataclass(frozen=True)
 class Fit:
-    mu_LE: F64
+    mu_LE: F64  # level at the last fitted step
     z0_LE: F64
     b0_LE: F64
-    persistence: float
-    drift: float
+    persistence_LE: F64
+    drift_LE: F64
+    sharpening_L1: F64  # per-step linear growth of the level's spread, relative to now
     balancing: str
     rate: float
 
 
+#: floor of a fitted AR(1) variance (log-share units squared)
+VAR_FLOOR = 1e-6
 #: balancing rules a run's scheme is fitted with (the others: AR(1) alone)
 SCHEME_RULE = {"bias": "bias", "aux_loss": "aux_loss"}
 #: candidate rule rates (log-share units per step) of the grid search
@@ -77,7 +87,7 @@ def rule_steps(share_TLE: F64, balancing: str) -> F64:
 
 
 def fit_process(share_TLE: F64, n: int, scheme: str = "none") -> Fit:
-    """Rule rate by grid search, then AR(1) of the rest with sampling noise removed."""
+    """Rule rate by grid search, sharpening per layer, AR(1) per expert with sampling noise off."""
     y = np.log(np.maximum(share_TLE, 0.5 / n))
     balancing = SCHEME_RULE.get(scheme, "none")
     rate, C = 0.0, np.zeros_like(y)
@@ -88,12 +98,31 @@ def fit_process(share_TLE: F64, n: int, scheme: str = "none") -> Fit:
     W = min(LEVEL_STEPS, len(u))
     mu = u[-W:].mean(0)
     d = u[-W:] - mu
-    noise = float(((1.0 - share_TLE[-W:]) / np.maximum(n * share_TLE[-W:], 0.5)).mean())
-    var_x = max(float((d * d).mean()) - noise, 1e-6)
-    rho = float(np.clip(float((d[1:] * d[:-1]).mean()) / var_x, 0.0, 0.999))
-    z0 = mu + (var_x / (var_x + noise)) * d[-1]
+    noise = ((1.0 - share_TLE[-W:]) / np.maximum(n * share_TLE[-W:], 0.5)).mean(0)
+    var_x = np.maximum((d * d).mean(0) - noise, VAR_FLOOR)
+    rho = np.clip((d[1:] * d[:-1]).mean(0) / var_x, 0.0, 0.999) if W > 1 else np.zeros_like(mu)
+    k = fit_sharpening(u, W)
+    lag = (W - 1) / 2  # the window's mean sits mid-window: move it to the last fitted step
+    level = sharpen(mu, np.maximum(1.0 + k * lag, 0.0))
+    z0 = level + (var_x / (var_x + noise)) * d[-1]
     b0 = rate * (C[-1] + _rule_signal(share_TLE[-1], balancing))
-    return Fit(mu, z0, b0, rho, math.sqrt(var_x * (1.0 - rho * rho)), balancing, rate)
+    sd = np.sqrt(var_x * (1.0 - rho * rho))
+    k_end = k / np.maximum(1.0 + k * lag, 1e-6)  # the same line, relative to the last step
+    return Fit(level, z0, b0, rho, sd, k_end, balancing, rate)
+
+
+def fit_sharpening(u_TLE: F64, window: int) -> F64:
+    """``[L, 1]`` slope of ``std_E(u)`` against the step, over the mean spread of the last steps.
+
+    Least squares over all steps; zero with fewer than 3 steps.
+    """
+    T = u_TLE.shape[0]
+    if T < 3:
+        return np.zeros((u_TLE.shape[1], 1))
+    s_TL = u_TLE.std(-1)
+    t = np.arange(T) - (T - 1) / 2
+    slope_L = (t[:, None] * (s_TL - s_TL.mean(0))).sum(0) / (t * t).sum()
+    return (slope_L / np.maximum(s_TL[-window:].mean(0), 1e-12))[:, None]
 
 
 def _rule_signal(share_LE: F64, balancing: str) -> F64:
@@ -110,19 +139,20 @@ def _detrended_var(u_TLE: F64) -> float:
 
 def predict(fit: Fit, n: int, steps: int, seed: int) -> F64:
     """``[Q, steps, L, E]`` predicted counts after the fitted steps; the rule reads them."""
-    cfg = DynamicsConfig(
-        persistence=fit.persistence,
-        drift=fit.drift,
-        balancing=fit.balancing,
-        gamma=fit.rate,
-        aux_rate=fit.rate,
-    )
+    cfg = DynamicsConfig(balancing=fit.balancing, gamma=fit.rate, aux_rate=fit.rate)
     rng = np.random.default_rng(seed)
-    Q = PATHS
-    z0 = np.repeat(fit.z0_LE[None], Q, 0)
-    proc = ParametricProcess(cfg, fit.mu_LE[None], z0, rng, fit.b0_LE[None])
-    proc.z = fit.mu_LE[None] + fit.persistence * (z0 - fit.mu_LE[None])
-    proc.z += fit.drift * rng.standard_normal(z0.shape)
+    z0 = np.repeat(fit.z0_LE[None], PATHS, 0)
+    proc = ParametricProcess(
+        cfg,
+        fit.mu_LE[None],
+        z0,
+        rng,
+        fit.b0_LE[None],
+        persistence=fit.persistence_LE,
+        drift=fit.drift_LE,
+        sharpening=fit.sharpening_L1,
+    )
+    proc.step()  # b0 already holds the last fitted step's rule update
     out = []
     for _ in range(steps):
         counts = rng.multinomial(n, proc.share()).astype(np.float64)
@@ -149,6 +179,7 @@ def validate_run(
     pred = predict(fit, n, T - cut, seed)
     q_drop, q_imb = step_metrics(pred, n, cf)  # [Q, T-cut]
     m_drop, m_imb = step_metrics(share_TLE[cut:] * n, n, cf)
+    e_drop, _ = step_metrics(share_TLE[max(0, cut - LEVEL_STEPS) : cut] * n, n, cf)
     p_drop, p_imb = q_drop.mean(0), q_imb.mean(0)
     band = 100 * np.percentile(q_drop.mean(1), [2.5, 97.5])  # the mean over the rest, per path
     ibnd = np.percentile(q_imb.mean(1), [2.5, 97.5])
@@ -157,11 +188,13 @@ def validate_run(
     return {
         "fit_steps": cut,
         "predicted_steps": T - cut,
-        "persistence": fit.persistence,
-        "drift": fit.drift,
+        "persistence": float(np.median(fit.persistence_LE)),
+        "drift": float(np.median(fit.drift_LE)),
+        "sharpening": float(fit.sharpening_L1.mean()),
         "balancing": fit.balancing,
         "rate": fit.rate,
         "measured_drop_pct": 100 * float(m_drop.mean()),
+        "measured_drop_pct_fit_end": 100 * float(e_drop.mean()),
         "predicted_drop_pct": 100 * float(p_drop.mean()),
         "drop_error_pp": float(drop_err),
         "drop_step_mae_pp": float(100 * np.abs(p_drop - m_drop).mean()),
@@ -221,6 +254,7 @@ def validate_dynamics(
         "capacity_factors": list(capacity_factors),
         "fit_fraction": fit_fraction,
         "tolerance": {"drop_pp": DROP_TOL_PP, "max_mean": IMBALANCE_TOL},
+        "level_steps": LEVEL_STEPS,
         "runs": runs,
         "all_ok": all(r["ok"] for r in runs),
         "trace_provenance": meta.get("provenance"),
