@@ -130,7 +130,9 @@ def _draw_line(
     yerr = frame[ci_col].to_numpy(dtype=float) / scale if ci_col in frame else None
     if yerr is not None and not (yerr > 0).any():
         yerr = None
-    ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, label=label or None)
+    # categories (router kinds, schemes) have no order between them: markers, no line
+    ls = "-" if numeric else "none"
+    ax.errorbar(x, y, yerr=yerr, marker="o", ls=ls, capsize=3, label=label or None)
 
 
 def _draw_means(
@@ -183,9 +185,12 @@ def _decorate(
         ax.set_xticks([float(x) for x in xs], [format_value(x) for x in xs])
     else:
         ax.set_xticks(range(len(xs)), [format_value(x) for x in xs])
+        ax.set_xlim(-0.5, len(xs) - 0.5)  # end categories off the frame
     ax.set_xlabel(axis)
     ax.set_ylabel(ylabel)
-    ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]))
+    lo, hi = ax.get_ylim()
+    lo = min(0.0, lo)
+    ax.set_ylim(lo, hi + 0.05 * (hi - lo))  # a zero-based axis keeps a margin above the top bar
     ax.grid(True, alpha=0.3)
     if title:
         ax.set_title(title)
