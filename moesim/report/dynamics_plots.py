@@ -77,7 +77,9 @@ def plot_series(
 
 
 def _subtitle(records: Sequence[dict[str, Any]], n_seeds: int) -> str:
-    res = next((r["result"] for r in records if (r.get("result") or {}).get("dynamics")), {})
+    res: dict[str, Any] = next(
+        (r["result"] for r in records if (r.get("result") or {}).get("dynamics")), {}
+    )
     where = " on ".join(str(res[k]) for k in ("scenario", "hardware") if res.get(k))
     spread = f"line: mean over {n_seeds} seeds, band: min..max" if n_seeds > 1 else "one seed"
     return f"{where}; {spread}" if where else spread
