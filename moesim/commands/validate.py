@@ -120,8 +120,9 @@ def run(args: argparse.Namespace) -> int:
         return _run_dynamics(args)
     worlds = _worlds(args.ep_world)
     pipeline = bool(getattr(args, "pipeline", False))
-    everything = args.ep_world is None and not args.published and not args.memory and not pipeline
-    published = args.published or everything
+    asked_published = args.published or args.search  # --search implies --published
+    everything = args.ep_world is None and not asked_published and not args.memory and not pipeline
+    published = asked_published or everything
     memory = args.memory or everything
     if everything:
         worlds = [2]
