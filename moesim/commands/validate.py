@@ -57,6 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--only", default=None, metavar="TEXT", help="published rows whose id contains TEXT"
     )
     parser.add_argument(
+        "--search",
+        action="store_true",
+        help="with --published: rows whose source tuned its layout run the same layout "
+        "search (minutes per row) instead of the layout it last chose",
+    )
+    parser.add_argument(
         "--tiny", action="store_true", help="two small EP configurations (a quick smoke run)"
     )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case (default 10)")
@@ -114,8 +120,9 @@ def run(args: argparse.Namespace) -> int:
         return _run_dynamics(args)
     worlds = _worlds(args.ep_world)
     pipeline = bool(getattr(args, "pipeline", False))
-    everything = args.ep_world is None and not args.published and not args.memory and not pipeline
-    published = args.published or everything
+    asked_published = args.published or args.search  # --search implies --published
+    everything = args.ep_world is None and not asked_published and not args.memory and not pipeline
+    published = asked_published or everything
     memory = args.memory or everything
     if everything:
         worlds = [2]
@@ -279,12 +286,14 @@ def _run_published(args: argparse.Namespace) -> dict[str, Any]:
 
     table = load_published()
     if args.json:
-        report = run_published(table, only=args.only).to_dict()
+        report = run_published(table, only=args.only, search=args.search).to_dict()
     else:
         from moesim.report.progress import progress_bar
 
         with progress_bar(len(table.rows), "published figures") as advance:
-            report = run_published(table, only=args.only, advance=advance).to_dict()
+            report = run_published(
+                table, only=args.only, advance=advance, search=args.search
+            ).to_dict()
         from moesim.report.validate_tables import print_published
 
         print_published(report, verbose=args.verbose)

@@ -174,7 +174,21 @@ def published_table(report: dict[str, Any], notes: Footnotes, *, verbose: bool =
 
 def _formula(row: dict[str, Any]) -> str:
     formula = row.get("flop_formula")
-    return f" FLOPs: {formula}" if formula else ""
+    return (f" FLOPs: {formula}" if formula else "") + _layout(row)
+
+
+def _layout(row: dict[str, Any]) -> str:
+    """A searched row's layout, and with ``--search`` what the search covered."""
+    if not row.get("layout"):
+        return ""
+    found = row.get("search")
+    if found is None:
+        return f" Layout (chosen by moesim's search): {row['layout']}."
+    same = "the stored one" if found["stored_is_best"] else f"stored: {found['stored_layout']}"
+    return (
+        f" Layout found: {row['layout']} ({same}); {found['simulated']} of {found['feasible']}"
+        f" feasible layouts simulated, {found['grid_points']} grid points."
+    )
 
 
 def _fig(value: float) -> str:

@@ -22,6 +22,7 @@ from moesim.config.base import DTYPE_BYTES, Frozen
 from moesim.config.loader import check_pair, load_hardware, read_yaml, validate
 from moesim.config.scenario import Scenario
 from moesim.errors import ConfigError
+from moesim.validation.layout_search import LayoutGrid, SearchResult, layout_label
 
 PUBLISHED_PATH = Path(__file__).with_name("published.yaml")
 
@@ -53,6 +54,9 @@ class PublishedRow(Frozen):
     url: str
     note: str  # what the model captures and what it does not
     scenario: Scenario
+    # the source's figure is the best over a layout search: moesim runs the same search
+    # with ``validate --published --search``; ``scenario`` holds the layout it last chose
+    search: LayoutGrid | None = None
 
 
 class PublishedTable(Frozen):
@@ -64,6 +68,7 @@ class PublishedTable(Frozen):
 class PublishedResult:
     row: PublishedRow
     predicted: float
+    searched: SearchResult | None = None
 
     @property
     def error(self) -> float:
@@ -83,6 +88,23 @@ class PublishedResult:
             "url": r.url,
             "note": r.note,
             "flop_formula": model.FORMULA if r.metric in FLOP_METRICS else None,
+            "layout": self.layout,
+            "search": self._search_dict(),
+        }
+
+    @property
+    def layout(self) -> str | None:
+        """The layout predicted: the search's best, else the row's (None: not a searched row)."""
+        if self.searched is not None:
+            return self.searched.best.label
+        return layout_label(self.row.scenario) if self.row.search is not None else None
+
+    def _search_dict(self) -> dict[str, Any] | None:
+        if self.searched is None:
+            return None
+        return self.searched.to_dict() | {
+            "stored_layout": layout_label(self.row.scenario),
+            "stored_is_best": self.searched.best.label == layout_label(self.row.scenario),
         }
 
 
@@ -234,18 +256,38 @@ METRICS: dict[str, Callable[[Scenario, Mapping[str, Any]], float]] = {
 # -- running the table ---------------------------------------------------------------
 
 
-def predict_row(row: PublishedRow, *, seed: int | None = None) -> PublishedResult:
-    """Simulate ``row.scenario`` on its shipped hardware profile and read the metric."""
+def predict_row(
+    row: PublishedRow,
+    *,
+    seed: int | None = None,
+    search: bool = False,
+    advance: Callable[[str], None] | None = None,
+) -> PublishedResult:
+    """Simulate ``row.scenario`` on its shipped hardware profile and read the metric.
+
+    ``search`` with a row that has a :class:`LayoutGrid`: the best value over the
+    grid's feasible layouts instead (:func:`moesim.validation.layout_search.search`).
+    """
+    from moesim.validation.layout_search import search as run_search
+
+    hw = load_hardware(row.scenario.hardware)
+    check_pair(row.scenario, hw, file=f"{PUBLISHED_PATH.name}: {row.id}")
+    if search and row.search is not None:
+        found = run_search(
+            row.scenario, hw, row.search, lambda s: _value(row, s, seed), advance=advance
+        )
+        return PublishedResult(row, found.value, found)
+    return PublishedResult(row, _value(row, row.scenario, seed))
+
+
+def _value(row: PublishedRow, scn: Scenario, seed: int | None) -> float:
     from moesim.simulate import simulate
 
-    scn = row.scenario
-    hw = load_hardware(scn.hardware)
-    check_pair(scn, hw, file=f"{PUBLISHED_PATH.name}: {row.id}")
-    res = simulate(scn, hw, seed=seed).to_dict()
+    res = simulate(scn, load_hardware(scn.hardware), seed=seed).to_dict()
     value = float(METRICS[row.metric](scn, res))
     if not np.isfinite(value):
         raise ConfigError(f"row {row.id}: the simulation gave no finite {row.metric}")
-    return PublishedResult(row, value)
+    return value
 
 
 @dataclass(frozen=True)
@@ -271,8 +313,13 @@ def run_published(
     *,
     only: str | None = None,
     advance: Callable[..., None] | None = None,
+    search: bool = False,
 ) -> PublishedReport:
-    """Predict every row (or those whose id contains ``only``); ``advance()`` after each."""
+    """Predict every row (or those whose id contains ``only``); ``advance()`` after each.
+
+    ``search``: rows with a layout grid run their search (minutes each; see
+    :mod:`moesim.validation.layout_search`).
+    """
     table = table or load_published()
     rows = [r for r in table.rows if only is None or only in r.id]
     if not rows:
@@ -280,7 +327,7 @@ def run_published(
         raise ConfigError(f"no published row matches; ids: {known}", field="--only", value=only)
     results = []
     for row in rows:
-        results.append(predict_row(row))
+        results.append(predict_row(row, search=search))
         if advance is not None:
             advance(1, row.id)
     return PublishedReport(results)
