@@ -214,13 +214,18 @@ class CommPricer:
     """
 
     def __init__(
-        self, hw: HardwareProfile, cost: CostModel, topo: Topology, dispatcher: str | None = None
+        self,
+        hw: HardwareProfile,
+        cost: CostModel,
+        topo: Topology,
+        dispatcher: str | None = None,
+        shape: tuple[int, int, int, int] | None = None,
     ):
         self.cost, self.topo = cost, topo
         self.spec = dict(zip(("scaleup", "scaleout"), spec_bandwidths(hw), strict=True))
         self.fits = hw.calibration.alltoall if hw.calibration is not None else {}
         # measured DeepEP kernels (issue 11) price the NVLink tier of their dispatcher
-        self.op_fits = deepep_tier_fits(cost, dispatcher)
+        self.op_fits = deepep_tier_fits(cost, dispatcher, shape)
 
     def price(self, rows_XL: F64, row_bytes: float, op: str | None = None) -> Coflows:
         """The coflows of ``rows_XL`` rows of ``row_bytes`` each, one per group.
@@ -285,12 +290,24 @@ class CommPricer:
 DEEPEP_MODES = {"low_latency": "ll", "hierarchical": "normal"}
 
 
-def deepep_tier_fits(cost: CostModel, dispatcher: str | None) -> dict[str, dict[str, CommFit]]:
-    """``{op: {"scaleup": fit}}`` from a measured profile's DeepEP fits (empty if none)."""
+def deepep_tier_fits(
+    cost: CostModel, dispatcher: str | None, shape: tuple[int, int, int, int] | None = None
+) -> dict[str, dict[str, CommFit]]:
+    """``{op: {"scaleup": fit}}`` from a measured profile's DeepEP fits (empty if none).
+
+    ``shape``: ``(hidden, top_k, experts, ep)`` of the scenario, whose DeepEP
+    shape terms (:meth:`CostModel.deepep_line`) fold into the line.
+    """
     mode = DEEPEP_MODES.get(dispatcher or "")
     out: dict[str, dict[str, CommFit]] = {}
     for op in ("dispatch", "combine"):
-        fit = cost.deepep_fit(mode, op) if mode else None
+        if not mode:
+            continue
+        if shape is None:
+            fit: CommFit | None = cost.deepep_fit(mode, op)
+        else:
+            D, K, E, ep = shape
+            fit = cost.deepep_line(mode, op, D, K, max(ep, 2), experts=E)
         if fit is not None:
             out[op] = {"scaleup": fit}
     return out
@@ -312,7 +329,9 @@ def build_plan(
     loads = LoadModel(scn, topo, seed, layers)
     stats = LoadStats()
     training = scn.workload.mode == "training"
-    pricer = CommPricer(hw, cost, topo, scn.dispatcher)
+    m = scn.model
+    shape = (m.hidden_size, m.top_k, m.num_experts, topo.ep)
+    pricer = CommPricer(hw, cost, topo, scn.dispatcher, shape)
     exchange = split_exchange_s(scn, topo, pricer)
     placer = Placer(scn, topo, loads, layers)  # expert -> GPU slots (contiguous: identity)
 
