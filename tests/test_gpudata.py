@@ -336,9 +336,9 @@ def test_low_latency_dispatch_on_measured_profile_follows_deepep_fit() -> None:
     want = float(curve_s(fit, 7 * 16.0 * 8192.0))  # bytes a rank sends to the 7 others
     assert float(cf.latency_X[0] + cf.solo_X[0]) == pytest.approx(want, rel=1e-9)
     # with the scenario's shape the shape terms fold in (Mixtral: D 4096, top-2, 8 experts)
-    shaped = CommPricer(hw, cm, topo, "low_latency", (4096, 2, 8, 8))
+    shaped = CommPricer(hw, cm, topo, "low_latency", (4096, 2, 8, 8, {"dispatch": 8192.0}))
     cf = shaped.price(rows_XL, 8192.0, op="dispatch")
-    line = cm.deepep_line("ll", "dispatch", 4096, 2, 8, experts=8)
+    line = cm.deepep_line("ll", "dispatch", 4096, 2, 8, experts=8, row=8192.0)
     assert line is not None
     want_shaped = float(curve_s(line, 7 * 16.0 * 8192.0))
     assert float(cf.latency_X[0] + cf.solo_X[0]) == pytest.approx(want_shaped, rel=1e-9)

@@ -255,8 +255,13 @@ class CostModel:
         world: int = 8,
         sms: int | None = None,
         experts: int | None = None,
+        row: float | None = None,
     ) -> CommFit | None:
         """The DeepEP fit for one shape as a plain ``latency + bytes / bw(bytes)`` line.
+
+        ``row``: bytes of one row in the caller's bytes (default DeepEP's own:
+        fp8 + scales for dispatch, bf16 for combine); the per-SM term is per
+        element, so it is rescaled to the caller's bytes.
 
         The shape terms of :class:`~moesim.config.hardware.DeepEPFit` fold in
         exactly: the fixed cost gains ``per_expert E + per_hidden D``, and the
@@ -270,7 +275,9 @@ class CostModel:
         E = float(experts or world)
         bpt = max(float(deepep_bytes(op, 1.0, hidden, topk, world, experts, mode)), 1e-30)
         m = 1.0 + fit.local_copies * deepep_row_bytes(op, hidden) / bpt
-        sm_s_per_byte = fit.sm_ps * 1e-12 * topk * hidden / (bpt * min(E, fit.sms))
+        own = deepep_row_bytes(op, hidden)
+        per_row = own / (row or own)  # caller's bytes per DeepEP byte, inverted
+        sm_s_per_byte = fit.sm_ps * 1e-12 * topk * hidden * per_row / (bpt * min(E, fit.sms))
         c = fit.bandwidth_GBps
         y = [1.0 / (m / (v * 1e9) + sm_s_per_byte) / 1e9 for v in c.y]
         lat = fit.latency_us + fit.per_expert_us * E + fit.per_hidden_ns * hidden * 1e-3

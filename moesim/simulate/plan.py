@@ -219,7 +219,7 @@ class CommPricer:
         cost: CostModel,
         topo: Topology,
         dispatcher: str | None = None,
-        shape: tuple[int, int, int, int] | None = None,
+        shape: DeepEPShape | None = None,
     ):
         self.cost, self.topo = cost, topo
         self.spec = dict(zip(("scaleup", "scaleout"), spec_bandwidths(hw), strict=True))
@@ -286,17 +286,19 @@ class CommPricer:
         return Coflows(cf.demand_XL, lat, cf.solo_X, sent)
 
 
+#: (hidden, top_k, experts, ep, {op: row bytes priced}) of a scenario's DeepEP calls
+DeepEPShape = tuple[int, int, int, int, dict[str, float]]
 #: dispatcher -> DeepEP mode whose measured kernels price its NVLink tier
 DEEPEP_MODES = {"low_latency": "ll", "hierarchical": "normal"}
 
 
 def deepep_tier_fits(
-    cost: CostModel, dispatcher: str | None, shape: tuple[int, int, int, int] | None = None
+    cost: CostModel, dispatcher: str | None, shape: DeepEPShape | None = None
 ) -> dict[str, dict[str, CommFit]]:
     """``{op: {"scaleup": fit}}`` from a measured profile's DeepEP fits (empty if none).
 
-    ``shape``: ``(hidden, top_k, experts, ep)`` of the scenario, whose DeepEP
-    shape terms (:meth:`CostModel.deepep_line`) fold into the line.
+    ``shape``: ``(hidden, top_k, experts, ep, {op: row bytes})`` of the scenario,
+    whose DeepEP shape terms (:meth:`CostModel.deepep_line`) fold into the line.
     """
     mode = DEEPEP_MODES.get(dispatcher or "")
     out: dict[str, dict[str, CommFit]] = {}
@@ -306,8 +308,8 @@ def deepep_tier_fits(
         if shape is None:
             fit: CommFit | None = cost.deepep_fit(mode, op)
         else:
-            D, K, E, ep = shape
-            fit = cost.deepep_line(mode, op, D, K, max(ep, 2), experts=E)
+            D, K, E, ep, rows = shape
+            fit = cost.deepep_line(mode, op, D, K, max(ep, 2), experts=E, row=rows.get(op))
         if fit is not None:
             out[op] = {"scaleup": fit}
     return out
@@ -330,7 +332,11 @@ def build_plan(
     stats = LoadStats()
     training = scn.workload.mode == "training"
     m = scn.model
-    shape = (m.hidden_size, m.top_k, m.num_experts, topo.ep)
+    rows = {
+        "dispatch": row_bytes(m.hidden_size, scn.dispatch_dtype),
+        "combine": row_bytes(m.hidden_size, scn.combine_dtype),
+    }
+    shape = (m.hidden_size, m.top_k, m.num_experts, topo.ep, rows)
     pricer = CommPricer(hw, cost, topo, scn.dispatcher, shape)
     exchange = split_exchange_s(scn, topo, pricer)
     placer = Placer(scn, topo, loads, layers)  # expert -> GPU slots (contiguous: identity)
