@@ -137,12 +137,86 @@ def test_experts_line_recovers_known_parameters() -> None:
     assert np.median(g.tflops.y) == pytest.approx(700.0, rel=0.05)
 
 
-def test_collective_line_recovers_latency_and_bandwidth() -> None:
-    size = np.geomspace(1e3, 1e9, 40)
-    t = 12e-6 + size / 300e9
-    fit = gpu._line_fit(size, pd.Series(t), 5e-6)
-    assert fit.latency_us == pytest.approx(12.0, rel=0.05)
-    assert fit.bandwidth_GBps.y[-1] == pytest.approx(300.0, rel=0.02)
+def test_collective_regimes_recover_known_protocol_lines() -> None:
+    """Three NCCL-like protocol lines (LL, LL128, Simple), the faster one measured at
+    each size: latencies, bandwidths and the hand-overs come back."""
+    from moesim.calibrate.gpu_forms import fit_regimes
+    from moesim.costs.tables import regimes_s
+
+    size = np.repeat(2.0 ** np.arange(9, 30), 2)
+    lines = [(8e-6, 20e9), (14e-6, 150e9), (60e-6, 400e9)]
+    ll, ll128, simple = (a + size / b for a, b in lines)
+    t = np.minimum(np.minimum(ll, ll128), simple)
+    fit = fit_regimes(size, t * (1 + 0.01 * np.tile([1, -1], size.size // 2)), 0.03)
+    assert len(fit.regimes) == 3
+    for r, (lat, bw) in zip(fit.regimes, lines, strict=True):
+        assert r.latency_us == pytest.approx(lat * 1e6, rel=0.1)
+        assert r.GBps == pytest.approx(bw / 1e9, rel=0.05)
+    # hand-overs where the lines cross: LL/LL128 at ~138 kB, LL128/Simple at ~11 MB
+    cross = [(14e-6 - 8e-6) / (1 / 20e9 - 1 / 150e9), (60e-6 - 14e-6) / (1 / 150e9 - 1 / 400e9)]
+    ends = [r.upto_bytes for r in fit.regimes]
+    assert ends[:2] == pytest.approx(cross, rel=0.1) and ends[2] is None
+    assert float(regimes_s(fit.regimes, 1e7)) == pytest.approx(14e-6 + 1e7 / 150e9, rel=0.03)
+    # the rendered curve prices what the regimes do at the measured sizes
+    fit_curve = fit.model_copy(update={"regimes": []})
+    from moesim.costs.tables import curve_s
+
+    np.testing.assert_allclose(curve_s(fit_curve, size), curve_s(fit, size), rtol=0.02)
+
+
+def test_deepep_ll_recovers_per_expert_and_per_sm_terms() -> None:
+    from moesim.calibrate.gpu_forms import fit_deepep_ll
+    from moesim.costs.model import deepep_bytes
+
+    rng = np.random.default_rng(0)
+    cfg = [(2048, 8, 128), (4096, 2, 8), (7168, 8, 256), (5120, 1, 16), (4096, 10, 512)]
+    T = np.tile(2.0 ** np.arange(0, 11), len(cfg))
+    D, K, E = (np.repeat([c[i] for c in cfg], 11).astype(float) for i in range(3))
+    b = np.array(
+        [
+            float(deepep_bytes("dispatch", *a, 8))
+            for a in zip(T, D.astype(int), K.astype(int), strict=True)
+        ]
+    )
+    t = 8e-6 + 15e-9 * E + b / 400e9 + 250e-12 * T * K * D / np.minimum(E, 132)
+    fit = fit_deepep_ll(T, D, K, E, b, t * (1 + 0.005 * rng.standard_normal(t.size)), 132, 0.03)
+    assert fit.latency_us == pytest.approx(8.0, rel=0.05)
+    assert fit.per_expert_us == pytest.approx(0.015, rel=0.1)
+    assert fit.bandwidth_GBps.y[0] == pytest.approx(400.0, rel=0.1)
+    assert fit.sm_ps == pytest.approx(250.0, rel=0.05)
+    # the cost model folds the shape terms into one line exactly
+    hw = load_hardware("h200-sxm-spec")
+    src = CalibrationSource(results=["x"], device="x", created="now")
+    cm = CostModel(
+        hw.model_copy(update={"calibration": Calibration(source=src, deepep={"ll.dispatch": fit})})
+    )
+    got = cm.deepep_s("ll", "dispatch", 512.0, 4096, 2, 8, experts=8)
+    want = fit.latency_us * 1e-6 + fit.per_expert_us * 8e-6 + 512 * 2 * 4096 * fit.sm_ps * 1e-12 / 8
+    want += float(deepep_bytes("dispatch", 512.0, 4096, 2, 8)) / (fit.bandwidth_GBps.y[0] * 1e9)
+    assert float(got) == pytest.approx(want, rel=1e-9)
+
+
+def test_deepep_normal_recovers_local_copies_and_per_hidden_latency() -> None:
+    from moesim.calibrate.gpu_forms import fit_deepep_normal
+    from moesim.costs.model import deepep_bytes, deepep_row_bytes
+
+    cfg = [(2048, 8, 128), (4096, 2, 8), (7168, 8, 256), (5120, 1, 16), (6144, 4, 128)]
+    T = np.tile(2.0 ** np.arange(0, 17), len(cfg))
+    D, K, E = (np.repeat([c[i] for c in cfg], 17).astype(int) for i in range(3))
+    b = np.array(
+        [
+            float(deepep_bytes("combine", t, d, k, 8, e, "normal"))
+            for t, d, k, e in zip(T, D, K, E, strict=True)
+        ]
+    )
+    row = np.array([deepep_row_bytes("combine", int(d)) for d in D])
+    B = b + 1.5 * T * row
+    t = 20e-6 + 3e-9 * D + B / 250e9
+    fit = fit_deepep_normal(D.astype(float), T, row, b, t, 0.03)
+    assert fit.latency_us == pytest.approx(20.0, rel=0.1)
+    assert fit.per_hidden_ns == pytest.approx(3.0, rel=0.15)
+    assert fit.local_copies == pytest.approx(1.5, rel=0.1)
+    assert np.median(fit.bandwidth_GBps.y) == pytest.approx(250.0, rel=0.1)
 
 
 def test_shape_folds_hold_out_whole_shapes() -> None:
@@ -261,6 +335,13 @@ def test_low_latency_dispatch_on_measured_profile_follows_deepep_fit() -> None:
     assert fit is not None
     want = float(curve_s(fit, 7 * 16.0 * 8192.0))  # bytes a rank sends to the 7 others
     assert float(cf.latency_X[0] + cf.solo_X[0]) == pytest.approx(want, rel=1e-9)
+    # with the scenario's shape the shape terms fold in (Mixtral: D 4096, top-2, 8 experts)
+    shaped = CommPricer(hw, cm, topo, "low_latency", (4096, 2, 8, 8, {"dispatch": 8192.0}))
+    cf = shaped.price(rows_XL, 8192.0, op="dispatch")
+    line = cm.deepep_line("ll", "dispatch", 4096, 2, 8, experts=8, row=8192.0)
+    assert line is not None
+    want_shaped = float(curve_s(line, 7 * 16.0 * 8192.0))
+    assert float(cf.latency_X[0] + cf.solo_X[0]) == pytest.approx(want_shaped, rel=1e-9)
     spec = CommPricer(hw, cm, topo, "alltoall").price(rows_XL, 8192.0, op="dispatch")
     assert float(spec.latency_X[0] + spec.solo_X[0]) != pytest.approx(want, rel=1e-3)
 

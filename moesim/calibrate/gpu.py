@@ -31,20 +31,22 @@ import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
 
-from moesim.calibrate.fit import Items
+from moesim.calibrate.gpu_forms import fit_deepep_ll, fit_deepep_normal, fit_regimes
 from moesim.config.base import DTYPE_BYTES
 from moesim.config.hardware import (
     Calibration,
     CalibrationSource,
     CommFit,
+    CommRegime,
     Curve,
+    DeepEPFit,
     FamilyError,
     GemmFit,
     GemmTable,
     HardwareProfile,
 )
 from moesim.costs import CostModel, work
-from moesim.costs.model import deepep_bytes
+from moesim.costs.model import deepep_bytes, deepep_row_bytes
 
 F64 = NDArray[np.float64]
 #: token counts the GEMM grid holds (those the system measured)
@@ -297,23 +299,6 @@ def _experts_family(dtype: str) -> GpuFamily:
 # -- collectives ------------------------------------------------------------------------
 
 
-def _line_fit(size: F64, t: pd.Series, latency_s: float) -> CommFit:
-    """``latency + bytes / bw(bytes)`` with knots two per decade (no knot-count search).
-
-    The tables are dense in size (every power of two), so the full knot set is
-    identified; skipping :func:`fit_line`'s search keeps calibration fast.
-    """
-    from moesim.calibrate.fit import _knots, _Problem, _term_columns
-
-    items = Items.one_per_row(size)
-    tt = np.asarray(t, dtype=np.float64)
-    cols = _term_columns(items, np.zeros(items.n_rows))
-    problem = _Problem(items, tt, cols, ["latency"], latency_s, 1e9, TABLE_NOISE)
-    line, _ = problem.solve(_knots(items.size_I, 64))
-    curve = Curve(x=list(line.knots_x), y=list(line.knots_y))
-    return CommFit(latency_us=line.latency_s * 1e6, bandwidth_GBps=curve)
-
-
 def _collective_family(kind: str, gpus: int) -> GpuFamily:
     name = f"{kind}.{gpus}"
 
@@ -323,8 +308,9 @@ def _collective_family(kind: str, gpus: int) -> GpuFamily:
 
     def fit(r: pd.DataFrame) -> GpuParts:
         size = r["msg_bytes"].to_numpy(dtype=np.float64)
+        t = r["median_s"].to_numpy(dtype=np.float64)
         return GpuParts(
-            collectives={name: _line_fit(size, r["median_s"], 5e-6)},
+            collectives={name: fit_regimes(size, t, TABLE_NOISE)},
             ranges={
                 f"collective.{kind}": {"bytes": _rng(size), "gpus": [float(gpus), float(gpus)]}
             },
@@ -339,7 +325,17 @@ def _collective_family(kind: str, gpus: int) -> GpuFamily:
 # -- DeepEP -------------------------------------------------------------------------------
 
 
-def _deepep_family(mode: str, op: str, sms: str | None) -> GpuFamily:
+def _deepep_form(mode: str, op: str, r: pd.DataFrame, size: F64, sms: int | None) -> DeepEPFit:
+    T, D, K, E = (r[c].to_numpy(dtype=np.float64) for c in ("T", "D", "K", "E"))
+    t = r["median_s"].to_numpy(dtype=np.float64)
+    if mode == "ll":
+        cap = int(sms or np.max(E))  # SMs of the GPU (spec profile), else no cap
+        return fit_deepep_ll(T, D, K, E, size, t, cap, TABLE_NOISE)
+    row = np.array([deepep_row_bytes(op, int(d)) for d in D])
+    return fit_deepep_normal(D, T, row, size, t, TABLE_NOISE)
+
+
+def _deepep_family(mode: str, op: str, sms: str | None, gpu_sms: int | None) -> GpuFamily:
     key = f"{mode}.{op}" + (f".{sms}" if sms else "")
     suite = f"deepep_{mode}"
 
@@ -366,7 +362,7 @@ def _deepep_family(mode: str, op: str, sms: str | None) -> GpuFamily:
             "gpus": [8.0, 8.0],
         }
         return GpuParts(
-            deepep={key: _line_fit(size, r["median_s"], 5e-6)},
+            deepep={key: _deepep_form(mode, op, r, size, gpu_sms)},
             ranges={f"deepep.{mode}.{op}": ranges},
         )
 
@@ -389,8 +385,8 @@ def _deepep_family(mode: str, op: str, sms: str | None) -> GpuFamily:
     return GpuFamily(f"deepep.{key}", rows, fit, predict, ("D", "K", "E"))
 
 
-def families(df: pd.DataFrame) -> list[GpuFamily]:
-    """The families the imported rows support, in report order."""
+def families(df: pd.DataFrame, sms: int | None = None) -> list[GpuFamily]:
+    """The families the imported rows support, in report order (``sms``: the GPU's SMs)."""
     out: list[GpuFamily] = []
     gem = df[df["suite"] == "gemm"]
     out += [_gemm_family(r) for r in GEMM_RECIPES if (gem["strategy"] == r).any()]
@@ -406,10 +402,10 @@ def families(df: pd.DataFrame) -> list[GpuFamily]:
             if s.empty:
                 continue
             if mode == "ll":
-                out.append(_deepep_family(mode, op, None))
+                out.append(_deepep_family(mode, op, None, sms))
             else:
-                sms = sorted(set(s["strategy"].astype(str)), key=lambda x: int(x[3:]))
-                out += [_deepep_family(mode, op, x) for x in sms]
+                counts = sorted(set(s["strategy"].astype(str)), key=lambda x: int(x[3:]))
+                out += [_deepep_family(mode, op, x, sms) for x in counts]
     return out
 
 
@@ -484,7 +480,7 @@ def fit_all(
     configurations out of the whole fit this way).
     """
     out = GpuFit()
-    for fam in families(df):
+    for fam in families(df, base.gpu.sms):
         if progress is not None:
             progress(fam.name)
         rows = fam.rows(df)
@@ -517,4 +513,12 @@ def alltoall_tiers(parts: GpuParts) -> dict[str, CommFit]:
     curve = Curve(
         x=[float(f"{x * share:.6g}") for x in c.x], y=[float(f"{y * share:.6g}") for y in c.y]
     )
-    return {"scaleup": CommFit(latency_us=fit.latency_us, bandwidth_GBps=curve)}
+    regimes = [
+        CommRegime(
+            upto_bytes=None if r.upto_bytes is None else float(f"{r.upto_bytes * share:.6g}"),
+            latency_us=r.latency_us,
+            GBps=float(f"{r.GBps * share:.6g}"),
+        )
+        for r in fit.regimes
+    ]
+    return {"scaleup": CommFit(latency_us=fit.latency_us, bandwidth_GBps=curve, regimes=regimes)}

@@ -61,6 +61,7 @@ class GPUSpec(Frozen):
     memory_efficiency: Fraction = Field(gt=0, le=1)  # streaming copy, fraction of hbm_GBps
     kernel_launch_us: float = Field(ge=0)
     gemm_shape: GemmShapeSpec | None = None  # shape-dependent spec GEMM efficiency
+    sms: int | None = Field(default=None, ge=1)  # streaming multiprocessors (DeepEP SM terms)
 
     @field_validator("peak_tflops")
     @classmethod
@@ -122,14 +123,45 @@ class GemmFit(Frozen):
     scan_ps: float = Field(default=0.0, ge=0)  # ps per (routed row x hidden) the kernel scans
 
 
+class CommRegime(Frozen):
+    """One size regime of a collective (an NCCL protocol): ``latency + bytes / GBps``."""
+
+    upto_bytes: float | None = Field(default=None, gt=0)  # regime ends here (None: no end)
+    latency_us: float = Field(ge=0)
+    GBps: float = Field(gt=0)
+
+
 class CommFit(Frozen):
     """Collective on one tier: ``latency_us + bytes / bandwidth_GBps(bytes)`` per rank.
 
     ``bytes`` is what one rank sends to the other ranks (its own share excluded).
+    With ``regimes`` (measured NCCL tables) the time is the regime's own line
+    ``latency + bytes / GBps`` for the regime whose range holds ``bytes``; the
+    curve then renders those lines for code that reads a bandwidth at a size.
     """
 
     latency_us: float = Field(ge=0)
     bandwidth_GBps: Curve  # x = bytes a rank sends to other ranks
+    regimes: list[CommRegime] = Field(default_factory=list)
+
+
+class DeepEPFit(CommFit):
+    """A DeepEP kernel: the line over bytes moved plus shape terms (all zero by default).
+
+    ``t = latency + per_expert_us E + per_hidden_ns D + B / bw(B)
+    + sm_ps T K D / min(E, sms)``, with ``B = bytes (copies + local_copies) / copies``:
+    the call's fixed cost grows with the experts (low-latency: per-expert
+    counters) and the row width (normal: layout), the normal kernels also move
+    ``local_copies`` rows per token through their own buffer, and the
+    low-latency kernels run one SM per expert up to ``sms``, each SM copying its
+    tokens' rows.
+    """
+
+    per_expert_us: float = Field(default=0.0, ge=0)
+    per_hidden_ns: float = Field(default=0.0, ge=0)
+    local_copies: float = Field(default=0.0, ge=0)
+    sm_ps: float = Field(default=0.0, ge=0)  # ps per (token x top-k x hidden) element per SM
+    sms: int = Field(default=1, ge=1)
 
 
 class GemmTable(Frozen):
@@ -214,7 +246,7 @@ class Calibration(Frozen):
     # DeepEP per "<mode>.<op>[.<sms>]" (x = bytes a rank sends to other ranks)
     gemm_table: dict[str, GemmTable] = Field(default_factory=dict)
     collectives: dict[str, CommFit] = Field(default_factory=dict)
-    deepep: dict[str, CommFit] = Field(default_factory=dict)
+    deepep: dict[str, DeepEPFit] = Field(default_factory=dict)
     # family -> axis -> [lo, hi] measured; predictions outside are flagged
     ranges: dict[str, dict[str, list[float]]] = Field(default_factory=dict)
 

@@ -17,7 +17,15 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from moesim.config.base import DTYPE_BYTES
-from moesim.config.hardware import CommFit, GemmFit, GemmTable, HardwareProfile, MemoryOpFit
+from moesim.config.hardware import (
+    CommFit,
+    Curve,
+    DeepEPFit,
+    GemmFit,
+    GemmTable,
+    HardwareProfile,
+    MemoryOpFit,
+)
 from moesim.costs import tables, work
 from moesim.costs.curves import eval_curve
 
@@ -232,13 +240,50 @@ class CostModel:
         rank sends to the other ranks (fp8 rows with scales for dispatch, bf16
         for combine). None when the profile has no DeepEP measurements.
         """
+        line = self.deepep_line(mode, op, hidden, topk, world, sms=sms, experts=experts)
+        if line is None:
+            return None
+        nbytes = deepep_bytes(op, tokens, hidden, topk, world, experts, mode)
+        return tables.curve_s(line, nbytes)
+
+    def deepep_line(
+        self,
+        mode: str,
+        op: str,
+        hidden: int,
+        topk: int,
+        world: int = 8,
+        sms: int | None = None,
+        experts: int | None = None,
+        row: float | None = None,
+    ) -> CommFit | None:
+        """The DeepEP fit for one shape as a plain ``latency + bytes / bw(bytes)`` line.
+
+        ``row``: bytes of one row in the caller's bytes (default DeepEP's own:
+        fp8 + scales for dispatch, bf16 for combine); the per-SM term is per
+        element, so it is rescaled to the caller's bytes.
+
+        The shape terms of :class:`~moesim.config.hardware.DeepEPFit` fold in
+        exactly: the fixed cost gains ``per_expert E + per_hidden D``, and the
+        bandwidth over the bytes a rank sends becomes
+        ``1 / (m / bw(m b) + sm_ps K D / (bytes_per_token min(E, sms)))`` with
+        ``m = 1 + local_copies row / bytes_per_token``. None without DeepEP fits.
+        """
         fit = self.deepep_fit(mode, op, sms)
         if fit is None:
             return None
-        nbytes = deepep_bytes(op, tokens, hidden, topk, world, experts, mode)
-        return tables.curve_s(fit, nbytes)
+        E = float(experts or world)
+        bpt = max(float(deepep_bytes(op, 1.0, hidden, topk, world, experts, mode)), 1e-30)
+        m = 1.0 + fit.local_copies * deepep_row_bytes(op, hidden) / bpt
+        own = deepep_row_bytes(op, hidden)
+        per_row = own / (row or own)  # caller's bytes per DeepEP byte, inverted
+        sm_s_per_byte = fit.sm_ps * 1e-12 * topk * hidden * per_row / (bpt * min(E, fit.sms))
+        c = fit.bandwidth_GBps
+        y = [1.0 / (m / (v * 1e9) + sm_s_per_byte) / 1e9 for v in c.y]
+        lat = fit.latency_us + fit.per_expert_us * E + fit.per_hidden_ns * hidden * 1e-3
+        return CommFit(latency_us=lat, bandwidth_GBps=Curve(x=[v / m for v in c.x], y=y))
 
-    def deepep_fit(self, mode: str, op: str, sms: int | None = None) -> CommFit | None:
+    def deepep_fit(self, mode: str, op: str, sms: int | None = None) -> DeepEPFit | None:
         if self.cal is None or not self.cal.deepep:
             return None
         name = f"{mode}.{op}"
@@ -309,6 +354,11 @@ class CostModel:
         return lat + b / bw
 
 
+def deepep_row_bytes(op: str, hidden: int) -> float:
+    """Bytes of one DeepEP row: fp8 with one fp32 scale per 128 (dispatch), bf16 (combine)."""
+    return hidden + 4.0 * math.ceil(hidden / 128) if op == "dispatch" else 2.0 * hidden
+
+
 def deepep_bytes(
     op: str,
     tokens: ArrayLike,
@@ -325,7 +375,7 @@ def deepep_bytes(
     copies are the expected distinct other ranks among the ``topk`` experts:
     ``(world - 1) (1 - C(E - E/world, K) / C(E, K))``.
     """
-    row = hidden + 4.0 * math.ceil(hidden / 128) if op == "dispatch" else 2.0 * hidden
+    row = deepep_row_bytes(op, hidden)
     share = (world - 1) / world if world > 1 else 1.0
     copies = topk * share
     if mode == "normal" and experts and world > 1 and experts % world == 0:

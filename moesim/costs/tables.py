@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from moesim.config.hardware import CommFit, GemmShapeSpec, GemmTable
+from moesim.config.hardware import CommFit, CommRegime, GemmShapeSpec, GemmTable
 from moesim.costs.curves import eval_curve
 
 F64 = NDArray[np.float64]
@@ -72,10 +72,25 @@ def shape_efficiency(spec: GemmShapeSpec, m: ArrayLike, n: ArrayLike) -> F64:
 
 
 def curve_s(fit: CommFit, nbytes: ArrayLike) -> F64:
-    """``latency + bytes / bandwidth(bytes)`` of a fitted line (zero bytes: zero)."""
+    """``latency + bytes / bandwidth(bytes)`` of a fitted line (zero bytes: zero).
+
+    A fit with ``regimes`` takes the line of the regime whose range holds ``bytes``.
+    """
     b = np.asarray(nbytes, dtype=np.float64)
+    if fit.regimes:
+        return np.where(b > 0, regimes_s(fit.regimes, b), 0.0)
     bw = eval_curve(fit.bandwidth_GBps, np.maximum(b, 1.0)) * 1e9
     return np.where(b > 0, fit.latency_us * 1e-6 + b / bw, 0.0)
+
+
+def regimes_s(regimes: list[CommRegime], nbytes: ArrayLike) -> F64:
+    """``latency_r + bytes / GBps_r`` for the regime ``r`` whose range holds each size."""
+    b = np.asarray(nbytes, dtype=np.float64)
+    ends = np.array([r.upto_bytes or np.inf for r in regimes[:-1]])
+    i = np.searchsorted(ends, b, side="left")
+    lat = np.array([r.latency_us for r in regimes]) * 1e-6
+    bw = np.array([r.GBps for r in regimes]) * 1e9
+    return np.asarray(lat[i] + b / bw[i], dtype=np.float64)
 
 
 def nearest_key(keys: list[str], prefix: str, gpus: int) -> tuple[str | None, int | None]:

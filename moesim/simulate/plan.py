@@ -214,13 +214,18 @@ class CommPricer:
     """
 
     def __init__(
-        self, hw: HardwareProfile, cost: CostModel, topo: Topology, dispatcher: str | None = None
+        self,
+        hw: HardwareProfile,
+        cost: CostModel,
+        topo: Topology,
+        dispatcher: str | None = None,
+        shape: DeepEPShape | None = None,
     ):
         self.cost, self.topo = cost, topo
         self.spec = dict(zip(("scaleup", "scaleout"), spec_bandwidths(hw), strict=True))
         self.fits = hw.calibration.alltoall if hw.calibration is not None else {}
         # measured DeepEP kernels (issue 11) price the NVLink tier of their dispatcher
-        self.op_fits = deepep_tier_fits(cost, dispatcher)
+        self.op_fits = deepep_tier_fits(cost, dispatcher, shape)
 
     def price(self, rows_XL: F64, row_bytes: float, op: str | None = None) -> Coflows:
         """The coflows of ``rows_XL`` rows of ``row_bytes`` each, one per group.
@@ -281,16 +286,30 @@ class CommPricer:
         return Coflows(cf.demand_XL, lat, cf.solo_X, sent)
 
 
+#: (hidden, top_k, experts, ep, {op: row bytes priced}) of a scenario's DeepEP calls
+DeepEPShape = tuple[int, int, int, int, dict[str, float]]
 #: dispatcher -> DeepEP mode whose measured kernels price its NVLink tier
 DEEPEP_MODES = {"low_latency": "ll", "hierarchical": "normal"}
 
 
-def deepep_tier_fits(cost: CostModel, dispatcher: str | None) -> dict[str, dict[str, CommFit]]:
-    """``{op: {"scaleup": fit}}`` from a measured profile's DeepEP fits (empty if none)."""
+def deepep_tier_fits(
+    cost: CostModel, dispatcher: str | None, shape: DeepEPShape | None = None
+) -> dict[str, dict[str, CommFit]]:
+    """``{op: {"scaleup": fit}}`` from a measured profile's DeepEP fits (empty if none).
+
+    ``shape``: ``(hidden, top_k, experts, ep, {op: row bytes})`` of the scenario,
+    whose DeepEP shape terms (:meth:`CostModel.deepep_line`) fold into the line.
+    """
     mode = DEEPEP_MODES.get(dispatcher or "")
     out: dict[str, dict[str, CommFit]] = {}
     for op in ("dispatch", "combine"):
-        fit = cost.deepep_fit(mode, op) if mode else None
+        if not mode:
+            continue
+        if shape is None:
+            fit: CommFit | None = cost.deepep_fit(mode, op)
+        else:
+            D, K, E, ep, rows = shape
+            fit = cost.deepep_line(mode, op, D, K, max(ep, 2), experts=E, row=rows.get(op))
         if fit is not None:
             out[op] = {"scaleup": fit}
     return out
@@ -312,7 +331,13 @@ def build_plan(
     loads = LoadModel(scn, topo, seed, layers)
     stats = LoadStats()
     training = scn.workload.mode == "training"
-    pricer = CommPricer(hw, cost, topo, scn.dispatcher)
+    m = scn.model
+    rows = {
+        "dispatch": row_bytes(m.hidden_size, scn.dispatch_dtype),
+        "combine": row_bytes(m.hidden_size, scn.combine_dtype),
+    }
+    shape = (m.hidden_size, m.top_k, m.num_experts, topo.ep, rows)
+    pricer = CommPricer(hw, cost, topo, scn.dispatcher, shape)
     exchange = split_exchange_s(scn, topo, pricer)
     placer = Placer(scn, topo, loads, layers)  # expert -> GPU slots (contiguous: identity)
 

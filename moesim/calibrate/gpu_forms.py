@@ -1,0 +1,218 @@
+"""Fitted forms of the measured GPU communication families (:mod:`moesim.calibrate.gpu`).
+
+* :func:`fit_regimes`: an NCCL collective as size regimes (NCCL picks a
+  protocol and algorithm by message size: LL, LL128, Simple; ring or tree),
+  each its own ``latency + bytes / bandwidth`` line; the boundaries are where
+  the fit puts them (segmented regression over the measured sizes).
+* :func:`fit_deepep_ll`: DeepEP low-latency ``latency + per_expert E + bytes /
+  bw + sm_ps T K D / min(E, SMs)`` (one SM per expert copies its tokens' rows).
+* :func:`fit_deepep_normal`: DeepEP normal ``latency + per_hidden D + B / bw(B)``
+  with ``B`` the bytes sent plus ``local_copies`` rows per token through the
+  rank's own buffer.
+
+Every fit minimises the relative error with a robust loss at the tables' noise
+scale; the parameters land in :class:`~moesim.config.hardware.CommFit` /
+:class:`~moesim.config.hardware.DeepEPFit`, which :class:`moesim.costs.CostModel`
+prices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy.optimize import least_squares, nnls
+
+from moesim.calibrate.fit import interp_matrix
+from moesim.config.hardware import CommFit, CommRegime, Curve, DeepEPFit
+
+F64 = NDArray[np.float64]
+#: most size regimes of one collective (NCCL's three protocols)
+MAX_REGIMES = 3
+#: fewest distinct sizes one regime is fitted on
+MIN_SIZES = 3
+#: a regime is added only if it lowers the summed |relative error| by this share
+REGIME_GAIN = 0.15
+#: bandwidth stored when a fit sees no bandwidth limit (s/byte term fitted as 0)
+NO_LIMIT_GBps = 1e6
+
+
+def _g(v: float) -> float:
+    return float(f"{v:.6g}")
+
+
+def robust_nnls(A: F64, t: F64, noise: float, iters: int = 4) -> F64:
+    """Non-negative ``p`` minimising ``sum rho((A p) / t - 1)``, ``rho`` Huber at ``noise``.
+
+    Columns are scaled to unit norm for conditioning; iteratively reweighted.
+    """
+    X = A / t[:, None]
+    scale = np.linalg.norm(X, axis=0)
+    scale = np.where(scale > 0, scale, 1.0)
+    Xs = X / scale
+    w = np.ones(t.size)
+    p = np.zeros(A.shape[1])
+    for _ in range(iters):
+        sw = np.sqrt(w)
+        p, _ = nnls(Xs * sw[:, None], sw, maxiter=50 * A.shape[1])
+        r = np.abs(Xs @ p - 1.0)
+        w = np.where(r <= noise, 1.0, noise / np.maximum(r, 1e-12))
+    return np.asarray(p / scale, dtype=np.float64)
+
+
+# -- NCCL collectives: size regimes ------------------------------------------------------
+
+
+def _segment(b: F64, t: F64, noise: float) -> tuple[float, float, float]:
+    """``(latency_s, s_per_byte, sum |rel err|)`` of one regime's line."""
+    p = robust_nnls(np.stack([np.ones_like(b), b], axis=1), t, noise)
+    err = float(np.abs((p[0] + p[1] * b) / t - 1.0).sum())
+    return float(p[0]), float(p[1]), err
+
+
+Line = tuple[float, float, float]
+
+
+def _segments(b: F64, t: F64, sizes: F64, noise: float) -> dict[tuple[int, int], Line]:
+    out = {}
+    n = sizes.size
+    for i in range(n):
+        for j in range(i + MIN_SIZES - 1, n):
+            sel = (b >= sizes[i]) & (b <= sizes[j])
+            out[(i, j)] = _segment(b[sel], t[sel], noise)
+    return out
+
+
+def _partition(seg: dict[tuple[int, int], Line], n: int, k: int) -> tuple[float, list[int]]:
+    """Best split of sizes ``0..n-1`` into ``k`` runs (dynamic programming): cost, run ends."""
+    best: dict[tuple[int, int], tuple[float, list[int]]] = {}
+    for j in range(n):
+        if (0, j) in seg:
+            best[(1, j)] = (seg[(0, j)][2], [j])
+    for r in range(2, k + 1):
+        for j in range(n):
+            cands = [
+                (best[(r - 1, i - 1)][0] + seg[(i, j)][2], best[(r - 1, i - 1)][1] + [j])
+                for i in range(1, j + 1)
+                if (r - 1, i - 1) in best and (i, j) in seg
+            ]
+            if cands:
+                best[(r, j)] = min(cands, key=lambda c: c[0])
+    return best.get((k, n - 1), (np.inf, []))
+
+
+def _boundary(lo: float, hi: float, a: Line, c: Line) -> float:
+    """Where regime ``a`` hands over to ``c`` between measured sizes ``lo`` and ``hi``.
+
+    Between the sizes each regime was measured at, the faster line holds (NCCL's
+    tuner picks the faster protocol): the crossing of the two lines if it lies
+    in the gap, else the gap's end that leaves the whole gap to the faster one.
+    """
+    dg = a[1] - c[1]
+    if dg > 0:
+        x = (c[0] - a[0]) / dg
+        if lo < x < hi:
+            return float(x)
+    mid = float(np.sqrt(lo * hi))
+    a_faster = a[0] + a[1] * mid <= c[0] + c[1] * mid
+    return float(hi * (1.0 - 1e-6) if a_faster else lo * (1.0 + 1e-6))
+
+
+def fit_regimes(size: F64, t: F64, noise: float) -> CommFit:
+    """Size regimes ``latency_r + bytes / GBps_r``: up to :data:`MAX_REGIMES`, at least
+    :data:`MIN_SIZES` sizes each, a regime added only where it cuts the summed
+    relative error by :data:`REGIME_GAIN`."""
+    b, tt = np.asarray(size, dtype=np.float64), np.asarray(t, dtype=np.float64)
+    sizes = np.unique(b)
+    seg = _segments(b, tt, sizes, noise)
+    cost, ends = _partition(seg, sizes.size, 1)
+    for k in range(2, MAX_REGIMES + 1):
+        c_k, e_k = _partition(seg, sizes.size, k)
+        if c_k < cost * (1.0 - REGIME_GAIN):
+            cost, ends = c_k, e_k
+    starts = [0] + [e + 1 for e in ends[:-1]]
+    lines = [seg[(s, e)] for s, e in zip(starts, ends, strict=True)]
+    regimes = []
+    for r, (line, end) in enumerate(zip(lines, ends, strict=True)):
+        last = r == len(lines) - 1
+        gap = float(sizes[end]), float(sizes[min(end + 1, sizes.size - 1)])
+        upto = None if last else _boundary(*gap, line, lines[r + 1])
+        gbps = 1.0 / (line[1] * 1e9) if line[1] > 0 else NO_LIMIT_GBps
+        regimes.append(
+            CommRegime(
+                upto_bytes=None if upto is None else _g(upto),
+                latency_us=_g(line[0] * 1e6),
+                GBps=_g(min(gbps, NO_LIMIT_GBps)),
+            )
+        )
+    return CommFit(
+        latency_us=regimes[0].latency_us,
+        bandwidth_GBps=render_regimes(regimes, sizes),
+        regimes=regimes,
+    )
+
+
+def render_regimes(regimes: list[CommRegime], sizes: F64) -> Curve:
+    """The regimes as a bandwidth curve over ``sizes`` (8 points a decade), read with
+    the first regime's latency: ``bw(b) = b / (t(b) - latency_0)``."""
+    from moesim.costs.tables import regimes_s
+
+    lo, hi = float(np.min(sizes)), float(np.max(sizes))
+    x = np.unique(np.geomspace(lo, hi, max(2, int(np.ceil(8 * np.log10(hi / lo))) + 1)))
+    t = regimes_s(regimes, x) - regimes[0].latency_us * 1e-6
+    y = x / np.maximum(t, x / (NO_LIMIT_GBps * 1e9)) / 1e9
+    return Curve(x=[_g(v) for v in x], y=[_g(v) for v in y])
+
+
+# -- DeepEP --------------------------------------------------------------------------------
+
+
+def fit_deepep_ll(
+    T: F64, D: F64, K: F64, E: F64, nbytes: F64, t: F64, sms: int, noise: float
+) -> DeepEPFit:
+    """``t = latency + per_expert E + bytes / bw + sm_ps T K D / min(E, sms)``, all >= 0."""
+    work = T * K * D / np.minimum(E, sms)
+    A = np.stack([np.ones_like(T), E, nbytes, work], axis=1)
+    lat, per_e, s_per_b, s_per_elem = robust_nnls(A, t, noise)
+    gbps = min(1.0 / (s_per_b * 1e9), NO_LIMIT_GBps) if s_per_b > 0 else NO_LIMIT_GBps
+    return DeepEPFit(
+        latency_us=_g(lat * 1e6),
+        per_expert_us=_g(per_e * 1e6),
+        bandwidth_GBps=Curve(x=[_g(float(np.min(nbytes)))], y=[_g(gbps)]),
+        sm_ps=_g(s_per_elem * 1e12),
+        sms=sms,
+    )
+
+
+def fit_deepep_normal(
+    D: F64, T: F64, row: F64, nbytes: F64, t: F64, noise: float, smooth: float = 0.3
+) -> DeepEPFit:
+    """``t = latency + per_hidden D + B / bw(B)``, ``B = nbytes + local_copies T row``.
+
+    ``bw`` a curve with knots two per decade over the bytes (linear in log
+    bytes, a second-difference penalty ``smooth`` on log bandwidth); robust
+    least squares on ``log t``.
+    """
+    lo, hi = float(np.min(nbytes)), float(np.max(nbytes)) * 3.0
+    knots = np.geomspace(lo, hi, max(2, int(np.ceil(2 * np.log10(hi / lo))) + 1))
+    rough = np.diff(np.eye(knots.size), 2, axis=0) * smooth
+
+    def pred(p: F64) -> F64:
+        B = nbytes + p[2] * T * row
+        bw = interp_matrix(np.clip(B, knots[0], knots[-1]), knots) @ np.exp(p[3:]) * 1e9
+        return p[0] * 1e-6 + p[1] * 1e-9 * D + B / bw
+
+    def resid(p: F64) -> F64:
+        return np.r_[np.log(np.maximum(pred(p), 1e-30) / t), rough @ p[3:]]
+
+    tmin = float(np.min(t)) * 1e6
+    x0 = np.r_[0.5 * tmin, 0.0, 0.5, np.full(knots.size, np.log(100.0))]
+    lo_b = np.r_[0.0, 0.0, 0.0, np.full(knots.size, -5.0)]
+    hi_b = np.r_[tmin, 1e3, 8.0, np.full(knots.size, 12.0)]
+    sol = least_squares(resid, x0, bounds=(lo_b, hi_b), loss="soft_l1", f_scale=noise)
+    p = sol.x
+    return DeepEPFit(
+        latency_us=_g(p[0]),
+        per_hidden_ns=_g(p[1]),
+        local_copies=_g(p[2]),
+        bandwidth_GBps=Curve(x=[_g(v) for v in knots], y=[_g(v) for v in np.exp(p[3:])]),
+    )
