@@ -367,3 +367,21 @@ def test_profiles_json_marks_measured_and_spec(capsys: pytest.CaptureFixture[str
     assert "aiconfigurator_core" in by_name["h200-sxm"]["from"]
     assert by_name["h200-sxm-spec"]["kind"] == "spec"
     assert by_name["mi300x"]["kind"] == "spec"
+
+
+def test_shipped_measured_profiles_never_run_expert_gemms_past_peak() -> None:
+    """The fused-MoE rate curve is bounded by the dtype's dense peak (it once reached
+    1,290 TFLOP/s on H100 bf16 when the other terms traded time with the curve)."""
+    from pathlib import Path
+
+    from moesim.config.loader import load_hardware
+
+    root = Path(__file__).resolve().parents[1] / "hardware_profiles" / "calibrated"
+    paths = sorted(root.glob("*-measured.yaml"))
+    assert len(paths) >= 4
+    for path in paths:
+        hw = load_hardware(str(path))
+        gemm = hw.calibration.gemm if hw.calibration else {}
+        for dtype, fit in gemm.items():
+            peak = hw.gpu.peak_tflops[dtype]
+            assert max(fit.tflops.y) <= peak * 1.0001, (path.name, dtype)

@@ -219,6 +219,7 @@ def fit_experts_line(
     scan_e: F64,
     t: F64,
     noise: float = TABLE_NOISE,
+    peak_tflops: float | None = None,
 ) -> GemmFit:
     """``t = lat + active * (per + wbytes_e / weight_bw + flops_e / tflops(tokens_e))``.
 
@@ -226,6 +227,9 @@ def fit_experts_line(
     the same load, so a row is one item counted ``active`` times. The rate
     curve is read at the tokens per expert (tile and wave utilisation), the
     weight term prices the weight-bound decode regime. Knots: two per decade.
+    ``peak_tflops`` (the dtype's dense peak) bounds the rate curve: no knot may
+    run faster than the silicon (without it, the other terms can trade time with
+    the curve and push a knot past peak).
     """
     from scipy.optimize import least_squares
 
@@ -247,7 +251,8 @@ def fit_experts_line(
         float(np.min(t)) * 1e6 * 0.3, 0.5, 1e12 / 3e12, 0.1, np.full(knots.size, np.log(300.0))
     ]
     lo = np.r_[0.0, 0.0, 1e12 / 2e13, 0.0, np.full(knots.size, -12.0)]
-    hi = np.r_[float(np.min(t)) * 1e6, 1e3, 1e12 / 1e10, 1e3, np.full(knots.size, 12.0)]
+    top = np.log(peak_tflops) if peak_tflops else 12.0
+    hi = np.r_[float(np.min(t)) * 1e6, 1e3, 1e12 / 1e10, 1e3, np.full(knots.size, top)]
     sol = least_squares(
         resid, np.clip(x0, lo, hi * 0.999), bounds=(lo, hi), loss="soft_l1", f_scale=noise
     )
@@ -263,7 +268,7 @@ def fit_experts_line(
     )
 
 
-def _experts_family(dtype: str) -> GpuFamily:
+def _experts_family(dtype: str, peak: float | None = None) -> GpuFamily:
     def fit(rows: pd.DataFrame) -> GpuParts:
         cols = (rows[c].to_numpy(dtype=np.float64) for c in ("T", "K", "E", "world"))
         active, per = active_tokens(*cols)
@@ -272,7 +277,7 @@ def _experts_family(dtype: str) -> GpuFamily:
         wbytes = 3.0 * D * F * DTYPE_BYTES[dtype]
         scan = rows["T"].to_numpy(dtype=np.float64) * rows["K"].to_numpy(dtype=np.float64) * D
         t = rows["median_s"].to_numpy(dtype=np.float64)
-        g = fit_experts_line(active, per, flops_e, wbytes, scan, t)
+        g = fit_experts_line(active, per, flops_e, wbytes, scan, t, peak_tflops=peak)
         ranges = {
             "tokens_per_expert": _rng(per),
             "hidden": _rng(rows["D"]),
@@ -385,13 +390,16 @@ def _deepep_family(mode: str, op: str, sms: str | None, gpu_sms: int | None) -> 
     return GpuFamily(f"deepep.{key}", rows, fit, predict, ("D", "K", "E"))
 
 
-def families(df: pd.DataFrame, sms: int | None = None) -> list[GpuFamily]:
+def families(
+    df: pd.DataFrame, sms: int | None = None, peak_tflops: dict[str, float] | None = None
+) -> list[GpuFamily]:
     """The families the imported rows support, in report order (``sms``: the GPU's SMs)."""
     out: list[GpuFamily] = []
     gem = df[df["suite"] == "gemm"]
     out += [_gemm_family(r) for r in GEMM_RECIPES if (gem["strategy"] == r).any()]
     moe = df[(df["suite"] == "moe") & (df["split"] == "balanced")]
-    out += [_experts_family(d) for d in sorted(set(moe["dtype"].astype(str)))]
+    peaks = peak_tflops or {}
+    out += [_experts_family(d, peaks.get(d)) for d in sorted(set(moe["dtype"].astype(str)))]
     col = df[df["suite"] == "collective"]
     for (kind, gpus), _ in col.groupby(["op", "world"]):
         out.append(_collective_family(str(kind), int(gpus)))
@@ -480,7 +488,7 @@ def fit_all(
     configurations out of the whole fit this way).
     """
     out = GpuFit()
-    for fam in families(df, base.gpu.sms):
+    for fam in families(df, base.gpu.sms, dict(base.gpu.peak_tflops)):
         if progress is not None:
             progress(fam.name)
         rows = fam.rows(df)
