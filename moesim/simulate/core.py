@@ -18,13 +18,13 @@ from moesim.simulate.budget import check_budget
 from moesim.simulate.dense import optimizer_s
 from moesim.simulate.engine import THREADS, EngineResult, Recorder, run_engine
 from moesim.simulate.gradsync import GradSync
-from moesim.simulate.memory import memory_report
+from moesim.simulate.memory import MemoryReport, memory_report
 from moesim.simulate.plan import StepPlan, build_plan
 from moesim.simulate.program import BWD, KINDS, Program
 from moesim.simulate.program import PHASES as PHASES_INFO
 from moesim.simulate.ranges import out_of_range
 from moesim.simulate.result import PHASES, SimResult
-from moesim.simulate.schedules import Pipeline, layout_for, moe_layers_per_rank
+from moesim.simulate.schedules import Layout, Pipeline, layout_for, moe_layers_per_rank
 from moesim.simulate.topology import build_topology
 
 #: gradient and parameter collectives summed into ``phases_s["grad_sync"]``
@@ -51,9 +51,8 @@ def simulate(
     if seed < 0:
         raise ConfigError("must be >= 0 (seeds numpy's generator)", field="seed", value=seed)
     check_budget(scenario)  # refuse, with the estimate, what would not finish or fit
-    topo = build_topology(scenario, hw)
-    pipe, layout = layout_for(scenario)
-    plan = build_plan(scenario, hw, topo, seed, moe_layers_per_rank(pipe, layout))
+    plan, pipe, layout = _plan(scenario, hw, seed)
+    topo = plan.topo
     prog = Program(plan, pipe, layout)
     grad = GradSync(scenario, plan, pipe, prog) if plan.training else None
     prog.grad = grad
@@ -69,6 +68,27 @@ def simulate(
 
         res.dynamics = run_dynamics(scenario, hw, topo, plan, res.step_time_s, seed)
     return res
+
+
+def _plan(scn: Scenario, hw: HardwareProfile, seed: int) -> tuple[StepPlan, Pipeline, Layout]:
+    """The step plan, the pipeline and its layer layout (what the engine and memory read)."""
+    topo = build_topology(scn, hw)
+    pipe, layout = layout_for(scn)
+    return build_plan(scn, hw, topo, seed, moe_layers_per_rank(pipe, layout)), pipe, layout
+
+
+def memory_estimate(scenario: Scenario, hw: HardwareProfile) -> MemoryReport:
+    """The per-GPU memory of ``scenario`` without running the engine.
+
+    Memory reads the MoE rows of the (layer, micro-batch) pairs the engine priced;
+    here micro-batch 0 of every layer is priced and stands for the others (each
+    unpriced pair takes its layer's mean, :func:`~moesim.simulate.memory.priced_rows`).
+    Used to rule out layouts that cannot fit before simulating them.
+    """
+    plan, _, _ = _plan(scenario, hw, scenario.workload.seed)
+    for layer in range(plan.work.layers):
+        plan.work.get(layer, 0)
+    return memory_report(scenario, hw, plan)
 
 
 def traffic_of(plan: StepPlan, eng: EngineResult) -> dict[str, Any]:

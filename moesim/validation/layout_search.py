@@ -92,7 +92,7 @@ class SearchResult:
 
 
 def layout_label(scn: Scenario) -> str:
-    """``tp2 cp1 pp8 vpp1 | ep8 etp1 | recompute none`` (attention | MoE | recompute)."""
+    """``attn tp2 cp1 dp8 pp8 vpp1 | moe etp1 ep8 edp2 | recompute none``."""
     p = scn.parallel
     n = scn.cluster.num_gpus
     return (
@@ -144,18 +144,10 @@ def _seq_length(scn: Scenario) -> int:
 
 def peak_GiB(scn: Scenario, hw: HardwareProfile) -> tuple[float, float]:
     """Predicted peak memory of the fullest GPU and its HBM, without running the engine
-    (the MoE rows of micro-batch 0 of every layer stand for all micro-batches)."""
-    from moesim.simulate import core
-    from moesim.simulate.memory import memory_report
-    from moesim.simulate.plan import build_plan
-    from moesim.simulate.topology import build_topology
+    (:func:`moesim.simulate.core.memory_estimate`)."""
+    from moesim.simulate.core import memory_estimate
 
-    topo = build_topology(scn, hw)
-    pipe, layout = core.layout_for(scn)
-    plan = build_plan(scn, hw, topo, scn.workload.seed, core.moe_layers_per_rank(pipe, layout))
-    for layer in range(plan.work.layers):  # price one micro-batch per layer: memory reads
-        plan.work.get(layer, 0)  # the priced rows (the others take their layer's mean)
-    mem = memory_report(scn, hw, plan).to_dict(scn)
+    mem = memory_estimate(scn, hw).to_dict(scn)
     return float(mem["peak_GiB"]), float(mem["hbm_GiB"])
 
 
