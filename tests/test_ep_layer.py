@@ -112,14 +112,18 @@ def test_co_run_factor_by_hand() -> None:
 
 
 def test_co_run_probe_times_the_ffn_and_the_gather_it_names() -> None:
-    """The probe's solo CPU times are those of its FFN and gather run here, within 3x."""
+    """The probe's solo CPU times are those of its FFN and gather run here, within 3x.
+
+    Timings on a shared host can be disturbed by other processes (a CI runner's
+    neighbours), so a comparison out of range is measured again, up to three times;
+    a probe that times the wrong thing misses on every try.
+    """
     import statistics
     import time
 
     from moesim.measure.ep_probe import GATHER_ROWS, _ffn
 
     rows, hidden, ffn = 64, 32, 64
-    probe = co_run_factor(2, rows=rows, hidden=hidden, ffn=ffn, reps=4)
     torch.set_num_threads(1)
     x, w1, w3 = torch.randn(rows, hidden), torch.randn(hidden, ffn), torch.randn(hidden, ffn)
     w2, src = torch.randn(ffn, hidden), torch.randn(GATHER_ROWS, hidden)
@@ -127,18 +131,26 @@ def test_co_run_probe_times_the_ffn_and_the_gather_it_names() -> None:
 
     def cpu_s(fn: object, reps: int = 16) -> float:
         out = []
-        for _ in range(reps):
+        for _ in range(reps + 8):
             t0 = time.thread_time()
             fn()  # type: ignore[operator]
             out.append(time.thread_time() - t0)
-        return statistics.median(out)
+        return statistics.median(out[8:])  # the first 8 warm up, as the probe's do
 
-    here_ffn = cpu_s(lambda: _ffn(x, w1, w3, w2))
-    here_gather = cpu_s(lambda: src.index_select(0, idx))
-    assert here_ffn / 3 < probe.solo_s < here_ffn * 3
-    assert here_gather / 3 < probe.memory_solo_s < here_gather * 3
+    def within_3x(probe: CoRun) -> bool:
+        here_ffn = cpu_s(lambda: _ffn(x, w1, w3, w2))
+        here_gather = cpu_s(lambda: src.index_select(0, idx))
+        return (
+            here_ffn / 3 < probe.solo_s < here_ffn * 3
+            and here_gather / 3 < probe.memory_solo_s < here_gather * 3
+        )
+
+    tries = [co_run_factor(2, rows=rows, hidden=hidden, ffn=ffn, reps=4)]
+    while not within_3x(tries[-1]) and len(tries) < 3:
+        tries.append(co_run_factor(2, rows=rows, hidden=hidden, ffn=ffn, reps=4))
+    assert within_3x(tries[-1]), tries
     # a 16 MiB-scale gather costs more than this 64-row FFN: the two probes are told apart
-    assert probe.memory_solo_s > probe.solo_s
+    assert tries[-1].memory_solo_s > tries[-1].solo_s
 
 
 @pytest.mark.gpu

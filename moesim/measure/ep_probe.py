@@ -103,7 +103,7 @@ def _probe_rank(rows: int, hidden: int, ffn: int, reps: int) -> tuple[Samples, S
 
 def _solo_and_together(fn: Callable[[], None], reps: int) -> Samples:
     rank, world = dist.get_rank(), dist.get_world_size()
-    _timed(fn, 2)  # warm up
+    _timed(fn, max(2, reps // 2))  # warm up: allocator, page faults and caches settle first
     solo: list[float] = []
     for turn in range(world):
         dist.barrier()
