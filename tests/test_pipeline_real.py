@@ -78,16 +78,24 @@ def test_step_parts_by_hand() -> None:
     )
 
 
-def test_p2p_fit_recovers_a_line_and_prices_the_allreduce() -> None:
-    b = [2.0**p for p in range(10, 20)]
+def test_p2p_and_allreduce_fits_recover_their_lines() -> None:
+    """p2p ``50 us + b / 2 GB/s``; all-reduce ``30 us + b / 4 GB/s`` below 64 KiB and
+    ``200 us + b / 1 GB/s`` above (two regimes, as a protocol switch makes)."""
+    b = np.array([2.0**p for p in range(10, 26)])
     lat, bw = 50e-6, 2e9
-    comm = {"bytes": b, "p2p_s": [lat + x / bw for x in b],
-            "allreduce_s": [2 * lat + x / bw for x in b]}  # fmt: skip
-    fit = pv.fit_p2p(comm)
+    ar = np.where(b <= 2**16, 30e-6 + b / 4e9, 200e-6 + b / 1e9)
+    fit = pv.fit_p2p({"bytes": b.tolist(), "p2p_s": (lat + b / bw).tolist(),
+                      "allreduce_s": ar.tolist()})  # fmt: skip
     assert fit["latency_s"] == pytest.approx(lat, rel=1e-6)
     assert fit["bandwidth_Bps"] == pytest.approx(bw, rel=1e-6)
     assert fit["held_out_median_abs_error"] == pytest.approx(0, abs=1e-9)
-    assert fit["allreduce_median_abs_error"] == pytest.approx(0, abs=1e-9)
+    regimes = fit["allreduce_fit"]["regimes"]
+    assert [r["GBps"] for r in regimes] == pytest.approx([4.0, 1.0], rel=1e-3)
+    assert [r["latency_us"] for r in regimes] == pytest.approx([30.0, 200.0], rel=1e-3)
+    assert fit["allreduce_median_abs_error"] == pytest.approx(0, abs=1e-6)
+    # the simulator's data-parallel all-reduce is that fit (2 ranks: key all_reduce.2)
+    hw = pv.with_measured(load_hardware(str(PROFILE)), fit, {"gemm": 2, "memory": 1}, 4, dp=2)
+    assert hw.calibration is not None and "all_reduce.2" in hw.calibration.collectives
 
 
 def test_measured_backward_factors_scale_the_backward_ops() -> None:

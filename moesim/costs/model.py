@@ -223,6 +223,12 @@ class CostModel:
             b > 0, steps(gpus) * link.latency_s + factor(gpus) * b / link.bandwidth_Bps, 0.0
         )
 
+    def collective_fit(self, kind: str, gpus: int) -> CommFit | None:
+        """The calibrated ``<kind>.<gpus>`` collective fit, measured at exactly that count."""
+        if self.cal is None:
+            return None
+        return self.cal.collectives.get(f"{kind}.{gpus}")
+
     def deepep_s(
         self,
         mode: str,

@@ -93,6 +93,15 @@ def regimes_s(regimes: list[CommRegime], nbytes: ArrayLike) -> F64:
     return np.asarray(lat[i] + b / bw[i], dtype=np.float64)
 
 
+def curve_latency_s(fit: CommFit, nbytes: float) -> float:
+    """The fixed part of :func:`curve_s` at ``nbytes``: the latency of its regime."""
+    if not fit.regimes:
+        return fit.latency_us * 1e-6
+    ends = [r.upto_bytes or math.inf for r in fit.regimes[:-1]]
+    i = int(np.searchsorted(np.asarray(ends), nbytes, side="left"))
+    return fit.regimes[i].latency_us * 1e-6
+
+
 def nearest_key(keys: list[str], prefix: str, gpus: int) -> tuple[str | None, int | None]:
     """The ``<prefix>.<n>`` key whose GPU count is nearest ``gpus`` (in log), and that count."""
     counts = [int(k.rsplit(".", 1)[1]) for k in keys if k.rsplit(".", 1)[0] == prefix]

@@ -230,6 +230,11 @@ class _StageRunner:
         self.stage, self.replica = rank % case.stages, rank // case.stages
         self.ws = stage_weights(case, self.stage)
         self.params = dense_params(self.ws) + expert_params(self.ws)
+        # one flat gradient buffer per part (Megatron's grad buffer, DDP's
+        # gradient_as_bucket_view): autograd accumulates into views of it, the
+        # all-reduce runs on it in place, nothing is flattened or copied back
+        self.parts = [dense_params(self.ws), expert_params(self.ws)]
+        self.flat_P = [torch.zeros(sum(p.numel() for p in part)) for part in self.parts]
         self.inputs = [micro_batch(case, self.replica, i) for i in range(case.micro_batches)]
         self.groups = [
             dist.new_group([d * case.stages + s for d in range(case.dp)])
@@ -245,8 +250,9 @@ class _StageRunner:
         return self.stage == self.case.stages - 1
 
     def step(self) -> tuple[StepLog, list[float]]:
-        for p in self.params:
-            p.grad = None
+        for part, flat_P in zip(self.parts, self.flat_P, strict=True):
+            flat_P.zero_()
+            _bind_grads(flat_P, part)
         log, losses = StepLog(), [0.0] * self.case.micro_batches
         sends: list[tuple[Any, torch.Tensor]] = []  # (work, buffer) of each isend
         live: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -314,19 +320,17 @@ class _StageRunner:
     def _sync(self, log: StepLog) -> None:
         t0 = time.perf_counter()
         if self.case.dp > 1:
-            group = self.groups[self.stage]
-            for part in (dense_params(self.ws), expert_params(self.ws)):
-                flat_P = torch.cat([_grad(p).flatten() for p in part])
-                dist.all_reduce(flat_P, group=group)
-                _unflatten(flat_P, part)
+            for flat_P in self.flat_P:  # router gradients, then the experts'
+                dist.all_reduce(flat_P, group=self.groups[self.stage])
         log.events.append(("sync", -1, t0, time.perf_counter()))
 
 
-def _unflatten(flat_P: torch.Tensor, params: list[torch.Tensor]) -> None:
+def _bind_grads(flat_P: torch.Tensor, params: list[torch.Tensor]) -> None:
+    """Make each parameter's ``.grad`` a view of its slice of ``flat_P``."""
     at = 0
     for p in params:
         n = p.numel()
-        p.grad = flat_P[at : at + n].view_as(p).clone()
+        p.grad = flat_P[at : at + n].view_as(p)
         at += n
 
 
@@ -511,15 +515,31 @@ def to_jsonable(m: PipeMeasurement) -> dict[str, Any]:
     }
 
 
-# -- point-to-point and all-reduce costs on these ranks ---------------------------------------
+# -- point-to-point and all-reduce costs in the run's rank layout --------------------
 
 
-def comm_rank(sizes: list[int], reps: int) -> dict[str, list[float]]:
-    """On 2 ranks: median one-way ``send``/``recv`` seconds (half a ping-pong) and median
-    ``all_reduce`` seconds per size (bytes of fp32)."""
+def comm_rank(case: PipeCase, sizes: list[int], reps: int) -> dict[str, list[float]]:
+    """On the pipeline's own ranks, pinned as it pins them, per size (bytes of fp32):
+
+    - ``p2p_s``: median one-way ``send``/``recv`` seconds (half a ping-pong) between
+      stages ``2j`` and ``2j + 1`` of every replica, all pairs at once (as the
+      pipeline's replicas send at once);
+    - ``allreduce_s``: median ``all_reduce`` seconds on every stage's data-parallel
+      group at once (as the pipeline's stages sync at once; empty with ``dp`` 1).
+
+    So the figures carry what the run's layout costs: with more ranks than cores a
+    group's members share a core, and moving bytes over gloo takes that core's time.
+    """
     torch.set_num_threads(1)
     rank = dist.get_rank()
     pin_rank(rank)
+    keep_freed_memory()
+    stage = rank % case.stages
+    groups = [
+        dist.new_group([d * case.stages + s for d in range(case.dp)]) for s in range(case.stages)
+    ]
+    peer = rank + 1 if stage % 2 == 0 else rank - 1
+    paired = stage + 1 < case.stages or stage % 2 == 1
     out: dict[str, list[float]] = {"p2p_s": [], "allreduce_s": []}
     for nbytes in sizes:
         buf = torch.zeros(max(nbytes // 4, 1))
@@ -527,29 +547,45 @@ def comm_rank(sizes: list[int], reps: int) -> dict[str, list[float]]:
         for k in range(reps + 1):
             dist.barrier()
             t0 = time.perf_counter()
-            if rank == 0:
-                dist.send(buf, dst=1)
-                dist.recv(buf, src=1)
-            else:
-                dist.recv(buf, src=0)
-                dist.send(buf, dst=0)
+            if paired:
+                _ping_pong(buf, peer, first=stage % 2 == 0)
             t1 = time.perf_counter()
             dist.barrier()
             t2 = time.perf_counter()
-            dist.all_reduce(buf)
+            if case.dp > 1:
+                dist.all_reduce(buf, group=groups[stage])
             t3 = time.perf_counter()
-            if k:  # the first round warms the connection and the pages
+            if k:  # the first round warms the connections and the pages
                 pings.append((t1 - t0) / 2)
                 reduces.append(t3 - t2)
-        out["p2p_s"].append(float(torch.tensor(pings).median()))
+        out["p2p_s"].append(float(torch.tensor(pings).median()) if paired else float("nan"))
         out["allreduce_s"].append(float(torch.tensor(reduces).median()))
     return out
 
 
-def measure_comm(sizes: list[int], reps: int = 7, timeout_s: float = 120.0) -> dict[str, Any]:
-    """``{"bytes", "p2p_s", "allreduce_s"}`` measured on 2 local gloo ranks (rank 0's)."""
-    got = launch(comm_rank, 2, args=(sizes, reps), backend="gloo", timeout_s=timeout_s)
-    return {"bytes": list(sizes), **got[0]}
+def _ping_pong(buf: torch.Tensor, peer: int, *, first: bool) -> None:
+    if first:
+        dist.send(buf, dst=peer)
+        dist.recv(buf, src=peer)
+    else:
+        dist.recv(buf, src=peer)
+        dist.send(buf, dst=peer)
+
+
+def measure_comm(
+    case: PipeCase, sizes: list[int], reps: int = 7, timeout_s: float = 120.0
+) -> dict[str, Any]:
+    """``{"bytes", "p2p_s", "allreduce_s"}`` on ``case.world`` local gloo ranks laid out as
+    the pipeline's: per size, the median over ranks of each rank's median."""
+    got = launch(comm_rank, case.world, args=(case, sizes, reps), backend="gloo",
+                 timeout_s=timeout_s)  # fmt: skip
+    out: dict[str, Any] = {"bytes": list(sizes), "ranks": case.world}
+    for key in ("p2p_s", "allreduce_s"):
+        t_RS = torch.tensor([r[key] for r in got], dtype=torch.float64)
+        out[key] = t_RS.nanmedian(0).values.tolist()  # unpaired ranks' p2p: NaN
+    if case.dp == 1:
+        out["allreduce_s"] = []
+    return out
 
 
 # -- backward over forward of one layer's kernels ---------------------------------------------

@@ -326,11 +326,16 @@ def print_pipeline(result: dict[str, Any]) -> None:
         f"(max {result['max_abs_error']:.1%}); outputs and gradients match one process "
         f"to {result['max_rel_error_vs_reference']:.1e} relative"
     )
+    ar = (
+        f"; all-reduce fit ({len(p2p['allreduce_fit']['regimes'])} size regimes): held-out "
+        f"median |error| {p2p['allreduce_median_abs_error']:.0%}"
+        if "allreduce_fit" in p2p
+        else ""
+    )
     con.print(
-        f"gloo p2p fit: {p2p['latency_s'] * 1e6:,.0f} us + bytes / "
-        f"{p2p['bandwidth_Bps'] / 1e9:.2f} GB/s, held-out median |error| "
-        f"{p2p['held_out_median_abs_error']:.0%}; all-reduce priced from it: median |error| "
-        f"{p2p['allreduce_median_abs_error']:.0%}"
+        f"gloo costs measured on the run's rank layout: p2p {p2p['latency_s'] * 1e6:,.0f} us + "
+        f"bytes / {p2p['bandwidth_Bps'] / 1e9:.2f} GB/s, held-out median |error| "
+        f"{p2p['held_out_median_abs_error']:.0%}{ar}"
     )
     con.print(
         f"backward / forward measured here: expert GEMMs {bw['gemm']:.2f}x, memory-bound "

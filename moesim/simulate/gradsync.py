@@ -21,7 +21,9 @@ micro-batch's weight gradients of a bucket exist:
 Collectives are priced as NCCL runs them on a multi-node group, hierarchically
 over every rail: each GPU moves ``(g-1)/g · B`` over NVLink (``g`` group members
 per node) and ``(N-1)/N · B/g`` over its own NIC (``N`` nodes), twice that for an
-all-reduce, with one latency per ring hop of each tier. Each EP group prices its
+all-reduce, with one latency per ring hop of each tier. A group inside one node
+whose size the profile has measured (``calibration.collectives``) takes the
+measured collective's time alone on its links instead. Each EP group prices its
 own GPUs' share on its own links (sharing them with its all-to-alls and sends);
 groups of one stage run the same program, so they reach a bucket together up to
 their load imbalance.
@@ -36,6 +38,7 @@ import numpy as np
 
 from moesim.config.base import DTYPE_BYTES
 from moesim.config.scenario import Scenario
+from moesim.costs.tables import curve_latency_s, curve_s
 from moesim.simulate.plan import Coflows, StepPlan, _dense_layer_params, _non_expert_params
 from moesim.simulate.program import Op, Program, _shift, collective, signal, wait
 from moesim.simulate.schedules import Pipeline, Task
@@ -85,7 +88,7 @@ class GradSync:
         self.first = {(r, c): (first, stage) for r in range(pipe.ranks)
                       for c, (stage, first) in enumerate(pipe.chunks(r))}  # fmt: skip
         self.last = self._last_wgrad()
-        self._coflows: dict[tuple[str, float], Coflows] = {}
+        self._coflows: dict[tuple[str, float, str], Coflows] = {}
 
     # -- layout of the buckets -------------------------------------------------
     def _buckets(self, prog: Program, r: int, c: int) -> list[Bucket]:
@@ -170,22 +173,22 @@ class GradSync:
     def reduce_ops(self, bucket: Bucket, *, blocking: bool) -> list[Op]:
         b = DTYPE_BYTES[self.cfg.grad_reduce_dtype]
         if self.cfg.distributed_optimizer:
-            names, factor = ("grad_reduce_scatter", "expert_grad_reduce_scatter"), 1.0
+            names, kind = ("grad_reduce_scatter", "expert_grad_reduce_scatter"), "reduce_scatter"
         else:
-            names, factor = ("grad_allreduce", "expert_grad_allreduce"), 2.0
-        return self._pair(names, bucket, b, factor, blocking, None)
+            names, kind = ("grad_allreduce", "expert_grad_allreduce"), "all_reduce"
+        return self._pair(names, bucket, b, kind, blocking, None)
 
     def gather_ops(self, bucket: Bucket, *, blocking: bool, key: Hashable = None) -> list[Op]:
         b = DTYPE_BYTES[self.scn.model.dtype]
         names = ("param_all_gather", "expert_param_all_gather")
-        return self._pair(names, bucket, b, 1.0, blocking, key)
+        return self._pair(names, bucket, b, "all_gather", blocking, key)
 
     def _pair(
         self,
         names: tuple[str, str],
         bucket: Bucket,
         nbytes: float,
-        factor: float,
+        kind: str,
         blocking: bool,
         key: Hashable,
     ) -> list[Op]:
@@ -193,7 +196,7 @@ class GradSync:
         pairs = (("dp", names[0], bucket.dense_params), ("edp", names[1], bucket.expert_params))
         live = [(g, n, p) for g, n, p in pairs if p > 0 and self._members(g) > 1]
         for i, (group, name, params) in enumerate(live):
-            cf = self.coflow(group, params * nbytes * factor)
+            cf = self.coflow(group, params * nbytes, kind)
             last = i == len(live) - 1
             ops.append(collective(name, group, cf, blocking=blocking, key=key if last else None))
         if key is not None and not live:
@@ -205,18 +208,30 @@ class GradSync:
         par, n = self.scn.parallel, self.scn.cluster.num_gpus
         return par.attention_dp(n) * par.cp if group == "dp" else par.expert_dp(n)
 
-    def coflow(self, group: str, nbytes: float) -> Coflows:
-        """One reduce-scatter (or all-gather) of ``nbytes`` per GPU on ``group``, hierarchical."""
-        hit = self._coflows.get((group, nbytes))
+    def coflow(self, group: str, nbytes: float, kind: str = "reduce_scatter") -> Coflows:
+        """One ``kind`` collective of a ``nbytes`` buffer per GPU on ``group``, hierarchical.
+
+        ``kind``: ``reduce_scatter``, ``all_gather`` (each GPU moves the buffer once) or
+        ``all_reduce`` (twice). A group inside one node whose size the profile has a
+        measured collective for (``calibration.collectives["<kind>.<n>"]``: NCCL
+        tables, or the gloo collectives measured on this host's rank layout) takes
+        that fit's time alone on its links; others are priced from the links.
+        """
+        hit = self._coflows.get((group, nbytes, kind))
         if hit is not None:
             return hit
         par, gpn = self.scn.parallel, self.scn.cluster.gpus_per_node
         n = self._members(group)
         g, N = group_shape(n, par.tp if group == "dp" else par.etp * par.ep, gpn)
-        su = (g - 1) / g * nbytes
-        net = (N - 1) / N * nbytes / g
+        moved = nbytes * (2.0 if kind == "all_reduce" else 1.0)
+        su = (g - 1) / g * moved
+        net = (N - 1) / N * moved / g
         X, P = self.plan.topo.num_groups, self.plan.topo.ep
         steps = np.tile([[g - 1.0, N - 1.0]], (X, 1))
         cf = self.plan.pricer.per_gpu(np.full((X, P), su), np.full((X, P), net), steps_XT=steps)
-        self._coflows[group, nbytes] = cf
+        fit = self.plan.pricer.cost.collective_fit(kind, g) if N == 1 else None
+        if fit is not None and nbytes > 0:
+            total = float(curve_s(fit, nbytes))
+            cf = cf.timed(curve_latency_s(fit, nbytes), total)
+        self._coflows[group, nbytes, kind] = cf
         return cf

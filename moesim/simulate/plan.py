@@ -200,6 +200,18 @@ class Coflows:
     solo_X: F64  # seconds the bytes take with no other coflow: max_l demand / capacity
     sent_XT: F64 | None = None
 
+    def timed(self, latency_s: float, total_s: float) -> Coflows:
+        """The same coflows scaled so that alone each takes ``total_s``, ``latency_s`` of it
+        before the bytes flow (a measured collective's time at this size)."""
+        flow = max(total_s - latency_s, 0.0)
+        scale_X = np.where(self.solo_X > 0, flow / np.maximum(self.solo_X, 1e-30), 0.0)
+        return Coflows(
+            self.demand_XL * scale_X[:, None],
+            np.full_like(self.latency_X, latency_s),
+            self.solo_X * scale_X,
+            self.sent_XT,
+        )
+
     def delayed(self, seconds_X: F64) -> Coflows:
         """The same coflows started ``seconds_X`` later (a step that must finish first)."""
         return Coflows(self.demand_XL, self.latency_X + seconds_X, self.solo_X, self.sent_XT)

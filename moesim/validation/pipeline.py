@@ -12,11 +12,14 @@ machine calibrated here:
   (:func:`moesim.validation.ep.calibrate_here`);
 - the backward / forward factors of the expert GEMMs and of the memory-bound ops
   (:func:`moesim.measure.pipeline.backward_ratios`, ``calibration.backward``);
-- the gloo point-to-point cost: ``latency + bytes / bandwidth`` fitted to
-  one-way ``send``/``recv`` times at half of the measured sizes, its error on
-  the other half reported (held out), and the all-reduce the simulator prices
-  from it checked against measured all-reduces too. It replaces the profile's
-  scale-up all-to-all fit (the pipeline runs no all-to-all: EP 1).
+- the gloo costs, measured on the run's own ranks pinned as the run pins them
+  (:func:`moesim.measure.pipeline.measure_comm`: every replica's stage pairs
+  ping-pong at once, every stage's data-parallel group all-reduces at once): the
+  point-to-point ``latency + bytes / bandwidth`` becomes the profile's scale-up
+  link, the all-reduce's size regimes its ``all_reduce.<dp>`` collective (the
+  simulator prices a data-parallel group inside a node with it); each fitted on
+  half of the sizes, its error on the other half reported (held out). The
+  pipeline runs no all-to-all (EP 1).
 
 Local ranks share the cores: with ``pin_rank`` the replicas of a stage share a
 core when there are fewer cores than ranks, and they run the same passes at
@@ -32,13 +35,17 @@ from typing import Any
 
 import numpy as np
 
-from moesim.config.hardware import BackwardFit, CommFit, Curve, HardwareProfile
+from moesim.calibrate.gpu_forms import MIN_SIZES, fit_regimes
+from moesim.config.hardware import BackwardFit, CommFit, CommRegime, Curve, HardwareProfile
 from moesim.config.scenario import Scenario
+from moesim.costs.tables import curve_s
 from moesim.measure.pipeline import PARTS, PipeCase, PipeMeasurement
 from moesim.validation.ep import measured_model
 
 #: measured part -> the simulator's per-GPU breakdown key (mean over GPUs)
 PART_KEYS = {"sends": "exposed_pp", "bubble": "bubble", "grad_sync": "exposed_dp"}
+#: relative timing noise of the gloo collectives here (a regime is added only past it)
+COMM_NOISE = 0.05
 
 
 def default_case(seed: int = 0) -> PipeCase:
@@ -66,32 +73,46 @@ def comm_sizes(case: PipeCase) -> list[int]:
 
 
 def fit_p2p(comm: dict[str, Any]) -> dict[str, Any]:
-    """Least-squares ``t = latency + bytes / bw`` on every other size; errors on the rest.
+    """Fits on every other size, errors on the rest (held out), of both measured costs.
 
-    Returns the fit, its held-out relative errors, and the all-reduce the
-    simulator would price from it on 2 ranks (ring: 2 latencies, ``bytes`` moved
-    per rank) against the measured all-reduces.
+    - point-to-point: least-squares ``t = latency + bytes / bw`` (the link the
+      pipeline's sends take);
+    - all-reduce: size regimes ``latency_r + bytes / GBps_r`` as for NCCL tables
+      (:func:`moesim.calibrate.gpu_forms.fit_regimes`), the collective the
+      simulator prices each data-parallel group's gradient sync with.
     """
     b = np.asarray(comm["bytes"], dtype=np.float64)
     t = np.asarray(comm["p2p_s"], dtype=np.float64)
     fit_idx, held = np.arange(0, len(b), 2), np.arange(1, len(b), 2)
     lat, inv_bw = _line(b[fit_idx], t[fit_idx])
-
-    def model(nbytes: np.ndarray) -> np.ndarray:
-        return lat + nbytes * inv_bw
-
-    held_err = (model(b[held]) - t[held]) / t[held]
-    ar = np.asarray(comm["allreduce_s"], dtype=np.float64)
-    ar_pred = 2 * lat + b * inv_bw
-    return {
+    held_err = (lat + b[held] * inv_bw - t[held]) / t[held]
+    out: dict[str, Any] = {
         "latency_s": lat,
         "bandwidth_Bps": 1.0 / inv_bw,
         "held_out_bytes": b[held].tolist(),
         "held_out_error": held_err.tolist(),
         "held_out_median_abs_error": float(np.median(np.abs(held_err))) if len(held) else 0.0,
-        "allreduce_error": ((ar_pred - ar) / ar).tolist(),
-        "allreduce_median_abs_error": float(np.median(np.abs((ar_pred - ar) / ar))),
     }
+    ar = np.asarray(comm.get("allreduce_s", []), dtype=np.float64)
+    if len(ar) == len(b) and len(b) >= 2:
+        fit = _allreduce_fit(b[fit_idx], ar[fit_idx])
+        err = (curve_s(fit, b[held]) - ar[held]) / ar[held]
+        out |= {
+            "allreduce_fit": fit.model_dump(),
+            "allreduce_error": err.tolist(),
+            "allreduce_median_abs_error": float(np.median(np.abs(err))) if len(held) else 0.0,
+        }
+    return out
+
+
+def _allreduce_fit(b: np.ndarray, t: np.ndarray) -> CommFit:
+    """Size regimes where there are sizes enough for them, else one line."""
+    if len(b) >= MIN_SIZES:
+        return fit_regimes(b, t, COMM_NOISE)
+    lat, inv_bw = _line(b, t)
+    regime = CommRegime(latency_us=lat * 1e6, GBps=1.0 / inv_bw / 1e9)
+    return CommFit(latency_us=regime.latency_us, bandwidth_GBps=Curve(x=[1.0], y=[regime.GBps]),
+                   regimes=[regime])  # fmt: skip
 
 
 def _line(b: np.ndarray, t: np.ndarray) -> tuple[float, float]:
@@ -105,21 +126,29 @@ def _line(b: np.ndarray, t: np.ndarray) -> tuple[float, float]:
 
 
 def with_measured(
-    hw: HardwareProfile, p2p: dict[str, Any], ratios: dict[str, float], world: int
+    hw: HardwareProfile, p2p: dict[str, Any], ratios: dict[str, float], world: int, dp: int = 1
 ) -> HardwareProfile:
-    """``hw`` with the p2p fit as its scale-up link, the measured backward factors and
-    at least ``world`` GPUs per node."""
+    """``hw`` with the p2p fit as its scale-up link, the all-reduce fit (if measured) as
+    its ``all_reduce.<dp>`` collective, the measured backward factors and at least
+    ``world`` GPUs per node."""
     assert hw.calibration is not None
     link = CommFit(
         latency_us=p2p["latency_s"] * 1e6,
         bandwidth_GBps=Curve(x=[1.0], y=[p2p["bandwidth_Bps"] / 1e9]),
     )
+    collectives = dict(hw.calibration.collectives)
+    if "allreduce_fit" in p2p and dp > 1:
+        collectives[f"all_reduce.{dp}"] = CommFit.model_validate(p2p["allreduce_fit"])
     back = BackwardFit(
         gemm=ratios["gemm"], memory=ratios["memory"],
         source="moesim.measure.pipeline.backward_ratios (thread CPU time, this machine)",
     )  # fmt: skip
     cal = hw.calibration.model_copy(
-        update={"alltoall": {**hw.calibration.alltoall, "scaleup": link}, "backward": back}
+        update={
+            "alltoall": {**hw.calibration.alltoall, "scaleup": link},
+            "backward": back,
+            "collectives": collectives,
+        }
     )
     node = hw.node.model_copy(update={"gpus_per_node": max(hw.node.gpus_per_node, world)})
     return hw.model_copy(update={"calibration": cal, "node": node})
@@ -249,13 +278,13 @@ def validate_pipeline(
 
     check_case(case)
     with keep_cores_awake():
-        comm = measure_comm(comm_sizes(case))
+        comm = measure_comm(case, comm_sizes(case))
         ratios = launch(backward_ratios, 1, args=(case,), backend="gloo")[0]
         probe = co_run_factor(case.world)
         measured = run_pipeline(case, steps=steps, warmup=warmup, timeout_s=timeout_s)
     p2p = fit_p2p(comm) | {"measured": comm}
     slowdown = compute_slowdown(probe.interference, probe.factor, measured.cpu_share)
-    hw = with_measured(hw, p2p, ratios, case.world)
+    hw = with_measured(hw, p2p, ratios, case.world, case.dp)
     predicted = predict(case, hw, slowdown)
     return PipeValidation(
         case, measured, predicted, p2p, ratios, slowdown, profile, expected_slowdown=probe.factor
