@@ -128,6 +128,50 @@ def co_run_factor(
     return CoRun(world, usable_cores(), median(0, 0), median(0, 1), median(1, 0), median(1, 1))
 
 
+#: seconds of compute before each timed gloo call (see :class:`ComputeGap`)
+GAP_S = 0.003
+#: bytes the gap sweeps (past this host's per-core caches)
+GAP_SWEEP_BYTES = 8 * 2**20
+
+
+class ComputeGap:
+    """Compute until ``seconds`` after the call: sweep a buffer past the caches, then
+    small matmuls, as a layer computes between its collectives.
+
+    A gloo call timed right after a barrier finds its threads awake and its code,
+    sockets and buffers in the caches; an MoE layer's all-to-all, a pipeline's send
+    or a gradient all-reduce comes after milliseconds of compute instead, and costs
+    about twice as much on this host (measured: a 64-byte all-to-all of 2 ranks,
+    median 0.23 ms after a barrier, 0.5-1.0 ms after 3 ms of compute). Every rank
+    starts its gap as it leaves the same barrier and ends it at the same deadline,
+    so the ranks still reach the call together.
+
+    ``ranks_per_core`` > 1 (ranks sharing a core): each computes for its share of
+    the gap only (thread CPU time) and sleeps to the deadline, so the ranks of a
+    core are not still taking turns on it when the call starts (their passes end
+    at different times, not at one deadline).
+    """
+
+    def __init__(
+        self, seconds: float = GAP_S, sweep_bytes: int = GAP_SWEEP_BYTES, ranks_per_core: int = 1
+    ) -> None:
+        self.seconds, self.shared = seconds, ranks_per_core > 1
+        self.cpu_s = seconds / (2 * ranks_per_core) if self.shared else seconds
+        self.scratch = torch.zeros(max(sweep_bytes // 4, 1))
+        self.a_MM = torch.randn(128, 128)
+
+    def __call__(self) -> None:
+        deadline = time.perf_counter() + self.seconds
+        if self.seconds <= 0:
+            return
+        c0 = time.thread_time()
+        self.scratch.add_(1.0)
+        while time.thread_time() - c0 < self.cpu_s and time.perf_counter() < deadline:
+            self.a_MM @ self.a_MM
+        if self.shared:
+            time.sleep(max(deadline - time.perf_counter(), 0.0))
+
+
 @functools.cache
 def _start_cpus() -> tuple[int, ...]:
     """The cores this process could use when it started (before :func:`pin_rank`)."""

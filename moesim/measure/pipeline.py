@@ -31,7 +31,8 @@ simulator's breakdown. :func:`reference` is the same model in one process: the
 pipeline's losses, last-stage outputs and all-reduced gradients are checked
 against it.
 
-Legend: T = tokens per micro-batch, D = hidden, S = stages, P = parameters (flat).
+Legend: T = tokens per micro-batch, D = hidden, S = stages, P = parameters (flat);
+N = sending pairs, M = message sizes, K = repetitions, R = ranks.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from moesim.kernels.dispatch import permute, unpermute
 from moesim.kernels.experts import experts_forward
 from moesim.measure.distributed import launch
 from moesim.measure.ep_layer import EPCase, EPWeights, gate, make_weights
-from moesim.measure.ep_probe import keep_freed_memory, pin_rank, usable_cores
+from moesim.measure.ep_probe import ComputeGap, keep_freed_memory, pin_rank, usable_cores
 
 PARTS = ("forward", "backward", "sends", "bubble", "grad_sync")
 #: relative tolerance of the pipeline's results against the single-process reference
@@ -518,74 +519,85 @@ def to_jsonable(m: PipeMeasurement) -> dict[str, Any]:
 # -- point-to-point and all-reduce costs in the run's rank layout --------------------
 
 
-def comm_rank(case: PipeCase, sizes: list[int], reps: int) -> dict[str, list[float]]:
-    """On the pipeline's own ranks, pinned as it pins them, per size (bytes of fp32):
+def comm_rank(case: PipeCase, sizes: list[int], reps: int) -> dict[str, list[list[float]]]:
+    """On the pipeline's own ranks, pinned as it pins them, per size (bytes of fp32) and rep:
 
-    - ``p2p_s``: median one-way ``send``/``recv`` seconds (half a ping-pong) between
-      stages ``2j`` and ``2j + 1`` of every replica, all pairs at once (as the
-      pipeline's replicas send at once);
-    - ``allreduce_s``: median ``all_reduce`` seconds on every stage's data-parallel
-      group at once (as the pipeline's stages sync at once; empty with ``dp`` 1).
+    - ``p2p_t``: stage ``2j`` of every replica sends to stage ``2j + 1``, all pairs at
+      once (as the pipeline's replicas send at once); the sender's start and the
+      receiver's end times (one clock for all local processes: their difference is
+      the one-way time);
+    - ``allreduce_s``: ``all_reduce`` seconds on every stage's data-parallel group at
+      once (as the pipeline's stages sync at once; empty with ``dp`` 1).
 
-    So the figures carry what the run's layout costs: with more ranks than cores a
-    group's members share a core, and moving bytes over gloo takes that core's time.
+    Each call comes after :class:`~moesim.measure.ep_probe.ComputeGap` (the pipeline's
+    come after passes). The figures carry what the run's layout costs: with more ranks
+    than cores a group's members share a core, and gloo moves bytes with its time.
     """
     torch.set_num_threads(1)
     rank = dist.get_rank()
+    cores = usable_cores()  # before pinning narrows this process to one core
     pin_rank(rank)
     keep_freed_memory()
     stage = rank % case.stages
     groups = [
         dist.new_group([d * case.stages + s for d in range(case.dp)]) for s in range(case.stages)
     ]
-    peer = rank + 1 if stage % 2 == 0 else rank - 1
-    paired = stage + 1 < case.stages or stage % 2 == 1
-    out: dict[str, list[float]] = {"p2p_s": [], "allreduce_s": []}
+    sender, receiver = stage % 2 == 0 and stage + 1 < case.stages, stage % 2 == 1
+    gap = ComputeGap(ranks_per_core=-(-dist.get_world_size() // max(cores, 1)))
+    out: dict[str, list[list[float]]] = {"p2p_t": [], "allreduce_s": []}
     for nbytes in sizes:
         buf = torch.zeros(max(nbytes // 4, 1))
-        pings, reduces = [], []
+        stamps, reduces = [], []
         for k in range(reps + 1):
             dist.barrier()
+            gap()
             t0 = time.perf_counter()
-            if paired:
-                _ping_pong(buf, peer, first=stage % 2 == 0)
+            if sender:
+                dist.send(buf, dst=rank + 1)
+            elif receiver:
+                dist.recv(buf, src=rank - 1)
             t1 = time.perf_counter()
             dist.barrier()
+            gap()
             t2 = time.perf_counter()
             if case.dp > 1:
                 dist.all_reduce(buf, group=groups[stage])
             t3 = time.perf_counter()
             if k:  # the first round warms the connections and the pages
-                pings.append((t1 - t0) / 2)
+                stamps.append(t0 if sender else t1)
                 reduces.append(t3 - t2)
-        out["p2p_s"].append(float(torch.tensor(pings).median()) if paired else float("nan"))
-        out["allreduce_s"].append(float(torch.tensor(reduces).median()))
+        out["p2p_t"].append(stamps)
+        out["allreduce_s"].append(reduces)
     return out
-
-
-def _ping_pong(buf: torch.Tensor, peer: int, *, first: bool) -> None:
-    if first:
-        dist.send(buf, dst=peer)
-        dist.recv(buf, src=peer)
-    else:
-        dist.recv(buf, src=peer)
-        dist.send(buf, dst=peer)
 
 
 def measure_comm(
-    case: PipeCase, sizes: list[int], reps: int = 7, timeout_s: float = 120.0
+    case: PipeCase, sizes: list[int], reps: int = 31, timeout_s: float = 120.0
 ) -> dict[str, Any]:
     """``{"bytes", "p2p_s", "allreduce_s"}`` on ``case.world`` local gloo ranks laid out as
-    the pipeline's: per size, the median over ranks of each rank's median."""
+    the pipeline's (:func:`comm_rank`): per size, means over reps and sending pairs of
+    the one-way time, over reps and ranks of the all-reduce's.
+
+    Means, not medians: on shared cores a message either arrives at once or waits for
+    its receiver's core (a scheduler slice), and the parts the pipeline is judged on
+    are sums over many messages, whose expectation is the mean."""
     got = launch(comm_rank, case.world, args=(case, sizes, reps), backend="gloo",
                  timeout_s=timeout_s)  # fmt: skip
-    out: dict[str, Any] = {"bytes": list(sizes), "ranks": case.world}
-    for key in ("p2p_s", "allreduce_s"):
-        t_RS = torch.tensor([r[key] for r in got], dtype=torch.float64)
-        out[key] = t_RS.nanmedian(0).values.tolist()  # unpaired ranks' p2p: NaN
-    if case.dp == 1:
-        out["allreduce_s"] = []
-    return out
+    S = case.stages
+    pairs = [(r, r + 1) for r in range(case.world) if r % S % 2 == 0 and r % S + 1 < S]
+
+    def stamps_NMK(side: int) -> torch.Tensor:
+        return torch.tensor([got[p[side]]["p2p_t"] for p in pairs], dtype=torch.float64)
+
+    t_NMK = stamps_NMK(1) - stamps_NMK(0)  # receiver's end - sender's start
+    ar_RMK = torch.tensor([r["allreduce_s"] for r in got], dtype=torch.float64)
+    return {
+        "bytes": list(sizes),
+        "ranks": case.world,
+        "p2p_s": t_NMK.permute(1, 0, 2).flatten(1).mean(1).tolist(),
+        "allreduce_s": ar_RMK.permute(1, 0, 2).flatten(1).mean(1).tolist()
+        if case.dp > 1 else [],
+    }  # fmt: skip
 
 
 # -- backward over forward of one layer's kernels ---------------------------------------------
