@@ -428,11 +428,15 @@ def shape_folds(
     Configurations are ordered by their median measured time, so each fold
     spans the range (and the ends are predicted by extrapolation, honestly).
     """
-    keys = rows[list(shape)].astype(str).agg("|".join, axis=1)
-    order = rows.groupby(keys)["median_s"].median().sort_values()
+    cols = list(shape)
+    code = rows.groupby(cols, sort=False).ngroup().to_numpy()  # groups by first appearance
+    names = rows[cols].drop_duplicates().astype(str).agg("|".join, axis=1).to_numpy()
+    med = rows["median_s"].groupby(code).median().to_numpy()
+    # ties in the median keep the order of the "D|F|..." names (the folds are fixed by this)
+    order = pd.Series(med, index=names).sort_index().sort_values()
     k = max(2, min(folds, len(order)))
     fold_of = {key: i % k for i, key in enumerate(order.index)}
-    return keys.map(fold_of).to_numpy(dtype=np.int64)
+    return np.array([fold_of[n] for n in names], dtype=np.int64)[code]
 
 
 def cost_model(base: HardwareProfile, parts: GpuParts, source: CalibrationSource) -> CostModel:

@@ -195,20 +195,36 @@ def fit_deepep_normal(
     lo, hi = float(np.min(nbytes)), float(np.max(nbytes)) * 3.0
     knots = np.geomspace(lo, hi, max(2, int(np.ceil(2 * np.log10(hi / lo))) + 1))
     rough = np.diff(np.eye(knots.size), 2, axis=0) * smooth
+    lk, Trow = np.log(knots), T * row
 
-    def pred(p: F64) -> F64:
-        B = nbytes + p[2] * T * row
-        bw = interp_matrix(np.clip(B, knots[0], knots[-1]), knots) @ np.exp(p[3:]) * 1e9
-        return p[0] * 1e-6 + p[1] * 1e-9 * D + B / bw
+    def terms(p: F64) -> tuple[F64, F64, F64, F64]:
+        """Predicted seconds, bytes ``B``, ``bw(B)`` (B/s) and ``W`` (``bw = W @ y``)."""
+        B = nbytes + p[2] * Trow
+        W = interp_matrix(B, knots)  # clamps outside the knots
+        bw = W @ np.exp(p[3:]) * 1e9
+        return p[0] * 1e-6 + p[1] * 1e-9 * D + B / bw, B, bw, W
 
     def resid(p: F64) -> F64:
-        return np.r_[np.log(np.maximum(pred(p), 1e-30) / t), rough @ p[3:]]
+        return np.r_[np.log(np.maximum(terms(p)[0], 1e-30) / t), rough @ p[3:]]
+
+    def jac(p: F64) -> F64:
+        pr, B, bw, W = terms(p)
+        y = np.exp(p[3:])
+        lb = np.log(B)
+        j = np.clip(np.searchsorted(lk, lb, side="right") - 1, 0, lk.size - 2)
+        inside = (lb > lk[0]) & (lb < lk[-1])
+        slope = np.where(inside, (y[j + 1] - y[j]) / (lk[j + 1] - lk[j]), 0.0) * 1e9  # dbw/dlnB
+        d_copies = Trow / bw * (1.0 - slope / bw)
+        d_knots = -(B / bw**2)[:, None] * W * (y * 1e9)[None, :]
+        top = np.column_stack([np.full_like(pr, 1e-6), 1e-9 * D, d_copies, d_knots]) / pr[:, None]
+        bottom = np.column_stack([np.zeros((rough.shape[0], 3)), rough])
+        return np.vstack([top, bottom])
 
     tmin = float(np.min(t)) * 1e6
     x0 = np.r_[0.5 * tmin, 0.0, 0.5, np.full(knots.size, np.log(100.0))]
     lo_b = np.r_[0.0, 0.0, 0.0, np.full(knots.size, -5.0)]
     hi_b = np.r_[tmin, 1e3, 8.0, np.full(knots.size, 12.0)]
-    sol = least_squares(resid, x0, bounds=(lo_b, hi_b), loss="soft_l1", f_scale=noise)
+    sol = least_squares(resid, x0, jac=jac, bounds=(lo_b, hi_b), loss="soft_l1", f_scale=noise)
     p = sol.x
     return DeepEPFit(
         latency_us=_g(p[0]),
