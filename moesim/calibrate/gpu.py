@@ -57,6 +57,11 @@ FOLDS = 5
 #: noise scale of the tables (one timing per row, no spread): 3 %
 TABLE_NOISE = 0.03
 SUITES = ("gemm", "moe", "collective", "deepep_ll", "deepep_normal")
+#: the columns the families read (the rest, e.g. raw samples, only slows every row selection)
+FIT_COLUMNS = (
+    "suite", "op", "strategy", "dtype", "split", "T", "D", "F", "E", "K", "world", "msg_bytes",
+    "median_s",
+)  # fmt: skip
 
 
 @dataclass
@@ -522,6 +527,7 @@ def fit_all(
     configurations out of the whole fit this way).
     """
     out = GpuFit()
+    df = df[[c for c in FIT_COLUMNS if c in df.columns]]
     for fam in families(df, base.gpu.sms, dict(base.gpu.peak_tflops), base.gpu.hbm_GBps):
         if progress is not None:
             progress(fam.name)

@@ -62,24 +62,46 @@ def robust_nnls(A: F64, t: F64, noise: float, iters: int = 4) -> F64:
 # -- NCCL collectives: size regimes ------------------------------------------------------
 
 
-def _segment(b: F64, t: F64, noise: float) -> tuple[float, float, float]:
-    """``(latency_s, s_per_byte, sum |rel err|)`` of one regime's line."""
-    p = robust_nnls(np.stack([np.ones_like(b), b], axis=1), t, noise)
-    err = float(np.abs((p[0] + p[1] * b) / t - 1.0).sum())
-    return float(p[0]), float(p[1]), err
-
-
 Line = tuple[float, float, float]
 
 
+def _nonneg_lines(A11: F64, A12: F64, A22: F64, r1: F64, r2: F64) -> tuple[F64, F64]:
+    """Exact non-negative least squares of many two-column problems from their normal
+    equations (``A = X^T W X``, ``r = X^T W 1``): the unconstrained optimum where both
+    parts are >= 0, else the better one-column fit (the KKT points of two variables)."""
+    det = A11 * A22 - A12**2
+    ok = det > 1e-12 * A11 * A22
+    sdet = np.where(ok, det, 1.0)
+    p1, p2 = (A22 * r1 - A12 * r2) / sdet, (A11 * r2 - A12 * r1) / sdet
+    free = ok & (p1 >= 0) & (p2 >= 0)
+    q1, q2 = np.maximum(r1, 0) / A11, np.maximum(r2, 0) / A22  # one column each
+    only1 = q1 * r1 >= q2 * r2  # objective drop of a one-column fit: q r
+    return (
+        np.where(free, p1, np.where(only1, q1, 0.0)),
+        np.where(free, p2, np.where(only1, 0.0, q2)),
+    )
+
+
 def _segments(b: F64, t: F64, sizes: F64, noise: float) -> dict[tuple[int, int], Line]:
-    out = {}
+    """Every run of at least :data:`MIN_SIZES` consecutive sizes as its own robust line,
+    ``latency + s_per_byte b`` (Huber-reweighted non-negative least squares on the
+    relative error, four rounds), all runs at once: ``(i, j) -> (lat, s/B, sum |rel err|)``."""
     n = sizes.size
-    for i in range(n):
-        for j in range(i + MIN_SIZES - 1, n):
-            sel = (b >= sizes[i]) & (b <= sizes[j])
-            out[(i, j)] = _segment(b[sel], t[sel], noise)
-    return out
+    ij = np.array([(i, j) for i in range(n) for j in range(i + MIN_SIZES - 1, n)], dtype=int)
+    if ij.size == 0:
+        return {}
+    M = ((b[None, :] >= sizes[ij[:, :1]]) & (b[None, :] <= sizes[ij[:, 1:]])).astype(float)
+    x1, x2 = 1.0 / t, b / t
+    w = M.copy()
+    for _ in range(4):
+        p1, p2 = _nonneg_lines(w @ (x1 * x1), w @ (x1 * x2), w @ (x2 * x2), w @ x1, w @ x2)
+        r = np.abs(p1[:, None] * x1 + p2[:, None] * x2 - 1.0)
+        w = M * np.where(r <= noise, 1.0, noise / np.maximum(r, 1e-12))
+    err = (M * r).sum(axis=1)
+    return {
+        (int(i), int(j)): (float(a), float(c), float(e))
+        for (i, j), a, c, e in zip(ij, p1, p2, err, strict=True)
+    }
 
 
 def _partition(seg: dict[tuple[int, int], Line], n: int, k: int) -> tuple[float, list[int]]:
