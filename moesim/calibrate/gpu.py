@@ -12,9 +12,10 @@ simulator computes. Folds hold out whole shapes or configurations
   Folds: whole ``(n, k)`` weight shapes, every ``m`` of them (the tile-boundary
   token counts ``m + 1`` included, though the grid holds powers of two only).
 * ``experts.<dtype>``: the fused MoE op (expand, gate/up GEMM, SwiGLU, down
-  GEMM, finalize) on balanced loads: ``latency + sum_active_experts
-  (per_expert + flops_e / tflops(flops_e))``. Folds: whole model shapes
-  ``(D, F, E, K)``, every token count and EP size.
+  GEMM, finalize) on balanced loads: ``latency + scan + sum_active_experts
+  (per_expert + weights / weight_bw + activation bytes x activation_ps +
+  flops_e / tflops(tokens_e))`` (:func:`fit_experts_line`). Folds: whole model
+  shapes ``(D, F, E, K)``, every token count and EP size.
 * ``collective.<kind>.<gpus>``: NCCL ``latency + bytes / bw(bytes)``. Folds:
   whole message sizes (both dtypes), stratified over the range.
 * ``deepep.ll.<op>`` / ``deepep.normal.<op>.sms<N>``: ``latency + bytes /
