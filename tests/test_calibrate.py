@@ -8,6 +8,7 @@ the bench's own results writer, so the fits see exactly what a bench file holds.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -510,3 +511,19 @@ def test_a_chosen_strategy_is_calibrated_instead_of_the_fastest(
                           ({"nope": "loop"}, "unknown family; allowed: gating")]:  # fmt: skip
         with pytest.raises(UserError, match=match):
             calibrate([results_file], base=base, strategies=wanted)
+
+
+def test_results_file_read_once_until_it_changes(bench: Any, tmp_path: Path) -> None:
+    """A second read comes from memory (a copy: edits do not leak); a rewritten file is
+    read again."""
+    from moesim.calibrate import results
+
+    path = bench.results(tmp_path / "r.parquet", suites=("roofline",))
+    first, _ = results.read_one(path)
+    first.loc[0, "median_s"] = -1.0
+    again, _ = results.read_one(path)
+    assert again.loc[0, "median_s"] > 0
+    bench.results(path, suites=("roofline",), seed=1)
+    os.utime(path, ns=(0, path.stat().st_mtime_ns + 1))  # a new write, even at timer resolution
+    redone, _ = results.read_one(path)
+    assert redone.loc[0, "median_s"] != again.loc[0, "median_s"]

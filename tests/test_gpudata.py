@@ -10,7 +10,7 @@ import pytest
 
 from moesim.calibrate import gpu
 from moesim.cli import main
-from moesim.config.hardware import Calibration, CalibrationSource
+from moesim.config.hardware import Calibration, CalibrationSource, Curve, GemmFit
 from moesim.config.loader import load_hardware
 from moesim.costs import CostModel
 from moesim.errors import UserError
@@ -120,21 +120,59 @@ def test_gemm_grid_recovers_a_held_out_weight_shape() -> None:
     )
 
 
-def test_experts_line_recovers_known_parameters() -> None:
-    rng = np.random.default_rng(0)
-    active = rng.integers(1, 33, 300).astype(float)
-    tok = np.exp(rng.uniform(0, np.log(2000), 300))
-    pick = rng.integers(0, 2, 300)  # two model shapes: per-expert and weight terms separable
-    D, F = np.where(pick, 4096.0, 7168.0), np.where(pick, 1536.0, 2048.0)
-    flops = 6 * tok * D * F
-    wbytes = 3 * D * F * 1.0
-    scan = active * tok * D
-    t = 20e-6 + 3e-12 * scan + active * (1e-6 + wbytes / 3000e9 + flops / 700e12)
-    g = gpu.fit_experts_line(active, tok, flops, wbytes, scan, t)
+def _expert_rows(n: int, seed: int = 0) -> gpu.ExpertRows:
+    """Random balanced fused-MoE rows over three model shapes (terms separable)."""
+    rng = np.random.default_rng(seed)
+    active = rng.integers(1, 33, n).astype(float)
+    tok = np.exp(rng.uniform(0, np.log(2000), n))
+    pick = rng.integers(0, 3, n)
+    D = np.choose(pick, [4096.0, 7168.0, 2048.0])
+    F = np.choose(pick, [1536.0, 2048.0, 512.0])
+    return gpu.ExpertRows(
+        active=active,
+        tokens_e=tok,
+        flops_e=6 * tok * D * F,
+        wbytes_e=3 * D * F * 1.0,
+        scan=active * tok * D,
+        act_e=tok * 2 * (D + F) * 2,
+    )
+
+
+def _experts_truth(x: gpu.ExpertRows, act_ps: float) -> np.ndarray:
+    per = 1e-6 + x.wbytes_e / 3000e9 + x.act_e * act_ps * 1e-12 + x.flops_e / 700e12
+    return 20e-6 + 3e-12 * x.scan + x.active * per
+
+
+@pytest.mark.parametrize("act_ps", [0.0, 0.5])
+def test_experts_line_recovers_known_parameters(act_ps: float) -> None:
+    x = _expert_rows(400)
+    g = gpu.fit_experts_line(x, _experts_truth(x, act_ps))
     assert g.latency_us == pytest.approx(20.0, rel=0.05)
     assert g.weight_GBps == pytest.approx(3000.0, rel=0.05)
     assert g.scan_ps == pytest.approx(3.0, rel=0.1)
+    assert g.activation_ps == pytest.approx(act_ps, abs=0.05)
     assert np.median(g.tflops.y) == pytest.approx(700.0, rel=0.05)
+
+
+def test_experts_line_weight_bandwidth_bounded_by_hbm() -> None:
+    """Weights read at 3 TB/s, HBM at 2 TB/s: the fit stops at the HBM figure."""
+    x = _expert_rows(200, seed=1)
+    g = gpu.fit_experts_line(x, _experts_truth(x, 0.5), hbm_GBps=2000.0)
+    assert g.weight_GBps == pytest.approx(2000.0, rel=1e-3)
+
+
+def test_experts_s_prices_activation_bytes() -> None:
+    """Hand-computed: 2 experts of 100 rows, D=1000, F=500 -> 2*100*2*1500*2 = 1.2 MB
+    at 0.5 ps/byte adds 0.6 us to the call."""
+    fit = GemmFit(
+        latency_us=0.0, tflops=Curve(x=[1.0], y=[1e9]), tflops_by="tokens", activation_ps=0.5
+    )
+    base = load_hardware("h200-sxm-spec")
+    cal = Calibration(source=SRC, gemm={"bf16": fit})
+    cm = CostModel(base.model_copy(update={"calibration": cal}))
+    flops_s = 2 * 6 * 100 * 1000 * 500 / 1e21
+    got = float(cm.experts_s([100.0, 100.0, 0.0], 1000, 500, "bf16"))
+    assert got == pytest.approx(0.6e-6 + flops_s, rel=1e-9)
 
 
 def test_collective_regimes_recover_known_protocol_lines() -> None:

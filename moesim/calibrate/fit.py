@@ -109,11 +109,19 @@ def knot_positions(size_I: ArrayLike, max_knots: int) -> F64:
 
 def interp_matrix(size_I: F64, knots_x: F64) -> F64:
     """``W`` with ``W @ y == np.interp(log size, log knots_x, y)`` for any ``y``."""
-    k = knots_x.size
-    eye = np.eye(k)
-    lx = np.log(knots_x)
-    ls = np.log(size_I)
-    return np.stack([np.interp(ls, lx, eye[j]) for j in range(k)], axis=1)
+    lx = np.log(np.asarray(knots_x, dtype=np.float64))
+    ls = np.log(np.asarray(size_I, dtype=np.float64)).ravel()
+    W = np.zeros((ls.size, lx.size))
+    if lx.size == 1:
+        W[:, 0] = 1.0
+        return W
+    # left knot of each size's interval; sizes outside the knots clamp to the end knot
+    j = np.clip(np.searchsorted(lx, ls, side="right") - 1, 0, lx.size - 2)
+    frac = np.clip((ls - lx[j]) / (lx[j + 1] - lx[j]), 0.0, 1.0)
+    rows = np.arange(ls.size)
+    W[rows, j] = 1.0 - frac
+    W[rows, j + 1] += frac
+    return W
 
 
 def noise_scale(median_s: ArrayLike, p20_s: ArrayLike, p80_s: ArrayLike) -> float:

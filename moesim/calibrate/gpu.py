@@ -12,9 +12,10 @@ simulator computes. Folds hold out whole shapes or configurations
   Folds: whole ``(n, k)`` weight shapes, every ``m`` of them (the tile-boundary
   token counts ``m + 1`` included, though the grid holds powers of two only).
 * ``experts.<dtype>``: the fused MoE op (expand, gate/up GEMM, SwiGLU, down
-  GEMM, finalize) on balanced loads: ``latency + sum_active_experts
-  (per_expert + flops_e / tflops(flops_e))``. Folds: whole model shapes
-  ``(D, F, E, K)``, every token count and EP size.
+  GEMM, finalize) on balanced loads: ``latency + scan + sum_active_experts
+  (per_expert + weights / weight_bw + activation bytes x activation_ps +
+  flops_e / tflops(tokens_e))`` (:func:`fit_experts_line`). Folds: whole model
+  shapes ``(D, F, E, K)``, every token count and EP size.
 * ``collective.<kind>.<gpus>``: NCCL ``latency + bytes / bw(bytes)``. Folds:
   whole message sizes (both dtypes), stratified over the range.
 * ``deepep.ll.<op>`` / ``deepep.normal.<op>.sms<N>``: ``latency + bytes /
@@ -57,6 +58,11 @@ FOLDS = 5
 #: noise scale of the tables (one timing per row, no spread): 3 %
 TABLE_NOISE = 0.03
 SUITES = ("gemm", "moe", "collective", "deepep_ll", "deepep_normal")
+#: the columns the families read (the rest, e.g. raw samples, only slows every row selection)
+FIT_COLUMNS = (
+    "suite", "op", "strategy", "dtype", "split", "T", "D", "F", "E", "K", "world", "msg_bytes",
+    "median_s",
+)  # fmt: skip
 
 
 @dataclass
@@ -88,6 +94,10 @@ class GpuFamily:
     fit: Callable[[pd.DataFrame], GpuParts]
     predict: Callable[[CostModel, pd.DataFrame], F64]
     shape: tuple[str, ...]  # columns whose distinct values are one held-out configuration
+
+
+def _g(v: float) -> float:
+    return float(f"{v:.6g}")
 
 
 def _rng(v: pd.Series | F64) -> list[float]:
@@ -203,83 +213,104 @@ def _moe_rows(dtype: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
     return rows
 
 
-def _matrix(lists: list[F64]) -> F64:
-    width = max((v.size for v in lists), default=1)
-    out = np.zeros((len(lists), width))
-    for i, v in enumerate(lists):
-        out[i, : v.size] = v
-    return out
+@dataclass(frozen=True)
+class ExpertRows:
+    """The fused-MoE rows as the fit sees them (one item per row, counted ``active`` times).
+
+    ``active``: active experts of the rank; ``tokens_e``: rows per active expert;
+    ``flops_e``, ``wbytes_e``, ``act_e``: FLOPs, weight bytes and activation bytes
+    of one active expert; ``scan``: routed rows x hidden the kernel scans.
+    """
+
+    active: F64
+    tokens_e: F64
+    flops_e: F64
+    wbytes_e: F64
+    scan: F64
+    act_e: F64
 
 
 def fit_experts_line(
-    active: F64,
-    tokens_e: F64,
-    flops_e: F64,
-    wbytes_e: F64,
-    scan_e: F64,
+    x: ExpertRows,
     t: F64,
     noise: float = TABLE_NOISE,
     peak_tflops: float | None = None,
+    hbm_GBps: float | None = None,
 ) -> GemmFit:
-    """``t = lat + active * (per + wbytes_e / weight_bw + flops_e / tflops(tokens_e))``.
+    """``t = lat + scan_ps scan + active (per + wbytes_e / weight_bw + act_e act_ps
+    + flops_e / tflops(tokens_e))``.
 
     Robust least squares on ``log t``. Every active expert of a balanced row has
     the same load, so a row is one item counted ``active`` times. The rate
     curve is read at the tokens per expert (tile and wave utilisation), the
-    weight term prices the weight-bound decode regime. Knots: two per decade.
-    ``peak_tflops`` (the dtype's dense peak) bounds the rate curve: no knot may
-    run faster than the silicon (without it, the other terms can trade time with
-    the curve and push a knot past peak).
+    weight term prices the weight-bound decode regime, the activation term the
+    bytes each row moves (it grows with ``D + F`` where the FLOPs grow with
+    ``D F``, so small shapes pay more of it). Knots: two per decade. The
+    silicon bounds the fit: ``peak_tflops`` (the dtype's dense peak) caps the
+    rate curve and ``hbm_GBps`` the weight bandwidth (without them the other
+    terms can trade time with these and push them past the hardware).
     """
     from scipy.optimize import least_squares
 
     from moesim.calibrate.fit import interp_matrix, knot_positions
 
-    knots = np.unique([float(f"{v:.6g}") for v in knot_positions(tokens_e, 24)])
-    W = interp_matrix(np.maximum(tokens_e, knots[0]), knots)
+    knots = np.unique([float(f"{v:.6g}") for v in knot_positions(x.tokens_e, 24)])
+    W = interp_matrix(np.maximum(x.tokens_e, knots[0]), knots)
     rough = np.diff(np.eye(knots.size), 2, axis=0) * 0.1
+    n = 5  # lat_us, per_us, weight ps/B, scan ps, activation ps/B; then log rate knots
 
     def pred(p: F64) -> F64:
-        rate = (W @ np.exp(p[4:])) * 1e12
-        per = p[1] * 1e-6 + wbytes_e * p[2] * 1e-12 + flops_e / rate
-        return p[0] * 1e-6 + scan_e * p[3] * 1e-12 + active * per
+        rate = (W @ np.exp(p[n:])) * 1e12
+        per = p[1] * 1e-6 + (x.wbytes_e * p[2] + x.act_e * p[4]) * 1e-12 + x.flops_e / rate
+        return p[0] * 1e-6 + x.scan * p[3] * 1e-12 + x.active * per
 
     def resid(p: F64) -> F64:
-        return np.r_[np.log(np.maximum(pred(p), 1e-30) / t), rough @ p[4:]]
+        return np.r_[np.log(np.maximum(pred(p), 1e-30) / t), rough @ p[n:]]
 
-    x0 = np.r_[
-        float(np.min(t)) * 1e6 * 0.3, 0.5, 1e12 / 3e12, 0.1, np.full(knots.size, np.log(300.0))
-    ]
-    lo = np.r_[0.0, 0.0, 1e12 / 2e13, 0.0, np.full(knots.size, -12.0)]
+    tmin = float(np.min(t)) * 1e6
+    x0 = np.r_[tmin * 0.3, 0.5, 1e12 / 3e12, 0.1, 0.0, np.full(knots.size, np.log(300.0))]
+    w_lo = 1e3 / hbm_GBps if hbm_GBps else 1e12 / 2e13
+    lo = np.r_[0.0, 0.0, w_lo, 0.0, 0.0, np.full(knots.size, -12.0)]
     top = np.log(peak_tflops) if peak_tflops else 12.0
-    hi = np.r_[float(np.min(t)) * 1e6, 1e3, 1e12 / 1e10, 1e3, np.full(knots.size, top)]
+    hi = np.r_[tmin, 1e3, 1e12 / 1e10, 1e3, 1e3, np.full(knots.size, top)]
     sol = least_squares(
         resid, np.clip(x0, lo, hi * 0.999), bounds=(lo, hi), loss="soft_l1", f_scale=noise
     )
     p = sol.x
-    curve = Curve(x=list(knots), y=[float(f"{v:.6g}") for v in np.exp(p[4:])])
     return GemmFit(
-        scan_ps=float(f"{p[3]:.6g}"),
-        latency_us=float(f"{p[0]:.6g}"),
-        per_expert_us=float(f"{p[1]:.6g}"),
-        tflops=curve,
-        weight_GBps=float(f"{1e3 / p[2]:.6g}"),
+        scan_ps=_g(p[3]),
+        latency_us=_g(p[0]),
+        per_expert_us=_g(p[1]),
+        tflops=Curve(x=list(knots), y=[_g(v) for v in np.exp(p[n:])]),
+        weight_GBps=_g(1e3 / p[2]),
         tflops_by="tokens",
+        activation_ps=_g(p[4]),
     )
 
 
-def _experts_family(dtype: str, peak: float | None = None) -> GpuFamily:
+def expert_rows(rows: pd.DataFrame, dtype: str) -> ExpertRows:
+    """:class:`ExpertRows` of balanced fused-MoE table rows (``T, K, E, world, D, F``)."""
+    T, K, E, ep, D, F = (
+        rows[c].to_numpy(dtype=np.float64) for c in ("T", "K", "E", "world", "D", "F")
+    )
+    active, per = active_tokens(T, K, E, ep)
+    return ExpertRows(
+        active=active,
+        tokens_e=per,
+        flops_e=work.expert_flops(per, 1, 1) * D * F,
+        wbytes_e=3.0 * D * F * DTYPE_BYTES[dtype],
+        scan=T * K * D,
+        act_e=work.expert_activation_bytes(per, D, F),
+    )
+
+
+def _experts_family(dtype: str, peak: float | None = None, hbm: float | None = None) -> GpuFamily:
     def fit(rows: pd.DataFrame) -> GpuParts:
-        cols = (rows[c].to_numpy(dtype=np.float64) for c in ("T", "K", "E", "world"))
-        active, per = active_tokens(*cols)
-        D, F = rows["D"].to_numpy(dtype=np.float64), rows["F"].to_numpy(dtype=np.float64)
-        flops_e = work.expert_flops(per, 1, 1) * D * F
-        wbytes = 3.0 * D * F * DTYPE_BYTES[dtype]
-        scan = rows["T"].to_numpy(dtype=np.float64) * rows["K"].to_numpy(dtype=np.float64) * D
+        x = expert_rows(rows, dtype)
         t = rows["median_s"].to_numpy(dtype=np.float64)
-        g = fit_experts_line(active, per, flops_e, wbytes, scan, t, peak_tflops=peak)
+        g = fit_experts_line(x, t, peak_tflops=peak, hbm_GBps=hbm)
         ranges = {
-            "tokens_per_expert": _rng(per),
+            "tokens_per_expert": _rng(x.tokens_e),
             "hidden": _rng(rows["D"]),
             "intermediate": _rng(rows["F"]),
             "local_experts": _rng(rows["E"] / rows["world"]),
@@ -391,15 +422,20 @@ def _deepep_family(mode: str, op: str, sms: str | None, gpu_sms: int | None) -> 
 
 
 def families(
-    df: pd.DataFrame, sms: int | None = None, peak_tflops: dict[str, float] | None = None
+    df: pd.DataFrame,
+    sms: int | None = None,
+    peak_tflops: dict[str, float] | None = None,
+    hbm_GBps: float | None = None,
 ) -> list[GpuFamily]:
-    """The families the imported rows support, in report order (``sms``: the GPU's SMs)."""
+    """The families the imported rows support, in report order (``sms``: the GPU's SMs,
+    ``peak_tflops`` / ``hbm_GBps``: the silicon's bounds on the fused-MoE fit)."""
     out: list[GpuFamily] = []
     gem = df[df["suite"] == "gemm"]
     out += [_gemm_family(r) for r in GEMM_RECIPES if (gem["strategy"] == r).any()]
     moe = df[(df["suite"] == "moe") & (df["split"] == "balanced")]
     peaks = peak_tflops or {}
-    out += [_experts_family(d, peaks.get(d)) for d in sorted(set(moe["dtype"].astype(str)))]
+    dtypes = sorted(set(moe["dtype"].astype(str)))
+    out += [_experts_family(d, peaks.get(d), hbm_GBps) for d in dtypes]
     col = df[df["suite"] == "collective"]
     for (kind, gpus), _ in col.groupby(["op", "world"]):
         out.append(_collective_family(str(kind), int(gpus)))
@@ -428,11 +464,15 @@ def shape_folds(
     Configurations are ordered by their median measured time, so each fold
     spans the range (and the ends are predicted by extrapolation, honestly).
     """
-    keys = rows[list(shape)].astype(str).agg("|".join, axis=1)
-    order = rows.groupby(keys)["median_s"].median().sort_values()
+    cols = list(shape)
+    code = rows.groupby(cols, sort=False).ngroup().to_numpy()  # groups by first appearance
+    names = rows[cols].drop_duplicates().astype(str).agg("|".join, axis=1).to_numpy()
+    med = rows["median_s"].groupby(code).median().to_numpy()
+    # ties in the median keep the order of the "D|F|..." names (the folds are fixed by this)
+    order = pd.Series(med, index=names).sort_index().sort_values()
     k = max(2, min(folds, len(order)))
     fold_of = {key: i % k for i, key in enumerate(order.index)}
-    return keys.map(fold_of).to_numpy(dtype=np.int64)
+    return np.array([fold_of[n] for n in names], dtype=np.int64)[code]
 
 
 def cost_model(base: HardwareProfile, parts: GpuParts, source: CalibrationSource) -> CostModel:
@@ -488,7 +528,8 @@ def fit_all(
     configurations out of the whole fit this way).
     """
     out = GpuFit()
-    for fam in families(df, base.gpu.sms, dict(base.gpu.peak_tflops)):
+    df = df[[c for c in FIT_COLUMNS if c in df.columns]]
+    for fam in families(df, base.gpu.sms, dict(base.gpu.peak_tflops), base.gpu.hbm_GBps):
         if progress is not None:
             progress(fam.name)
         rows = fam.rows(df)

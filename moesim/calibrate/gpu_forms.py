@@ -62,24 +62,46 @@ def robust_nnls(A: F64, t: F64, noise: float, iters: int = 4) -> F64:
 # -- NCCL collectives: size regimes ------------------------------------------------------
 
 
-def _segment(b: F64, t: F64, noise: float) -> tuple[float, float, float]:
-    """``(latency_s, s_per_byte, sum |rel err|)`` of one regime's line."""
-    p = robust_nnls(np.stack([np.ones_like(b), b], axis=1), t, noise)
-    err = float(np.abs((p[0] + p[1] * b) / t - 1.0).sum())
-    return float(p[0]), float(p[1]), err
-
-
 Line = tuple[float, float, float]
 
 
+def _nonneg_lines(A11: F64, A12: F64, A22: F64, r1: F64, r2: F64) -> tuple[F64, F64]:
+    """Exact non-negative least squares of many two-column problems from their normal
+    equations (``A = X^T W X``, ``r = X^T W 1``): the unconstrained optimum where both
+    parts are >= 0, else the better one-column fit (the KKT points of two variables)."""
+    det = A11 * A22 - A12**2
+    ok = det > 1e-12 * A11 * A22
+    sdet = np.where(ok, det, 1.0)
+    p1, p2 = (A22 * r1 - A12 * r2) / sdet, (A11 * r2 - A12 * r1) / sdet
+    free = ok & (p1 >= 0) & (p2 >= 0)
+    q1, q2 = np.maximum(r1, 0) / A11, np.maximum(r2, 0) / A22  # one column each
+    only1 = q1 * r1 >= q2 * r2  # objective drop of a one-column fit: q r
+    return (
+        np.where(free, p1, np.where(only1, q1, 0.0)),
+        np.where(free, p2, np.where(only1, 0.0, q2)),
+    )
+
+
 def _segments(b: F64, t: F64, sizes: F64, noise: float) -> dict[tuple[int, int], Line]:
-    out = {}
+    """Every run of at least :data:`MIN_SIZES` consecutive sizes as its own robust line,
+    ``latency + s_per_byte b`` (Huber-reweighted non-negative least squares on the
+    relative error, four rounds), all runs at once: ``(i, j) -> (lat, s/B, sum |rel err|)``."""
     n = sizes.size
-    for i in range(n):
-        for j in range(i + MIN_SIZES - 1, n):
-            sel = (b >= sizes[i]) & (b <= sizes[j])
-            out[(i, j)] = _segment(b[sel], t[sel], noise)
-    return out
+    ij = np.array([(i, j) for i in range(n) for j in range(i + MIN_SIZES - 1, n)], dtype=int)
+    if ij.size == 0:
+        return {}
+    M = ((b[None, :] >= sizes[ij[:, :1]]) & (b[None, :] <= sizes[ij[:, 1:]])).astype(float)
+    x1, x2 = 1.0 / t, b / t
+    w = M.copy()
+    for _ in range(4):
+        p1, p2 = _nonneg_lines(w @ (x1 * x1), w @ (x1 * x2), w @ (x2 * x2), w @ x1, w @ x2)
+        r = np.abs(p1[:, None] * x1 + p2[:, None] * x2 - 1.0)
+        w = M * np.where(r <= noise, 1.0, noise / np.maximum(r, 1e-12))
+    err = (M * r).sum(axis=1)
+    return {
+        (int(i), int(j)): (float(a), float(c), float(e))
+        for (i, j), a, c, e in zip(ij, p1, p2, err, strict=True)
+    }
 
 
 def _partition(seg: dict[tuple[int, int], Line], n: int, k: int) -> tuple[float, list[int]]:
@@ -195,20 +217,36 @@ def fit_deepep_normal(
     lo, hi = float(np.min(nbytes)), float(np.max(nbytes)) * 3.0
     knots = np.geomspace(lo, hi, max(2, int(np.ceil(2 * np.log10(hi / lo))) + 1))
     rough = np.diff(np.eye(knots.size), 2, axis=0) * smooth
+    lk, Trow = np.log(knots), T * row
 
-    def pred(p: F64) -> F64:
-        B = nbytes + p[2] * T * row
-        bw = interp_matrix(np.clip(B, knots[0], knots[-1]), knots) @ np.exp(p[3:]) * 1e9
-        return p[0] * 1e-6 + p[1] * 1e-9 * D + B / bw
+    def terms(p: F64) -> tuple[F64, F64, F64, F64]:
+        """Predicted seconds, bytes ``B``, ``bw(B)`` (B/s) and ``W`` (``bw = W @ y``)."""
+        B = nbytes + p[2] * Trow
+        W = interp_matrix(B, knots)  # clamps outside the knots
+        bw = W @ np.exp(p[3:]) * 1e9
+        return p[0] * 1e-6 + p[1] * 1e-9 * D + B / bw, B, bw, W
 
     def resid(p: F64) -> F64:
-        return np.r_[np.log(np.maximum(pred(p), 1e-30) / t), rough @ p[3:]]
+        return np.r_[np.log(np.maximum(terms(p)[0], 1e-30) / t), rough @ p[3:]]
+
+    def jac(p: F64) -> F64:
+        pr, B, bw, W = terms(p)
+        y = np.exp(p[3:])
+        lb = np.log(B)
+        j = np.clip(np.searchsorted(lk, lb, side="right") - 1, 0, lk.size - 2)
+        inside = (lb > lk[0]) & (lb < lk[-1])
+        slope = np.where(inside, (y[j + 1] - y[j]) / (lk[j + 1] - lk[j]), 0.0) * 1e9  # dbw/dlnB
+        d_copies = Trow / bw * (1.0 - slope / bw)
+        d_knots = -(B / bw**2)[:, None] * W * (y * 1e9)[None, :]
+        top = np.column_stack([np.full_like(pr, 1e-6), 1e-9 * D, d_copies, d_knots]) / pr[:, None]
+        bottom = np.column_stack([np.zeros((rough.shape[0], 3)), rough])
+        return np.vstack([top, bottom])
 
     tmin = float(np.min(t)) * 1e6
     x0 = np.r_[0.5 * tmin, 0.0, 0.5, np.full(knots.size, np.log(100.0))]
     lo_b = np.r_[0.0, 0.0, 0.0, np.full(knots.size, -5.0)]
     hi_b = np.r_[tmin, 1e3, 8.0, np.full(knots.size, 12.0)]
-    sol = least_squares(resid, x0, bounds=(lo_b, hi_b), loss="soft_l1", f_scale=noise)
+    sol = least_squares(resid, x0, jac=jac, bounds=(lo_b, hi_b), loss="soft_l1", f_scale=noise)
     p = sol.x
     return DeepEPFit(
         latency_us=_g(p[0]),

@@ -56,8 +56,31 @@ def resolve(path: str | Path) -> Path:
     return p
 
 
+#: files read in this process, by (path, mtime, size): one command reads a file once
+_READ: dict[tuple[str, int, int], tuple[pd.DataFrame, dict[str, Any]]] = {}
+_READ_MAX = 8
+
+
 def read_one(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Rows and the ``moesim`` metadata of one results file (parquet, or CSV + sidecar)."""
+    """Rows and the ``moesim`` metadata of one results file (parquet, or CSV + sidecar).
+
+    A parquet file read before in this process, unchanged since (same
+    modification time and size), comes from memory (a copy; ``moesim
+    calibrate`` reads its inputs for the device, the kind of results and the fit).
+    """
+    if path.suffix != ".parquet":  # a CSV's metadata lives in a sidecar file
+        return _read_checked(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _READ:
+        if len(_READ) >= _READ_MAX:
+            _READ.pop(next(iter(_READ)))
+        _READ[key] = _read_checked(path)
+    df, meta = _READ[key]
+    return df.copy(), dict(meta)
+
+
+def _read_checked(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     try:
         df, meta = read_results(path)
     except UserError as err:  # keep it one line whatever the parquet reader said

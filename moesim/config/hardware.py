@@ -121,6 +121,8 @@ class GemmFit(Frozen):
     weight_GBps: float | None = Field(default=None, gt=0)
     tflops_by: Literal["flops", "tokens"] = "flops"
     scan_ps: float = Field(default=0.0, ge=0)  # ps per (routed row x hidden) the kernel scans
+    # ps per activation byte an expert's rows move (work.expert_activation_bytes)
+    activation_ps: float = Field(default=0.0, ge=0)
 
 
 class CommRegime(Frozen):

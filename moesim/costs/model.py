@@ -124,7 +124,8 @@ class CostModel:
         cost nothing beyond the call's fixed latency. ``scanned_rows``: routed
         rows the kernel expands and finalizes (default: its own rows; a fused
         MoE fed every token of the group, as after an all-gather, scans ``T*K``),
-        priced by a measured fit's ``scan_ps``.
+        priced by a measured fit's ``scan_ps``; a measured fit's ``activation_ps``
+        prices the bytes each expert's rows move (``work.expert_activation_bytes``).
         """
         m = np.asarray(tokens_XE, dtype=np.float64)
         flops = work.expert_flops(m, D, F)
@@ -147,8 +148,10 @@ class CostModel:
         fixed = fit.per_expert_us * 1e-6
         if fit.weight_GBps is not None:  # weights streamed once per active expert
             fixed = fixed + 3.0 * D * F * DTYPE_BYTES[dtype] / (fit.weight_GBps * 1e9)
-        per = np.where(m > 0, fixed + flops / tflops, 0.0)
-        out = fit.latency_us * 1e-6 + per.sum(axis=-1)
+        per = fixed + flops / tflops
+        if fit.activation_ps:  # the rows' activations through memory
+            per = per + work.expert_activation_bytes(m, D, F) * fit.activation_ps * 1e-12
+        out = fit.latency_us * 1e-6 + np.where(m > 0, per, 0.0).sum(axis=-1)
         if fit.scan_ps:
             rows = (
                 m.sum(axis=-1)

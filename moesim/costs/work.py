@@ -48,6 +48,18 @@ def expert_flops(tokens: ArrayLike, D: int, F: int, swiglu: bool = True) -> NDAr
     return 2.0 * np.asarray(tokens, dtype=np.float64) * D * F * mats
 
 
+def expert_activation_bytes(
+    tokens: ArrayLike, D: int | ArrayLike, F: int | ArrayLike
+) -> NDArray[np.float64]:
+    """Activation bytes one expert's ``tokens`` rows move through memory (bf16).
+
+    Each row reads its input and writes its output (``D`` each) and writes then
+    reads its SwiGLU intermediate (``F`` each): ``2 (D + F)`` elements of 2 bytes.
+    """
+    t = np.asarray(tokens, dtype=np.float64)
+    return t * 2.0 * (np.asarray(D, dtype=np.float64) + np.asarray(F, dtype=np.float64)) * 2.0
+
+
 def expert_bytes(
     tokens: ArrayLike, D: int, F: int, b: float, swiglu: bool = True
 ) -> NDArray[np.float64]:
