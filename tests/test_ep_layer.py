@@ -204,3 +204,28 @@ def test_compute_gap_ends_at_its_deadline_having_computed_its_share(ranks_per_co
         assert cpu > 0.5 * wall  # busy (a shared CI core may lose some of it)
     else:
         assert cpu < 0.5 * 0.02 + 0.002  # a quarter of the gap plus one matmul
+
+
+def test_all_to_all_phases_run_from_the_last_rank_s_arrival() -> None:
+    """Rank 0 reaches dispatch at 1.0 s and leaves it at 1.5; rank 1 arrives at 1.3 and
+    leaves at 1.5: the all-to-all took 0.2 s from the last arrival, for both; rank 0's
+    0.3 s before that was waiting for rank 1. The critical rank (more compute) is rank 1."""
+    from moesim.measure.ep_layer import critical_phases
+
+    empty = torch.empty(0)
+
+    def rank(r: int, arrive: float, dispatch: float, experts: float) -> RankResult:
+        phases = dict.fromkeys(PHASES + SUB_PHASES, 0.1)
+        phases |= {"dispatch": dispatch, "dispatch_counts": dispatch / 2, "experts": experts}
+        arrive_s = {"dispatch": [arrive], "combine": [5.0 + r * 0.05]}
+        return RankResult(r, {p: [v] for p, v in phases.items()}, [1.0], empty, empty, empty, 0,
+                          arrive_s=arrive_s)  # fmt: skip
+
+    got = critical_phases([rank(0, 1.0, 0.5, 1.0), rank(1, 1.3, 0.2, 1.2)])
+    assert got["dispatch"] == pytest.approx(0.2)  # rank 1's: it came last, it waited 0
+    assert got["dispatch_counts"] == pytest.approx(0.1)
+    got0 = critical_phases([rank(0, 1.0, 0.5, 2.0), rank(1, 1.3, 0.2, 1.2)])  # rank 0 critical
+    assert got0["dispatch"] == pytest.approx(0.5 - 0.3)
+    assert got0["dispatch_counts"] == pytest.approx(0.0)  # 0.25 - 0.3 waited: clamped at 0
+    assert got0["combine"] == pytest.approx(0.1 - 0.05)
+    assert got0["experts"] == pytest.approx(2.0)  # compute phases are as measured

@@ -40,6 +40,10 @@ PHASES = MOE_LAYER_PHASES  # one source: moesim/phases.py
 #: parts of a phase also reported: the split-size exchange at the start of dispatch and
 #: the regroup of received rows by local expert (and back) inside the experts phase
 SUB_PHASES = ("dispatch_counts", "experts_regroup")
+#: the all-to-all phases (and sub-phase) timed from the last rank's arrival, and the
+#: arrival each starts at: a collective starts when its slowest member is in, as the
+#: simulator prices it; a rank's wait for the others before that is load imbalance
+ARRIVALS = {"dispatch": "dispatch", "dispatch_counts": "dispatch", "combine": "combine"}
 #: std of one router logit: Gaussian logits this wide pick top-1 experts with almost
 #: the frequencies of Gumbel noise (std pi/sqrt(6)), so a logit bias of
 #: ``-skew*log(e+1)`` makes expert popularity close to Zipf(skew)
@@ -104,6 +108,8 @@ class RankResult:
     cpu_s: dict[str, list[float]] = field(default_factory=dict)  # thread CPU time per phase
     disturbed: int = 0  # steps re-run because other processes took the cores
     start_s: list[float] = field(default_factory=list)  # perf_counter at each step's start
+    #: perf_counter when this rank reached each all-to-all phase (:data:`ARRIVALS`), per step
+    arrive_s: dict[str, list[float]] = field(default_factory=dict)
 
 
 def make_weights(case: EPCase) -> EPWeights:
@@ -221,7 +227,7 @@ def ep_step(
     t["gate"] = clock.lap("gate")
     x_ND, tpe_E, state = permute(x_TD, routing, case.dispatch, num_experts=case.num_experts)
     t["permute"] = clock.lap("permute")
-    t0 = time.perf_counter()
+    t0 = t["arrive_dispatch"] = time.perf_counter()
     recv_REl = exchange_counts(tpe_E, world)
     t["dispatch_counts"] = time.perf_counter() - t0
     send_R = tpe_E.view(world, -1).sum(1).tolist()
@@ -244,6 +250,7 @@ def ep_step(
     y_MD = sort_chunks(y_MD, recv_REl, inverse=True)
     t["experts_regroup"] = (t1 - t0) + (clock.now() - t2)
     t["experts"] = clock.lap("experts")
+    t["arrive_combine"] = clock.t  # the experts' lap ended now (device synchronised)
     y_ND = bufs.rows("combine", x_ND.shape[0], y_MD)
     dist.all_to_all_single(y_ND, y_MD, send_R, recv_R)
     t["combine"] = clock.lap("combine")
@@ -315,6 +322,7 @@ def run_rank(
         {p: [s.cpu[p] for s in kept] for p in PHASES},
         disturbed=len(disturbed),
         start_s=[s.start for s in kept],
+        arrive_s={a: [s.wall[f"arrive_{a}"] for s in kept] for a in set(ARRIVALS.values())},
     )
 
 
@@ -503,12 +511,27 @@ def critical_phases(results: list[RankResult]) -> dict[str, float]:
     The critical rank of a step is the one with the most compute (gate + permute +
     experts + unpermute): the slowest GPU, whose all-to-alls wait least for others.
     Taking each phase's maximum over ranks instead would count the other ranks'
-    waiting (inside their combine) as communication time.
+    waiting (inside their combine) as communication time. The all-to-all phases
+    (:data:`ARRIVALS`) run from the last rank's arrival, as the simulator times a
+    collective: what a rank waited for the others before that is not the collective's.
     """
     names = PHASES + SUB_PHASES
-    t_PRS = torch.tensor([[r.phases_s[p] for r in results] for p in names])
+    t_PRS = torch.tensor([[r.phases_s[p] for r in results] for p in names], dtype=torch.float64)
+    for i, p in enumerate(names):
+        if p in ARRIVALS and all(ARRIVALS[p] in r.arrive_s for r in results):
+            t_PRS[i] = (t_PRS[i] - _wait_RS(results, ARRIVALS[p])).clamp(min=0.0)
     crit_S, steps = _critical_SR(results)
     return {p: float(t_PRS[i, crit_S, steps].median()) for i, p in enumerate(names)}
+
+
+def _wait_RS(results: list[RankResult], arrival: str) -> torch.Tensor:
+    """Per rank and step, how long the rank waited for the last rank to reach ``arrival``.
+
+    Local ranks read one clock (``perf_counter``: ``CLOCK_MONOTONIC``), so their
+    arrival times compare directly.
+    """
+    at_RS = torch.tensor([r.arrive_s[arrival] for r in results], dtype=torch.float64)
+    return at_RS.amax(0, keepdim=True) - at_RS
 
 
 class EPMismatch(RuntimeError):

@@ -7,7 +7,8 @@ each case is checked once with an int64 pattern that encodes (source,
 destination, position), so wrong data fail the case instead of being timed.
 
 Timing follows nccl-tests: a fixed number of iterations agreed by all ranks;
-each sample is the slowest rank's time (all-reduce MAX); algbw = msg_bytes /
+each sample is the slowest rank's time (all-reduce MAX; on CPU from the last
+rank's start to the last rank's end); algbw = msg_bytes /
 time, busbw = algbw · (n - 1) / n. Gloo ranks run with the cores kept awake
 (:func:`moesim.measure.ep_probe.keep_cores_awake`): on a virtual machine a rank
 waiting for data otherwise pays its halted vCPU's wake-up, milliseconds at times.
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from moesim.measure.distributed import launch
-from moesim.measure.ep_probe import GAP_S, ComputeGap, keep_cores_awake, usable_cores
+from moesim.measure.ep_probe import GAP_S, ComputeGap, keep_cores_awake, pin_rank, usable_cores
 from moesim.measure.grids import Grid
 from moesim.measure.loads import even_splits, uneven_splits
 from moesim.measure.suites.common import (
@@ -114,9 +115,15 @@ def _rank_main(cases_: list[Case], ctx: BenchContext) -> list[list[float] | None
 
     The timed iterations of all cases are interleaved over :data:`PASSES` passes, so
     a slow drift of the machine (other tenants, clocks) spreads over every message
-    size instead of bending the measured curve where it happened to fall.
+    size instead of bending the measured curve where it happened to fall. CPU ranks
+    are pinned as the EP layer's are (rank r on core ``r % cores``,
+    :func:`~moesim.measure.ep_probe.pin_rank`): unpinned, the OS at times stacks two
+    ranks on one core and a woken rank waits a scheduler slice (milliseconds).
     """
     device = _rank_device(ctx)
+    if device.type == "cpu":
+        usable_cores()  # remember the cores this rank may use before narrowing it to one
+        pin_rank(dist.get_rank())
     iters: list[int | None] = []
     for case in cases_:
         if not _all_ranks_fit(case, ctx, device):
@@ -187,13 +194,22 @@ def _caller(case: Case, device: torch.device) -> Callable[[], None]:
 
 
 def _time_calls(call: Callable[[], None], iters: int, device: torch.device) -> list[float]:
-    """Warm up, then ``iters`` timed calls; each sample is the slowest rank's time."""
+    """Warm up, then ``iters`` timed calls.
+
+    CUDA: each sample is the slowest rank's time. CPU: from the last rank's start to
+    the last rank's end (local ranks read one clock), as the simulator times a
+    collective from its slowest member's arrival and as the EP layer's all-to-alls
+    are timed (:data:`moesim.measure.ep_layer.ARRIVALS`).
+    """
     for _ in range(WARMUP_ITERS):
         call()
-    samples = _cuda_samples(call, iters) if device.type == "cuda" else _cpu_samples(call, iters)
-    worst = torch.tensor(samples, dtype=torch.float64, device=device)
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    return [float(s) for s in worst.cpu()]
+    if device.type == "cuda":
+        worst = torch.tensor(_cuda_samples(call, iters), dtype=torch.float64, device=device)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        return [float(s) for s in worst.cpu()]
+    last_2I = torch.tensor(_cpu_samples(call, iters), dtype=torch.float64).T.contiguous()
+    dist.all_reduce(last_2I, op=dist.ReduceOp.MAX)
+    return [float(s) for s in last_2I[1] - last_2I[0]]
 
 
 def _agree_iterations(call: Any, ctx: BenchContext, device: torch.device) -> int:
@@ -213,9 +229,9 @@ def _agree_iterations(call: Any, ctx: BenchContext, device: torch.device) -> int
     return int(min(MAX_ITERS, max(MIN_ITERS, ctx.budget_s / max(float(est), 1e-7))))
 
 
-def _cpu_samples(call: Any, iters: int) -> list[float]:
-    """Each call after :data:`~moesim.measure.ep_probe.GAP_S` of compute on every rank,
-    as a layer calls it (:class:`~moesim.measure.ep_probe.ComputeGap`)."""
+def _cpu_samples(call: Any, iters: int) -> list[tuple[float, float]]:
+    """``(start, end)`` of each call, after :data:`~moesim.measure.ep_probe.GAP_S` of
+    compute on every rank, as a layer calls it (:class:`~moesim.measure.ep_probe.ComputeGap`)."""
     gap = ComputeGap(ranks_per_core=-(-dist.get_world_size() // usable_cores()))
     samples = []
     for _ in range(iters):
@@ -223,7 +239,7 @@ def _cpu_samples(call: Any, iters: int) -> list[float]:
         gap()
         start = time.perf_counter()
         call()
-        samples.append(time.perf_counter() - start)
+        samples.append((start, time.perf_counter()))
     return samples
 
 
