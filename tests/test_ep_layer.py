@@ -189,9 +189,9 @@ def test_keep_cores_awake_spins_at_idle_priority_one_per_core_and_cleans_up() ->
 
 
 @pytest.mark.parametrize("ranks_per_core", [1, 2])
-def test_compute_gap_ends_at_its_deadline_having_computed_its_share(ranks_per_core: int) -> None:
-    """A gap of 20 ms lasts 20 ms; alone on a core it computes all of it, two ranks per
-    core compute a quarter of it each (half their fair share) and sleep the rest."""
+def test_compute_gap_computes_its_share_of_the_core(ranks_per_core: int) -> None:
+    """A gap of 20 ms: alone on a core a rank computes until the deadline; two ranks
+    per core compute half of it each (10 ms of CPU time) and go on."""
     from moesim.measure.ep_probe import ComputeGap
 
     gap = ComputeGap(0.02, sweep_bytes=2**16, ranks_per_core=ranks_per_core)
@@ -199,11 +199,10 @@ def test_compute_gap_ends_at_its_deadline_having_computed_its_share(ranks_per_co
     t0, c0 = time.perf_counter(), time.thread_time()
     gap()
     wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
-    assert 0.02 <= wall < 0.05
     if ranks_per_core == 1:
-        assert cpu > 0.5 * wall  # busy (a shared CI core may lose some of it)
+        assert 0.02 <= wall < 0.05 and cpu > 0.5 * wall  # (a shared CI core may take some)
     else:
-        assert cpu < 0.5 * 0.02 + 0.002  # a quarter of the gap plus one matmul
+        assert 0.01 <= cpu < 0.01 + 0.003 and wall < 0.05  # its half, plus one matmul
 
 
 def test_all_to_all_phases_run_from_the_last_rank_s_arrival() -> None:

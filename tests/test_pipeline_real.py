@@ -78,6 +78,20 @@ def test_step_parts_by_hand() -> None:
     )
 
 
+def test_gradient_sync_runs_from_the_last_replica_s_arrival() -> None:
+    """pp 2 x dp 2: rank 0 (stage 0, replica 0) reaches the all-reduce at 10, rank 2
+    (stage 0, replica 1) at 12, both leave at 13: 1 s of sync each, rank 0 waited 2 s
+    for rank 2's backward (bubble). Stage 1 (ranks 1, 3) arrives together."""
+
+    def log(sync_at: float) -> StepLog:
+        return _log([("B", 0, 0.0, sync_at), ("sync", -1, sync_at, 13.0)], 0.0, 13.0)
+
+    parts = step_parts([log(10.0), log(12.5), log(12.0), log(12.5)], stages=2)
+    assert [p["grad_sync"] for p in parts] == pytest.approx([1.0, 0.5, 1.0, 0.5])
+    assert parts[0]["bubble"] == pytest.approx(2.0) and parts[2]["bubble"] == 0.0
+    assert all(sum(p[k] for k in PARTS) == pytest.approx(p["step"]) for p in parts)
+
+
 def test_p2p_and_allreduce_fits_recover_their_lines() -> None:
     """p2p ``50 us + b / 2 GB/s``; all-reduce ``30 us + b / 4 GB/s`` below 64 KiB and
     ``200 us + b / 1 GB/s`` above (two regimes, as a protocol switch makes)."""

@@ -146,17 +146,16 @@ class ComputeGap:
     starts its gap as it leaves the same barrier and ends it at the same deadline,
     so the ranks still reach the call together.
 
-    ``ranks_per_core`` > 1 (ranks sharing a core): each computes for its share of
-    the gap only (thread CPU time) and sleeps to the deadline, so the ranks of a
-    core are not still taking turns on it when the call starts (their passes end
-    at different times, not at one deadline).
+    ``ranks_per_core`` > 1 (ranks sharing a core): each computes its share of the
+    gap (thread CPU time) and goes on, so the ranks of a core reach the call one after
+    the other, as their passes end (time such calls from the last rank's arrival).
     """
 
     def __init__(
         self, seconds: float = GAP_S, sweep_bytes: int = GAP_SWEEP_BYTES, ranks_per_core: int = 1
     ) -> None:
         self.seconds, self.shared = seconds, ranks_per_core > 1
-        self.cpu_s = seconds / (2 * ranks_per_core) if self.shared else seconds
+        self.cpu_s = seconds / ranks_per_core if self.shared else seconds
         self.scratch = torch.zeros(max(sweep_bytes // 4, 1))
         self.a_MM = torch.randn(128, 128)
 
@@ -168,8 +167,6 @@ class ComputeGap:
         self.scratch.add_(1.0)
         while time.thread_time() - c0 < self.cpu_s and time.perf_counter() < deadline:
             self.a_MM @ self.a_MM
-        if self.shared:
-            time.sleep(max(deadline - time.perf_counter(), 0.0))
 
 
 @functools.cache

@@ -21,7 +21,9 @@ clock in every local process, so send and receive times can be matched):
 - ``sends``: exposed point-to-point time: for each receive, from the later of the
   receive's start and the matching send's start to the data's arrival (a send
   is asynchronous for the sender);
-- ``grad_sync``: the gradient all-reduces;
+- ``grad_sync``: the gradient all-reduces, from the last replica of the stage
+  reaching them (before that a replica waits for the other's last backward: bubble,
+  as the wait before a send starts is);
 - ``bubble``: the rest of the step (waiting for the other stage, before a send
   started, and for the slowest rank at the end).
 
@@ -426,15 +428,23 @@ def run_pipeline(
     )
     err = check_against_reference(case, results)
     kept = len(results[0].steps)
-    per_step = [step_parts([r.steps[k] for r in results]) for k in range(kept)]
+    per_step = [step_parts([r.steps[k] for r in results], case.stages) for k in range(kept)]
     m = summarise(case, per_step, err)
     share_S = torch.tensor([[r.steps[k].share for r in results] for k in range(kept)]).mean(1)
     return replace(m, cpu_share=float(share_S.median()), disturbed_steps=results[0].disturbed)
 
 
-def step_parts(logs: list[StepLog]) -> list[dict[str, float]]:
-    """Parts of one step, per rank (``logs`` by rank); the step is shared by all ranks."""
+def step_parts(logs: list[StepLog], stages: int | None = None) -> list[dict[str, float]]:
+    """Parts of one step, per rank (``logs`` by rank); the step is shared by all ranks.
+
+    ``stages``: rank ``r`` is stage ``r % stages``; a stage's ranks form its
+    data-parallel group (default: every rank its own stage).
+    """
     start, end = max(g.start for g in logs), max(g.end for g in logs)
+    S = stages or len(logs)
+    synced = [min((t0 for kind, _, t0, _ in g.events if kind == "sync"), default=0.0)
+              for g in logs]  # fmt: skip
+    group_in = [max(synced[q] for q in range(r % S, len(logs), S)) for r in range(len(logs))]
     sends = {
         (r, kind.removeprefix("send_"), i): t0
         for r, g in enumerate(logs)
@@ -449,8 +459,8 @@ def step_parts(logs: list[StepLog]) -> list[dict[str, float]]:
                 parts["forward"] += t1 - t0
             elif kind == "B":
                 parts["backward"] += t1 - t0
-            elif kind == "sync":
-                parts["grad_sync"] += t1 - t0
+            elif kind == "sync":  # from the last replica's arrival, as for a receive
+                parts["grad_sync"] += max(0.0, t1 - max(t0, group_in[r]))
             elif kind.startswith("recv_"):
                 d = kind.removeprefix("recv_")
                 peer = r - 1 if d == "F" else r + 1
@@ -520,18 +530,19 @@ def to_jsonable(m: PipeMeasurement) -> dict[str, Any]:
 
 
 def comm_rank(case: PipeCase, sizes: list[int], reps: int) -> dict[str, list[list[float]]]:
-    """On the pipeline's own ranks, pinned as it pins them, per size (bytes of fp32) and rep:
+    """On the pipeline's own ranks, pinned as it pins them, per size (bytes of fp32) and
+    rep, ``perf_counter`` stamps (one clock for all local processes):
 
-    - ``p2p_t``: stage ``2j`` of every replica sends to stage ``2j + 1``, all pairs at
-      once (as the pipeline's replicas send at once); the sender's start and the
-      receiver's end times (one clock for all local processes: their difference is
-      the one-way time);
-    - ``allreduce_s``: ``all_reduce`` seconds on every stage's data-parallel group at
-      once (as the pipeline's stages sync at once; empty with ``dp`` 1).
+    - ``p2p_in`` / ``p2p_out``: stage ``2j`` of every replica sends to stage ``2j + 1``,
+      all pairs at once (as the pipeline's replicas send at once): when each side
+      entered ``send`` / ``recv``, and when it left;
+    - ``ar_in`` / ``ar_out``: the same for an ``all_reduce`` on every stage's
+      data-parallel group at once (as the stages sync; empty with ``dp`` 1).
 
     Each call comes after :class:`~moesim.measure.ep_probe.ComputeGap` (the pipeline's
-    come after passes). The figures carry what the run's layout costs: with more ranks
-    than cores a group's members share a core, and gloo moves bytes with its time.
+    come after passes; ranks sharing a core reach it at different times, as theirs
+    do). The figures carry what the run's layout costs: with more ranks than cores a
+    group's members share a core, and gloo moves bytes with its time.
     """
     torch.set_num_threads(1)
     rank = dist.get_rank()
@@ -544,10 +555,10 @@ def comm_rank(case: PipeCase, sizes: list[int], reps: int) -> dict[str, list[lis
     ]
     sender, receiver = stage % 2 == 0 and stage + 1 < case.stages, stage % 2 == 1
     gap = ComputeGap(ranks_per_core=-(-dist.get_world_size() // max(cores, 1)))
-    out: dict[str, list[list[float]]] = {"p2p_t": [], "allreduce_s": []}
+    out: dict[str, list[list[float]]] = {k: [] for k in ("p2p_in", "p2p_out", "ar_in", "ar_out")}
     for nbytes in sizes:
         buf = torch.zeros(max(nbytes // 4, 1))
-        stamps, reduces = [], []
+        got: dict[str, list[float]] = {k: [] for k in out}
         for k in range(reps + 1):
             dist.barrier()
             gap()
@@ -564,10 +575,10 @@ def comm_rank(case: PipeCase, sizes: list[int], reps: int) -> dict[str, list[lis
                 dist.all_reduce(buf, group=groups[stage])
             t3 = time.perf_counter()
             if k:  # the first round warms the connections and the pages
-                stamps.append(t0 if sender else t1)
-                reduces.append(t3 - t2)
-        out["p2p_t"].append(stamps)
-        out["allreduce_s"].append(reduces)
+                for key, t in zip(got, (t0, t1, t2, t3), strict=True):
+                    got[key].append(t)
+        for key in out:
+            out[key].append(got[key])
     return out
 
 
@@ -575,8 +586,10 @@ def measure_comm(
     case: PipeCase, sizes: list[int], reps: int = 31, timeout_s: float = 120.0
 ) -> dict[str, Any]:
     """``{"bytes", "p2p_s", "allreduce_s"}`` on ``case.world`` local gloo ranks laid out as
-    the pipeline's (:func:`comm_rank`): per size, means over reps and sending pairs of
-    the one-way time, over reps and ranks of the all-reduce's.
+    the pipeline's (:func:`comm_rank`), each timed as the pipeline's parts are
+    (:func:`step_parts`): a message from the later of the send's and the receive's
+    start to its arrival, an all-reduce on each rank from the last member's arrival
+    to the rank's end. Per size, means over reps and sending pairs (ranks).
 
     Means, not medians: on shared cores a message either arrives at once or waits for
     its receiver's core (a scheduler slice), and the parts the pipeline is judged on
@@ -586,11 +599,18 @@ def measure_comm(
     S = case.stages
     pairs = [(r, r + 1) for r in range(case.world) if r % S % 2 == 0 and r % S + 1 < S]
 
-    def stamps_NMK(side: int) -> torch.Tensor:
-        return torch.tensor([got[p[side]]["p2p_t"] for p in pairs], dtype=torch.float64)
+    def stamps(key: str, ranks: list[int]) -> torch.Tensor:  # [ranks, M, K]
+        return torch.tensor([got[r][key] for r in ranks], dtype=torch.float64)
 
-    t_NMK = stamps_NMK(1) - stamps_NMK(0)  # receiver's end - sender's start
-    ar_RMK = torch.tensor([r["allreduce_s"] for r in got], dtype=torch.float64)
+    send_in, recv_in = (
+        stamps("p2p_in", [a for a, _ in pairs]),
+        stamps("p2p_in", [b for _, b in pairs]),
+    )
+    t_NMK = stamps("p2p_out", [b for _, b in pairs]) - torch.maximum(send_in, recv_in)
+    ranks = list(range(case.world))
+    ar_in, ar_out = stamps("ar_in", ranks), stamps("ar_out", ranks)
+    group_in = torch.stack([ar_in[r % S :: S].amax(0) for r in ranks])  # the stage's last in
+    ar_RMK = ar_out - group_in
     return {
         "bytes": list(sizes),
         "ranks": case.world,
