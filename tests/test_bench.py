@@ -137,14 +137,16 @@ def _interrupt_after(n: int):
 
 def test_interrupted_run_leaves_a_valid_incomplete_file(tmp_path: Path) -> None:
     grids = {**TINY, "roofline": {"copy_MiB": [0.25], "gemm": [16]}}
+    kw = {"out_dir": tmp_path, "grids": grids, "budget_s": 0.002}
     with pytest.raises(BenchInterrupted) as info:
-        run_bench(
-            ["gating"], out_dir=tmp_path, grids=grids, budget_s=0.002, progress=_interrupt_after(4)
-        )
+        run_bench(["gating"], quick=True, progress=_interrupt_after(4), **kw)  # one pass
     df, meta = read_results(info.value.path)
     assert meta["complete"] is False
     assert len(df) == info.value.rows == 4  # 2 roofline + 2 gating rows measured
     assert (df["status"] == "ok").all()
+    with pytest.raises(BenchInterrupted) as info:  # two passes: roofline's 2 cases twice
+        run_bench(["gating"], progress=_interrupt_after(5), **kw)
+    assert info.value.rows == 3  # and the first gating case, measured once
 
 
 def test_out_of_memory_on_one_case_is_a_row_and_the_run_goes_on(
@@ -435,3 +437,29 @@ def test_cpu_quick_grid_gives_every_fitted_family_five_shapes() -> None:
         assert shapes("dispatch", op) >= 5
     assert shapes("experts", strategy="loop") >= 5 and shapes("alltoall") >= 5
     assert not [c for c in cases if c.strategy == "einsum"]  # O(T^2) masks: never the fastest
+
+
+def test_each_case_keeps_its_fastest_pass(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Two passes (the full grid's): a case slowed in its first pass keeps the second's
+    timing, each pass timed with half the budget; a failed pass never wins."""
+    times = {0: [5e-3, 1e-3], 1: [2e-3, 4e-3]}  # per case, per pass
+    ctx = bench.make_context("cpu", True, None, 1, 0.1, 0)
+    suite = SUITES["gating"]
+    grid = TINY["gating"] | {"routers": ["softmax_topk"], "T": [16, 32]}
+    cases = suite.cases(grid, ["fp32"], ctx)
+    budgets: list[float] = []
+    calls: dict[int, int] = {}
+
+    def fake(suite: Suite, case: object, ctx: object) -> dict:
+        i = cases.index(case)
+        k = calls[i] = calls.get(i, -1) + 1
+        budgets.append(ctx.budget_s)  # type: ignore[attr-defined]
+        return {"status": "ok", "median_s": times[i][k]}
+
+    monkeypatch.setattr(bench, "_measure_one", fake)
+    runner = bench._Runner([(suite, cases)], ctx, tmp_path / "x.parquet", {}, False, passes=2)
+    runner._run_suite(suite, cases, lambda n=1, description=None: None)
+    assert [r["median_s"] for r in runner.rows] == [1e-3, 2e-3]
+    assert budgets == [0.05] * 4  # half of the 0.1 s budget per pass
+    assert bench._faster({"status": "ok", "median_s": 1.0}, {"status": "oom"})["median_s"] == 1.0
+    assert bench._faster({"status": "oom"}, {"status": "ok", "median_s": 2.0})["median_s"] == 2.0
