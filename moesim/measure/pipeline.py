@@ -33,8 +33,8 @@ simulator's breakdown. :func:`reference` is the same model in one process: the
 pipeline's losses, last-stage outputs and all-reduced gradients are checked
 against it.
 
-Legend: T = tokens per micro-batch, D = hidden, S = stages, P = parameters (flat);
-N = sending pairs, M = message sizes, K = repetitions, R = ranks.
+Legend: T = tokens per micro-batch, D = hidden, S = stages, P = parameters (flat),
+R = ranks (ARCHITECTURE.md#shape-letters).
 """
 
 from __future__ import annotations
@@ -599,23 +599,23 @@ def measure_comm(
     S = case.stages
     pairs = [(r, r + 1) for r in range(case.world) if r % S % 2 == 0 and r % S + 1 < S]
 
-    def stamps(key: str, ranks: list[int]) -> torch.Tensor:  # [ranks, M, K]
+    def stamps(key: str, ranks: list[int]) -> torch.Tensor:  # [ranks, sizes, reps]
         return torch.tensor([got[r][key] for r in ranks], dtype=torch.float64)
 
     send_in, recv_in = (
         stamps("p2p_in", [a for a, _ in pairs]),
         stamps("p2p_in", [b for _, b in pairs]),
     )
-    t_NMK = stamps("p2p_out", [b for _, b in pairs]) - torch.maximum(send_in, recv_in)
+    one_way = stamps("p2p_out", [b for _, b in pairs]) - torch.maximum(send_in, recv_in)
     ranks = list(range(case.world))
     ar_in, ar_out = stamps("ar_in", ranks), stamps("ar_out", ranks)
     group_in = torch.stack([ar_in[r % S :: S].amax(0) for r in ranks])  # the stage's last in
-    ar_RMK = ar_out - group_in
+    reduce = ar_out - group_in  # [ranks, sizes, reps]
     return {
         "bytes": list(sizes),
         "ranks": case.world,
-        "p2p_s": t_NMK.permute(1, 0, 2).flatten(1).mean(1).tolist(),
-        "allreduce_s": ar_RMK.permute(1, 0, 2).flatten(1).mean(1).tolist()
+        "p2p_s": one_way.permute(1, 0, 2).flatten(1).mean(1).tolist(),
+        "allreduce_s": reduce.permute(1, 0, 2).flatten(1).mean(1).tolist()
         if case.dp > 1 else [],
     }  # fmt: skip
 

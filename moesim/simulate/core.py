@@ -105,10 +105,10 @@ def traffic_of(plan: StepPlan, eng: EngineResult) -> dict[str, Any]:
 
     topo = plan.topo
     rows = _per_rank_XPP(plan.scn, topo, plan.loads.load(0, 0))[0]
-    P, N = topo.ep, topo.nodes_per_group
+    P, Nd = topo.ep, topo.nodes_per_group
     cap = np.where(np.isfinite(topo.cap_L), topo.cap_L, np.inf)
     util = eng.link_bytes_XL / (cap * max(eng.step_time_s, 1e-300))
-    sizes = [P, P, P, P, N, N]
+    sizes = [P, P, P, P, Nd, Nd]
     edges = np.cumsum([0, *sizes])
     by_kind = {
         k: util[:, a:b].tolist() for k, a, b in zip(LINK_KINDS, edges[:-1], edges[1:], strict=True)

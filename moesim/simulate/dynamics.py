@@ -2,7 +2,7 @@
 
 Legend: L = MoE layers of a stage, M = micro-batches, X = EP groups, P = EP ranks,
 E = experts, R = physical expert slots of a group, S = slots per rank,
-B = L*M*X (one "batch row" per layer, micro-batch and group), N = nodes of a group.
+B = L*M*X (one "batch row" per layer, micro-batch and group), Nd = nodes of a group.
 
 Where per-step popularity comes from (:class:`DynamicsConfig`):
 
@@ -264,8 +264,8 @@ class StepModel:
         if weight_LE is None or cfg.kind == "contiguous":
             self.slots_LR = np.broadcast_to(np.arange(self.E), (self.L, self.E)).astype(np.int64)
             return
-        N = self.topo_B.nodes_per_group
-        pl = build_placement(cfg, weight_LE, self.P, N, self.scn.router.n_group)
+        Nd = self.topo_B.nodes_per_group
+        pl = build_placement(cfg, weight_LE, self.P, Nd, self.scn.router.n_group)
         self.slots_LR = pl.slot_expert_LR
 
     # -- one step ------------------------------------------------------------------
@@ -353,8 +353,8 @@ class StepModel:
             return (sent_BR.reshape(B, P, -1).sum(-1) / P) @ self._links["flat"]
         miss_BR = 1.0 - np.minimum(sent_BR / (P * T), 1.0)
         miss_BQ = _block_prod(miss_BR, P)
-        miss_BN = _block_prod(miss_BQ, self.topo_B.nodes_per_group)
-        return T * ((1 - miss_BQ) @ self._links["rank"] + (1 - miss_BN) @ self._links["node"])
+        miss_BNd = _block_prod(miss_BQ, self.topo_B.nodes_per_group)
+        return T * ((1 - miss_BQ) @ self._links["rank"] + (1 - miss_BNd) @ self._links["node"])
 
     def _sum_crit(
         self, exp_BP: F64, reg_BP: F64, disp: Coflows, comb: Coflows, grad: Coflows
@@ -374,18 +374,18 @@ def _link_matrices(topo: Topology) -> dict[str, F64]:
     """Link rows per unit sent to each rank (or node) by *every* source of a group.
 
     ``flat [P, L]``: :func:`flat_links` of ``rows[s, d] = 1`` for one ``d``;
-    ``rank [P, L]`` / ``node [N, L]``: :func:`hierarchical_links` of one rank's or
+    ``rank [P, L]`` / ``node [Nd, L]``: :func:`hierarchical_links` of one rank's or
     one node's distinct tokens (the other input zero).
     """
-    P, N = topo.ep, topo.nodes_per_group
+    P, Nd = topo.ep, topo.nodes_per_group
     unit_PPP = np.zeros((P, P, P))
     unit_PPP[np.arange(P), :, np.arange(P)] = 1.0
-    unit_NPN = np.zeros((N, P, N))
-    unit_NPN[np.arange(N), :, np.arange(N)] = 1.0
+    unit_NdPNd = np.zeros((Nd, P, Nd))
+    unit_NdPNd[np.arange(Nd), :, np.arange(Nd)] = 1.0
     return {
         "flat": flat_links(unit_PPP, topo),
-        "rank": hierarchical_links(unit_PPP, np.zeros((P, P, N)), topo),
-        "node": hierarchical_links(np.zeros((N, P, P)), unit_NPN, topo),
+        "rank": hierarchical_links(unit_PPP, np.zeros((P, P, Nd)), topo),
+        "node": hierarchical_links(np.zeros((Nd, P, P)), unit_NdPNd, topo),
     }
 
 

@@ -2,7 +2,7 @@
 
 Legend: L = layers, E = logical experts, R = physical expert slots of a group
 (``E + redundant_experts``), P = EP ranks, S = slots per rank (``R / P``),
-G = GPUs, N = nodes of a group, X = EP groups.
+G = GPUs, Nd = nodes of a group, X = EP groups, I = items one packing places.
 
 A :class:`Placement` is, per layer, ``slot_expert_LR``: the logical expert each
 physical slot runs, slots ``[p*S, (p+1)*S)`` on rank ``p``. The algorithm is
@@ -70,20 +70,20 @@ def contiguous(layers: int, E: int, P: int) -> Placement:
 
 
 # -- DeepSeek EPLB ------------------------------------------------------------------
-def balanced_packing(weight_XN: F64, packs: int) -> tuple[I64, I64]:
-    """Pack ``N`` items of each row into ``packs`` packs of ``N / packs`` items each.
+def balanced_packing(weight_XI: F64, packs: int) -> tuple[I64, I64]:
+    """Pack ``I`` items of each row into ``packs`` packs of ``I / packs`` items each.
 
-    Returns ``(pack_XN, rank_in_pack_XN)``. Items go by decreasing weight to the
+    Returns ``(pack_XI, rank_in_pack_XI)``. Items go by decreasing weight to the
     lightest pack with room (ties: lowest index), as EPLB's ``balanced_packing``.
     """
-    X, N = weight_XN.shape
-    per = N // packs
-    pack = np.zeros((X, N), dtype=np.int64)
-    rank = np.zeros((X, N), dtype=np.int64)
+    X, I = weight_XI.shape
+    per = I // packs
+    pack = np.zeros((X, I), dtype=np.int64)
+    rank = np.zeros((X, I), dtype=np.int64)
     if per == 1:
-        pack[:] = np.arange(N)
+        pack[:] = np.arange(I)
         return pack, rank
-    order = np.argsort(-weight_XN, axis=1, kind="stable")
+    order = np.argsort(-weight_XI, axis=1, kind="stable")
     for x in range(X):
         load = np.zeros(packs)
         items = np.zeros(packs, dtype=np.int64)
@@ -91,7 +91,7 @@ def balanced_packing(weight_XN: F64, packs: int) -> tuple[I64, I64]:
             free = np.flatnonzero(items < per)
             p = int(free[np.argmin(load[free])])
             pack[x, item], rank[x, item] = p, items[p]
-            load[p] += weight_XN[x, item]
+            load[p] += weight_XI[x, item]
             items[p] += 1
     return pack, rank
 
@@ -209,8 +209,8 @@ def place_load(load: Load, slot_expert_R: I64, ranks: int, nodes: int, T: int) -
     G = kept.shape[0]
     miss = 1.0 - np.minimum(kept / float(T), 1.0)
     miss_GP = miss.reshape(G, ranks, -1).prod(-1)
-    miss_GN = miss_GP.reshape(G, nodes, -1).prod(-1)
-    return Load(routed, kept, sent, T * (1.0 - miss_GP), T * (1.0 - miss_GN))
+    miss_GNd = miss_GP.reshape(G, nodes, -1).prod(-1)
+    return Load(routed, kept, sent, T * (1.0 - miss_GP), T * (1.0 - miss_GNd))
 
 
 def memory_bytes_per_gpu(
@@ -225,7 +225,7 @@ class Placer:
 
     def __init__(self, scn: Scenario, topo: Topology, loads: LoadModel, layers: int) -> None:
         self.cfg, self.T = scn.placement, scn.workload.tokens_per_gpu
-        self.P, self.N = topo.ep, topo.nodes_per_group
+        self.P, self.Nd = topo.ep, topo.nodes_per_group
         self.n_group = scn.router.n_group
         self.m = scn.model
         self.layers = layers
@@ -237,14 +237,14 @@ class Placer:
         if weight_LE is None:
             self.placement = contiguous(layers, self.m.num_experts, self.P)
         else:
-            self.placement = build_placement(self.cfg, weight_LE, self.P, self.N, self.n_group)
+            self.placement = build_placement(self.cfg, weight_LE, self.P, self.Nd, self.n_group)
         self.identity = self.placement.contiguous
 
     def apply(self, load: Load, layer: int) -> Load:
         if self.identity:
             return load
         slots = self.placement.slot_expert_LR[layer % self.placement.slot_expert_LR.shape[0]]
-        return place_load(load, slots, self.P, self.N, self.T)
+        return place_load(load, slots, self.P, self.Nd, self.T)
 
     def details(self) -> dict[str, Any]:
         S = self.placement.slots_per_rank
