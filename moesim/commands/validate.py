@@ -290,7 +290,8 @@ def _run_published(args: argparse.Namespace) -> dict[str, Any]:
     else:
         from moesim.report.progress import progress_bar
 
-        with progress_bar(len(table.rows), "published figures") as advance:
+        n = sum(args.only is None or args.only in r.id for r in table.rows)
+        with progress_bar(max(n, 1), "published figures") as advance:
             report = run_published(
                 table, only=args.only, advance=advance, search=args.search
             ).to_dict()
