@@ -170,11 +170,11 @@ def test_validate_pipeline_rejects_an_uncalibrated_profile(
 def test_compute_slowdown_from_the_measured_share() -> None:
     """4 ranks on 2 cores in lock-step: share 1/2, slowdown 2 x co-run; replicas that
     interleave get more of their core (share 0.6: 1/0.6 x co-run); a core per rank: co-run."""
-    assert pv.compute_slowdown(1.1, 2.2, 0.5) == pytest.approx(2.2)
-    assert pv.compute_slowdown(1.1, 2.2, 0.6) == pytest.approx(1.1 / 0.6)
-    assert pv.compute_slowdown(1.1, 2.2, 0.25) == pytest.approx(4.4)
-    assert pv.compute_slowdown(1.1, 1.1, 1.0) == pytest.approx(1.1)
-    assert pv.compute_slowdown(1.1, 1.1, 1.2) == pytest.approx(1.1)  # never below co-run
+    assert pv.compute_slowdown(1.1, 0.5) == pytest.approx(2.2)
+    assert pv.compute_slowdown(1.1, 0.6) == pytest.approx(1.1 / 0.6)
+    assert pv.compute_slowdown(1.1, 0.25) == pytest.approx(4.4)
+    assert pv.compute_slowdown(1.1, 1.0) == pytest.approx(1.1)
+    assert pv.compute_slowdown(1.1, 1.2) == pytest.approx(1.1)  # never below co-run
 
 
 def test_p2p_fit_through_the_origin_when_the_intercept_would_be_negative() -> None:

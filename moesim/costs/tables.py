@@ -83,11 +83,16 @@ def curve_s(fit: CommFit, nbytes: ArrayLike) -> F64:
     return np.where(b > 0, fit.latency_us * 1e-6 + b / bw, 0.0)
 
 
+def regime_index(regimes: list[CommRegime], nbytes: ArrayLike) -> NDArray[np.intp]:
+    """Index of the regime whose range holds each size (the last one has no end)."""
+    ends = np.array([r.upto_bytes or np.inf for r in regimes[:-1]])
+    return np.searchsorted(ends, np.asarray(nbytes, dtype=np.float64), side="left")
+
+
 def regimes_s(regimes: list[CommRegime], nbytes: ArrayLike) -> F64:
     """``latency_r + bytes / GBps_r`` for the regime ``r`` whose range holds each size."""
     b = np.asarray(nbytes, dtype=np.float64)
-    ends = np.array([r.upto_bytes or np.inf for r in regimes[:-1]])
-    i = np.searchsorted(ends, b, side="left")
+    i = regime_index(regimes, b)
     lat = np.array([r.latency_us for r in regimes]) * 1e-6
     bw = np.array([r.GBps for r in regimes]) * 1e9
     return np.asarray(lat[i] + b / bw[i], dtype=np.float64)
@@ -97,9 +102,7 @@ def curve_latency_s(fit: CommFit, nbytes: float) -> float:
     """The fixed part of :func:`curve_s` at ``nbytes``: the latency of its regime."""
     if not fit.regimes:
         return fit.latency_us * 1e-6
-    ends = [r.upto_bytes or math.inf for r in fit.regimes[:-1]]
-    i = int(np.searchsorted(np.asarray(ends), nbytes, side="left"))
-    return fit.regimes[i].latency_us * 1e-6
+    return fit.regimes[int(regime_index(fit.regimes, nbytes))].latency_us * 1e-6
 
 
 def nearest_key(keys: list[str], prefix: str, gpus: int) -> tuple[str | None, int | None]:

@@ -22,10 +22,10 @@ machine calibrated here:
   pipeline runs no all-to-all (EP 1).
 
 Local ranks share the cores: with ``pin_rank`` the replicas of a stage share a
-core when there are fewer cores than ranks, and they run the same passes at
-the same time, so every simulated GPU computes ``ranks per core x co-run
-interference`` slower (:class:`moesim.measure.ep_probe.CoRun`), measured
-before the run.
+core when there are fewer cores than ranks, so every simulated GPU computes
+``co-run interference / core share`` slower (:func:`compute_slowdown`): the
+interference from :class:`moesim.measure.ep_probe.CoRun`, measured before the
+run, the core share (thread CPU time over wall time of the passes) measured in it.
 """
 
 from __future__ import annotations
@@ -285,7 +285,7 @@ def validate_pipeline(
         probe = co_run_factor(case.world)
         measured = run_pipeline(case, steps=steps, warmup=warmup, timeout_s=timeout_s)
     p2p = fit_p2p(comm) | {"measured": comm}
-    slowdown = compute_slowdown(probe.interference, probe.factor, measured.cpu_share)
+    slowdown = compute_slowdown(probe.interference, measured.cpu_share)
     hw = with_measured(hw, p2p, ratios, case.world, case.dp)
     predicted = predict(case, hw, slowdown)
     return PipeValidation(
@@ -293,7 +293,7 @@ def validate_pipeline(
     )
 
 
-def compute_slowdown(interference: float, expected: float, cpu_share: float) -> float:
+def compute_slowdown(interference: float, cpu_share: float) -> float:
     """How much slower each rank computes than the single-process calibration bench.
 
     ``interference / cpu_share``: the co-run penalty (caches, memory bandwidth) over
@@ -302,9 +302,9 @@ def compute_slowdown(interference: float, expected: float, cpu_share: float) -> 
     simulator predicts: with more ranks than cores, how often two replicas of a stage
     compute at once on their shared core depends on how their passes drift apart,
     which no deterministic schedule model gives (measured here, 4 ranks on 2 cores:
-    a share of about 0.57, not the 0.5 of replicas always computing together, which
-    ``expected`` = ranks per core x co-run assumes). With a core per rank the share
-    is about 1 and this is the co-run penalty alone. Never below ``interference``.
+    a share of about 0.6, not the 0.5 of replicas always computing together, which
+    :attr:`moesim.measure.ep_probe.CoRun.factor` assumes and the result keeps as
+    ``expected_slowdown``). With a core per rank the share is about 1 and this is the
+    co-run penalty alone. Never below ``interference``.
     """
-    del expected  # kept in the result for the report: what lock-step sharing would give
     return max(interference, interference / max(cpu_share, 1e-3))
