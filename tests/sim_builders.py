@@ -64,3 +64,18 @@ def hardware(*overrides: str, gpus_per_node: int = 2) -> HardwareProfile:
 
 def scenario(*overrides: str, base: dict[str, Any] | None = None) -> Scenario:
     return validate(Scenario, apply_overrides(base or SCENARIO, overrides))
+
+
+def with_collectives(hw: HardwareProfile, **fits: tuple[float, float]) -> HardwareProfile:
+    """``hw`` with measured collectives, ``all_reduce__2=(latency us, GB/s)`` for the
+    ``all_reduce.2`` fit (flat lines), as an imported NCCL table gives them."""
+    from moesim.config.hardware import Calibration, CalibrationSource, CommFit, Curve
+
+    cal = Calibration(
+        source=CalibrationSource(results=[], device="by hand", created="2026-12-02"),
+        collectives={
+            k.replace("__", "."): CommFit(latency_us=lat, bandwidth_GBps=Curve(x=[1.0], y=[bw]))
+            for k, (lat, bw) in fits.items()
+        },
+    )
+    return hw.model_copy(update={"calibration": cal})

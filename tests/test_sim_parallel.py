@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sim_builders import hardware, scenario
+from sim_builders import hardware, scenario, with_collectives
 
 from moesim.costs.model import CostModel
 from moesim.errors import ConfigError
@@ -52,6 +52,24 @@ def test_tp_in_training_pays_its_collectives_forward_and_backward() -> None:
     assert two.backward_phases_s["tp_comm"] == pytest.approx(block)
     assert two.step_breakdown_s["critical_gpu"]["exposed_tp"] == pytest.approx(2 * block)
     assert two.bytes_per_gpu["by_kind"]["tp"]["scaleup"] == pytest.approx(2 * 2 * T * D * B)
+
+
+def test_measured_collectives_price_a_tp_group_inside_a_node() -> None:
+    """tp=2 with measured all-gather (5 us + b / 2 GB/s) and reduce-scatter (3 us +
+    b / 1 GB/s) of the 2-GPU group: one block is both, of the T x D message (2048 B),
+    forward and backward alike; the bytes on the links stay the ring's."""
+    fits = {"all_gather__2": (5.0, 2.0), "reduce_scatter__2": (3.0, 1.0)}
+    hw = with_collectives(hardware(), **fits)
+    two = simulate(scenario("workload.mode=training", "parallel.tp=2"), hw)
+    msg = T * D * B
+    block = (5e-6 + msg / 2e9) + (3e-6 + msg / 1e9)
+    assert two.phases_s["tp_comm"] == pytest.approx(block, rel=1e-9)
+    assert two.backward_phases_s["tp_comm"] == pytest.approx(block, rel=1e-9)
+    assert two.bytes_per_gpu["by_kind"]["tp"]["scaleup"] == pytest.approx(2 * 2 * T * D * B)
+    # one of the two kinds missing: the links price the block, as without any fit
+    half = with_collectives(hardware(), all_gather__2=(5.0, 2.0))
+    spec = simulate(scenario("workload.mode=training", "parallel.tp=2"), half)
+    assert spec.phases_s["tp_comm"] == pytest.approx(2 * T * D * B / NVLINK)
 
 
 NO_OPT = ("workload.mode=training", "workload.optimizer_bytes_per_param=0")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from sim_builders import hardware, scenario
+from sim_builders import hardware, scenario, with_collectives
 
 from moesim.errors import ConfigError
 from moesim.simulate import simulate
@@ -253,20 +253,6 @@ def test_dualpipe_pairs_hide_one_micro_batch_all_to_all_under_the_other() -> Non
     assert ep_p < 0.8 * ep_s
 
 
-def _with_collectives(hw, **fits: tuple[float, float]):
-    """``hw`` with measured collectives ``{"all_reduce.2": (latency us, GB/s)}`` (flat lines)."""
-    from moesim.config.hardware import Calibration, CalibrationSource, CommFit, Curve
-
-    cal = Calibration(
-        source=CalibrationSource(results=[], device="by hand", created="2026-12-02"),
-        collectives={
-            k.replace("__", "."): CommFit(latency_us=lat, bandwidth_GBps=Curve(x=[1.0], y=[bw]))
-            for k, (lat, bw) in fits.items()
-        },
-    )
-    return hw.model_copy(update={"calibration": cal})
-
-
 def test_a_measured_all_reduce_prices_a_dp_group_inside_a_node() -> None:
     """dp=2 on one node, no distributed optimizer: each bucket part's all-reduce takes the
     measured fit's ``latency + buffer / bandwidth``; across two nodes the fit (measured
@@ -277,7 +263,7 @@ def test_a_measured_all_reduce_prices_a_dp_group_inside_a_node() -> None:
              "training.overlap_grad_reduce=false")  # fmt: skip
     fits = {"all_reduce__2": (50.0, 1.0)}
     res = simulate(scenario("cluster.gpus_per_node=2", *extra),
-                   _with_collectives(hardware(gpus_per_node=2), **fits))  # fmt: skip
+                   with_collectives(hardware(gpus_per_node=2), **fits))  # fmt: skip
     dense, expert = (LAYER_PARAMS - 3 * 64 * 128) * 4, 3 * 64 * 128 * 4  # fp32 buffers
     sync = 2 * 50e-6 + (dense + expert) / 1e9
     assert res.phases_s["grad_sync"] == pytest.approx(sync, rel=1e-9)
@@ -286,6 +272,6 @@ def test_a_measured_all_reduce_prices_a_dp_group_inside_a_node() -> None:
     assert res.bytes_per_gpu["by_kind"]["dp"]["scaleup"] == pytest.approx(dense + expert)
     two_nodes = ("cluster.nodes=2", "cluster.gpus_per_node=1", *extra)
     spec = simulate(scenario(*two_nodes), hardware(gpus_per_node=1))
-    fitted = simulate(scenario(*two_nodes), _with_collectives(hardware(gpus_per_node=1), **fits))
+    fitted = simulate(scenario(*two_nodes), with_collectives(hardware(gpus_per_node=1), **fits))
     assert fitted.phases_s["grad_sync"] == pytest.approx(spec.phases_s["grad_sync"], rel=1e-9)
     assert fitted.phases_s["grad_sync"] != pytest.approx(sync, rel=1e-3)

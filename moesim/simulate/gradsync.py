@@ -38,7 +38,6 @@ import numpy as np
 
 from moesim.config.base import DTYPE_BYTES
 from moesim.config.scenario import Scenario
-from moesim.costs.tables import curve_latency_s, curve_s
 from moesim.simulate.plan import Coflows, StepPlan, _dense_layer_params, _non_expert_params
 from moesim.simulate.program import Op, Program, _shift, collective, signal, wait
 from moesim.simulate.schedules import Pipeline, Task
@@ -229,9 +228,7 @@ class GradSync:
         X, P = self.plan.topo.num_groups, self.plan.topo.ep
         steps = np.tile([[g - 1.0, N - 1.0]], (X, 1))
         cf = self.plan.pricer.per_gpu(np.full((X, P), su), np.full((X, P), net), steps_XT=steps)
-        fit = self.plan.pricer.cost.collective_fit(kind, g) if N == 1 else None
-        if fit is not None and nbytes > 0:
-            total = float(curve_s(fit, nbytes))
-            cf = cf.timed(curve_latency_s(fit, nbytes), total)
+        if N == 1:
+            cf = self.plan.pricer.measured(cf, [(kind, g, nbytes)])
         self._coflows[group, nbytes, kind] = cf
         return cf

@@ -50,6 +50,7 @@ from numpy.typing import NDArray
 from moesim.config.base import DTYPE_BYTES
 from moesim.config.hardware import CommFit, HardwareProfile
 from moesim.config.scenario import Scenario
+from moesim.costs import tables
 from moesim.costs.curves import eval_curve
 from moesim.costs.model import CostModel
 from moesim.errors import lookup
@@ -261,6 +262,18 @@ class CommPricer:
         solo = (demand / self.topo.cap_L).max(-1)
         return Coflows(demand, latency, solo, sent)
 
+    def measured(self, cf: Coflows, parts: list[tuple[str, int, float]]) -> Coflows:
+        """``cf`` timed as the sum of measured collectives, each ``(kind, GPUs, message
+        bytes)`` (nccl-tests' size), when the profile has every one of them
+        (``calibration.collectives``, measured inside one node: call it for groups
+        inside a node only); otherwise ``cf`` as the links price it."""
+        fits = [(self.cost.collective_fit(kind, n), b) for kind, n, b in parts]
+        if not fits or any(f is None for f, _ in fits) or sum(b for _, b in fits) <= 0:
+            return cf
+        lat = sum(tables.curve_latency_s(f, b) for f, b in fits if f is not None)
+        total = sum(float(tables.curve_s(f, b)) for f, b in fits if f is not None)
+        return cf.timed(lat, total)
+
     def per_gpu(
         self,
         scaleup_B_XP: F64,
@@ -405,9 +418,13 @@ def layer_collectives(scn: Scenario, topo: Topology, pricer: CommPricer) -> dict
     out: dict[str, Coflows] = {}
     if p.tp > 1:
         block = collectives.tp_block_bytes(T, m.hidden_size, b, p.tp)
-        hops = 2 * (p.tp - 1)
-        out["tp"] = ring_coflow(pricer, topo, block, hops, p.tp <= gpn)
-        out["tp2"] = ring_coflow(pricer, topo, 2 * block, 2 * hops, p.tp <= gpn)
+        hops, intra = 2 * (p.tp - 1), p.tp <= gpn
+        # one block: an all-gather and a reduce-scatter of the T x D activations
+        ag_rs = [("all_gather", p.tp, T * m.hidden_size * b),
+                 ("reduce_scatter", p.tp, T * m.hidden_size * b)]  # fmt: skip
+        for name, n in (("tp", 1), ("tp2", 2)):
+            cf = ring_coflow(pricer, topo, n * block, n * hops, intra)
+            out[name] = pricer.measured(cf, n * ag_rs) if intra else cf
     if p.cp > 1 and m.dense is not None:
         intra = p.tp * p.cp <= gpn
         for name, bwd in (("cp", False), ("cp_bwd", True)):
