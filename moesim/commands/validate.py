@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from moesim.errors import UserError
+from moesim.measure.host import cpu_times, steal_fraction
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -184,7 +185,7 @@ def _run_ep(args: argparse.Namespace, worlds: list[int]) -> dict[str, Any]:
     all_cases: list[dict[str, Any]] = []
     for world in worlds:
         hw, profile = _profile(args, cases, world)
-        context = {"cores": usable_cores(), "loadavg_before": _load()}
+        context, cpu_before = {"cores": usable_cores(), "loadavg_before": _load()}, cpu_times()
         v = ep.validate_ep(
             world,
             hw,
@@ -197,6 +198,7 @@ def _run_ep(args: argparse.Namespace, worlds: list[int]) -> dict[str, Any]:
         result = v.to_dict()
         context |= {
             "loadavg_after": _load(),
+            "cpu_steal": steal_fraction(cpu_before, cpu_times()),
             "interference": v.interference,
             "memory_interference": v.memory_interference,
             "cores_kept_awake": v.cores_kept_awake,
@@ -267,9 +269,10 @@ def _run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
 
     case = pv.tiny_case() if args.tiny else pv.default_case()
     hw, profile = _profile(args, [case.layer_case(0)], 1)
-    context = {"cores": usable_cores(), "loadavg_before": _load()}
+    context, cpu_before = {"cores": usable_cores(), "loadavg_before": _load()}, cpu_times()
     v = pv.validate_pipeline(case, hw, profile=profile, steps=args.steps, warmup=args.warmup)
-    result = v.to_dict() | {"context": context | {"loadavg_after": _load()}}
+    after = {"loadavg_after": _load(), "cpu_steal": steal_fraction(cpu_before, cpu_times())}
+    result = v.to_dict() | {"context": context | after}
     _save(args.out / f"pipeline-{_stamp()}.json", result)
     if not args.json:
         from moesim.report.validate_tables import print_pipeline

@@ -30,6 +30,7 @@ from moesim.measure.ceilings import apply_ceilings
 from moesim.measure.distributed import under_torchrun
 from moesim.measure.grids import SUITES as SUITE_ORDER
 from moesim.measure.grids import Grid, check_grids, resolve_grids
+from moesim.measure.host import cpu_times, steal_fraction
 from moesim.measure.results import results_path, to_frame, write_results
 from moesim.measure.suites import SUITES, BenchContext, Case, Row, Suite
 from moesim.measure.suites.common import TORCH_DTYPES, device_name, failed_row, is_oom
@@ -233,6 +234,7 @@ class _Runner:
         self.passes = passes
         self.rows: list[Row] = []
         self.writer = is_writer()
+        self.cpu_before = cpu_times()
 
     def run(self, progress: Progress) -> Path:
         total = sum(len(c) * (1 if s.measure_many else self.passes) for s, c in self.plan)
@@ -283,6 +285,7 @@ class _Runner:
             wall_s=round(wall_s, 3),
             ceilings=ceilings,
             targets=target_figures(frame),
+            cpu_steal=steal_fraction(self.cpu_before, cpu_times()),  # hypervisor's share
         )
         if self.writer:
             write_results(frame, self.path, meta)

@@ -47,6 +47,10 @@ AXES: dict[str, dict[str, type]] = {
 #: ``scenarios/tiny-cpu.yaml`` (T = 512, D = 256, F = 512, E = 16, k = 2), so a
 #: held-out shape is priced from neighbours on both sides, and copies densely over
 #: the last-level-cache edge (16-64 MB moved) where the copy rate falls ~3x. The
+#: expert GEMMs are one rank's grouped call in that scenario: E / ep = 4 local experts
+#: (6 MiB of weights, inside the last-level cache as there) with 32-512 rows each
+#: (the scenario's 256 in the middle); 16 experts would put 25 MiB of weights on the
+#: cache edge, whose place moves from run to run on a shared host. The
 #: expensive einsum dispatch (``T x E x C`` masks) is left out: it never wins.
 #: Router kinds: those of the shipped scenarios (``sigmoid_topk`` also with
 #: DeepSeek-V3's selection bias and groups, see the gating suite).
@@ -68,10 +72,10 @@ _CPU_QUICK: dict[str, Grid] = {
         "strategies": ["sort", "index_add", "sort_padded", "sort_chunks"],
     },
     "experts": {
-        "T": [32, 64, 128, 256, 512],
+        "T": [64, 128, 256, 512, 1024],
         "D": [256],
         "F": [512],
-        "E": [16],
+        "E": [4],
         "K": [2],
         "skew": [0.0, 1.2],
     },

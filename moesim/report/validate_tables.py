@@ -124,7 +124,7 @@ def print_ep(result: dict[str, Any], world: int, *, profile: str, context: dict[
         f"together, priced per phase: GEMMs x{context.get('interference', 1.0):.2f}, "
         f"memory-bound ops x{context.get('memory_interference', 1.0):.2f}, time sharing "
         f"x{min(slow):.2f}..x{max(slow):.2f}; load average {_load(load[0])} before / "
-        f"{_load(load[1])} after the run"
+        f"{_load(load[1])} after the run{_steal(context)}"
     )
     console.print(spread_line(result))
     if context.get("cores_kept_awake"):
@@ -349,4 +349,13 @@ def print_pipeline(result: dict[str, Any]) -> None:
         con.print(
             f"host: {ctx.get('cores')} cores, load average {ctx.get('loadavg_before')} before, "
             f"{ctx.get('loadavg_after')} after (timings on a shared machine are noisy)"
+            f"{_steal(ctx)}"
         )
+
+
+def _steal(context: dict[str, Any]) -> str:
+    """``"; the hypervisor took 12% of ..."`` from a validation's context, or ""."""
+    from moesim.measure.host import steal_note
+
+    note = steal_note(context.get("cpu_steal"))
+    return f"; {note}" if note else ""
