@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from moesim.measure.host import CpuTimes, cpu_times, steal_fraction, steal_note
+from moesim.measure.host import CpuTimes, cpu_times, steal_fraction, steal_note, steal_since
 
 
 def _stat(tmp_path: Path, name: str, line: str) -> Path:
@@ -33,3 +33,11 @@ def test_unknown_or_idle_readings_say_nothing(tmp_path: Path) -> None:
     same = CpuTimes(total=10, steal=1)
     assert steal_fraction(same, same) is None and steal_fraction(None, same) is None
     assert steal_note(None) == "" and steal_note(0.004) == ""
+
+
+def test_steal_since_reads_the_machine_now() -> None:
+    before = cpu_times()
+    fraction = steal_since(before)
+    # on Linux a fraction in [0, 1] (None when no jiffy passed); None without /proc/stat
+    assert fraction is None or 0.0 <= fraction <= 1.0
+    assert steal_since(None) is None

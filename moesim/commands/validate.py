@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from moesim.errors import UserError
-from moesim.measure.host import cpu_times, steal_fraction
+from moesim.measure.host import cpu_times, steal_since
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -198,7 +198,7 @@ def _run_ep(args: argparse.Namespace, worlds: list[int]) -> dict[str, Any]:
         result = v.to_dict()
         context |= {
             "loadavg_after": _load(),
-            "cpu_steal": steal_fraction(cpu_before, cpu_times()),
+            "cpu_steal": steal_since(cpu_before),
             "interference": v.interference,
             "memory_interference": v.memory_interference,
             "cores_kept_awake": v.cores_kept_awake,
@@ -271,7 +271,7 @@ def _run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     hw, profile = _profile(args, [case.layer_case(0)], 1)
     context, cpu_before = {"cores": usable_cores(), "loadavg_before": _load()}, cpu_times()
     v = pv.validate_pipeline(case, hw, profile=profile, steps=args.steps, warmup=args.warmup)
-    after = {"loadavg_after": _load(), "cpu_steal": steal_fraction(cpu_before, cpu_times())}
+    after = {"loadavg_after": _load(), "cpu_steal": steal_since(cpu_before)}
     result = v.to_dict() | {"context": context | after}
     _save(args.out / f"pipeline-{_stamp()}.json", result)
     if not args.json:

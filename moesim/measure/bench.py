@@ -30,7 +30,7 @@ from moesim.measure.ceilings import apply_ceilings
 from moesim.measure.distributed import under_torchrun
 from moesim.measure.grids import SUITES as SUITE_ORDER
 from moesim.measure.grids import Grid, check_grids, resolve_grids
-from moesim.measure.host import cpu_times, steal_fraction
+from moesim.measure.host import cpu_times, steal_since
 from moesim.measure.results import results_path, to_frame, write_results
 from moesim.measure.suites import SUITES, BenchContext, Case, Row, Suite
 from moesim.measure.suites.common import TORCH_DTYPES, device_name, failed_row, is_oom
@@ -285,7 +285,7 @@ class _Runner:
             wall_s=round(wall_s, 3),
             ceilings=ceilings,
             targets=target_figures(frame),
-            cpu_steal=steal_fraction(self.cpu_before, cpu_times()),  # hypervisor's share
+            cpu_steal=steal_since(self.cpu_before),  # hypervisor's share
         )
         if self.writer:
             write_results(frame, self.path, meta)

@@ -43,8 +43,13 @@ def steal_fraction(before: CpuTimes | None, after: CpuTimes | None) -> float | N
     return (after.steal - before.steal) / (after.total - before.total)
 
 
+def steal_since(before: CpuTimes | None) -> float | None:
+    """:func:`steal_fraction` from ``before`` to now."""
+    return steal_fraction(before, cpu_times())
+
+
 def steal_note(fraction: float | None) -> str:
-    """``"the hypervisor took 12 % of the CPU time (timings are noisy)"``, or "" below 1 %."""
+    """``"the hypervisor took 12% of this machine's CPU time (...)"``, or "" below 1 %."""
     if fraction is None or fraction < 0.01:
         return ""
     return f"the hypervisor took {fraction:.0%} of this machine's CPU time (timings are noisy)"
