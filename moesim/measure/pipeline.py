@@ -3,7 +3,9 @@
 ``stages x dp`` ranks (rank ``r`` = replica ``r // stages``, stage ``r % stages``).
 Each stage holds ``layers_per_stage`` MoE layers (router, permute, SwiGLU experts,
 unpermute: the kernels of :mod:`moesim.kernels`, fp32, every expert on the rank:
-EP = 1). One step runs ``micro_batches`` micro-batches of ``tokens`` tokens per
+EP = 1). The first stage's inputs require grad, as an embedding's output does, so
+its backward computes the input gradients as every other stage's does (and as
+the simulator prices every stage). One step runs ``micro_batches`` micro-batches of ``tokens`` tokens per
 replica through the stages in the 1F1B order of Megatron-Core
 (``forward_backward_pipelining_without_interleaving``): stage ``s`` runs
 ``stages - s - 1`` warm-up forwards, then one forward and one backward in turn,
@@ -293,8 +295,8 @@ class _StageRunner:
             sends.clear()
 
     def _forward(self, i: int, log: StepLog, sends: list, losses: list[float]):
-        if self.first:
-            x = self.inputs[i]
+        if self.first:  # as an embedding's output: the first stage computes its input's
+            x = self.inputs[i].requires_grad_(True)  # gradient too, as every stage does
         else:
             x = self._recv("F", i, self.rank - 1, log).requires_grad_(True)
         self._drain(sends)
