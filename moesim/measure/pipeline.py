@@ -5,8 +5,8 @@ Each stage holds ``layers_per_stage`` MoE layers (router, permute, SwiGLU expert
 unpermute: the kernels of :mod:`moesim.kernels`, fp32, every expert on the rank:
 EP = 1). The first stage's inputs require grad, as an embedding's output does, so
 its backward computes the input gradients as every other stage's does (and as
-the simulator prices every stage). One step runs ``micro_batches`` micro-batches of ``tokens`` tokens per
-replica through the stages in the 1F1B order of Megatron-Core
+the simulator prices every stage). One step runs ``micro_batches`` micro-batches
+of ``tokens`` tokens per replica through the stages in the 1F1B order of Megatron-Core
 (``forward_backward_pipelining_without_interleaving``): stage ``s`` runs
 ``stages - s - 1`` warm-up forwards, then one forward and one backward in turn,
 then the remaining backwards. Activations go forward and their gradients back
