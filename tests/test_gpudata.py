@@ -175,6 +175,122 @@ def test_experts_s_prices_activation_bytes() -> None:
     assert got == pytest.approx(0.6e-6 + flops_s, rel=1e-9)
 
 
+def _tile_bw(tiles: np.ndarray) -> np.ndarray:
+    """Known weight bandwidth (GB/s) by the call's tiles: 1.2 TB/s at 20 tiles rising
+    as tiles^0.25 to the 4 TB/s HBM figure (reached at ~2,500 tiles)."""
+    return np.minimum(1200.0 * (tiles / 20.0) ** 0.25, 4000.0)
+
+
+def _tiled_rows(n: int, seed: int = 2) -> tuple[gpu.ExpertRows, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    active = rng.integers(1, 65, n).astype(float)
+    tok = np.exp(rng.uniform(0, np.log(2000), n))
+    pick = rng.integers(0, 3, n)
+    D = np.choose(pick, [4096.0, 7168.0, 2048.0])
+    F = np.choose(pick, [1536.0, 2048.0, 512.0])
+    tiles_e = np.ceil(tok / 128) * (2 * F + D) / 128
+    x = gpu.ExpertRows(
+        active=active,
+        tokens_e=tok,
+        flops_e=6 * tok * D * F,
+        wbytes_e=3 * D * F * 2.0,
+        scan=active * tok * D,
+        act_e=tok * 2 * (D + F) * 2,
+        tiles_e=tiles_e,
+    )
+    per = 1e-6 + x.act_e * 0.3e-12 + x.flops_e / 700e12
+    weights = active * x.wbytes_e / (_tile_bw(active * tiles_e) * 1e9)
+    return x, 20e-6 + 3e-12 * x.scan + active * per + weights
+
+
+def test_experts_line_recovers_weight_bandwidth_by_tiles() -> None:
+    """Weights stream at a known bandwidth that grows with the call's tiles: the fitted
+    curve follows it (never above HBM, never falling with more tiles) and the other
+    terms come back."""
+    x, t = _tiled_rows(1200)
+    g = gpu.fit_experts_line(x, t, hbm_GBps=4000.0)
+    assert g.weight_GBps_by_tiles is not None
+    bw = g.weight_GBps_by_tiles
+    assert max(bw.y) <= 4000.0 * 1.0001
+    assert np.all(np.diff(bw.y) >= -1e-6 * max(bw.y))
+    for tiles in (100.0, 400.0, 5000.0):
+        got = float(np.interp(np.log(tiles), np.log(bw.x), bw.y))
+        assert got == pytest.approx(float(_tile_bw(np.array(tiles))), rel=0.1), tiles
+    assert g.latency_us == pytest.approx(20.0, rel=0.1)
+    assert g.scan_ps == pytest.approx(3.0, rel=0.1)
+    assert g.activation_ps == pytest.approx(0.3, abs=0.05)
+    assert np.median(g.tflops.y) == pytest.approx(700.0, rel=0.1)
+    assert g.weight_GBps == pytest.approx(bw.y[-1])
+
+
+def test_experts_s_prices_weights_at_the_calls_tile_bandwidth() -> None:
+    """Hand-computed: 2 experts of 100 rows, D=1024, F=512 in bf16: each has
+    ceil(100/128) (2*512 + 1024)/128 = 16 tiles, the call 32; the curve gives
+    1000 GB/s at 32 tiles (halfway in log between 500 at 16 and 1500 at 64), so
+    2 x 3*1024*512*2 B = 6.29 MB take 6.291456 us."""
+    fit = GemmFit(
+        latency_us=0.0,
+        tflops=Curve(x=[1.0], y=[1e9]),
+        tflops_by="tokens",
+        weight_GBps=2000.0,
+        weight_GBps_by_tiles=Curve(x=[16.0, 64.0], y=[500.0, 1500.0]),
+    )
+    base = load_hardware("h200-sxm-spec")
+    cm = CostModel(
+        base.model_copy(update={"calibration": Calibration(source=SRC, gemm={"bf16": fit})})
+    )
+    flops_s = 2 * 6 * 100 * 1024 * 512 / 1e21
+    got = float(cm.experts_s([100.0, 100.0, 0.0], 1024, 512, "bf16"))
+    assert got == pytest.approx(2 * 3 * 1024 * 512 * 2 / 1000e9 + flops_s, rel=1e-9)
+
+
+def _ep_table(slow: dict[int, float]) -> pd.DataFrame:
+    """Balanced rows of one shape (64 experts) at EP 1..16: latency + work / EP, the
+    configurations in ``slow`` multiplied by their factor."""
+    rows = []
+    for ep in (1, 2, 4, 8, 16):
+        for T in (1, 16, 128, 1024, 4096):
+            t = (20e-6 + 1e-7 * T + 2e-3 / ep * min(1.0, T * 8 / 64)) * slow.get(ep, 1.0)
+            rows.append({"T": T, "D": 4096, "F": 1024, "E": 64, "K": 8, "world": ep, "median_s": t})
+    return pd.DataFrame(rows)
+
+
+def test_ep_rule_flags_configurations_slower_than_a_superset_of_their_work() -> None:
+    """EP 4 at 3x its time is slower than EP 2 (whose rank holds twice its experts and
+    rows) and is flagged, all its token counts; EP 8 at 1.05x (noise) is not."""
+    rows = _ep_table({4: 3.0, 8: 1.05})
+    mask, note = gpu.flag_ep_slower_than_subset(rows, "experts.bf16")
+    assert set(rows[mask]["world"]) == {4}
+    assert mask.sum() == 5
+    assert "1 of 5 (shape, EP) configurations (5 of 25 rows)" in note
+    assert "D4096 F1024 E64 K8 EP4" in note
+    clean, none = gpu.flag_ep_slower_than_subset(_ep_table({}))
+    assert not clean.any() and none == ""
+
+
+def test_fit_all_neither_fits_nor_scores_flagged_rows_and_says_so() -> None:
+    """A fused-MoE configuration the rule flags is left out of the fit and the family's
+    error, and a note names it with the held-out error of all rows; with the rule off
+    every row is fitted."""
+    shapes = [(2048, 512), (4096, 1024), (3072, 768), (6144, 2048), (5120, 1536)]
+    parts = []
+    for D, F in shapes:
+        r = _ep_table({4: 3.0} if D == 4096 else {})
+        r["D"], r["F"] = D, F
+        r["median_s"] *= D * F / (4096 * 1024)
+        parts.append(r)
+    df = pd.concat(parts, ignore_index=True).assign(
+        suite="moe", op="moe", strategy="trtllm", dtype="bf16", split="balanced", msg_bytes=0.0
+    )
+    base = load_hardware("h200-sxm-spec")
+    fit = gpu.fit_all(df, base, SRC)
+    assert fit.rows["experts.bf16"] == len(df) - 5
+    assert fit.errors["experts.bf16"].n == len(df) - 5
+    assert any("D4096 F1024 E64 K8 EP4" in n and "of all rows" in n for n in fit.notes)
+    off = gpu.fit_all(df, base, SRC, flag_rows=False)
+    assert off.rows["experts.bf16"] == len(df) and not off.notes
+
+
 def test_collective_regimes_recover_known_protocol_lines() -> None:
     """Three NCCL-like protocol lines (LL, LL128, Simple), the faster one measured at
     each size: latencies, bandwidths and the hand-overs come back."""

@@ -13,9 +13,14 @@ simulator computes. Folds hold out whole shapes or configurations
   token counts ``m + 1`` included, though the grid holds powers of two only).
 * ``experts.<dtype>``: the fused MoE op (expand, gate/up GEMM, SwiGLU, down
   GEMM, finalize) on balanced loads: ``latency + scan + sum_active_experts
-  (per_expert + weights / weight_bw + activation bytes x activation_ps +
-  flops_e / tflops(tokens_e))`` (:func:`fit_experts_line`). Folds: whole model
-  shapes ``(D, F, E, K)``, every token count and EP size.
+  (per_expert + activation bytes x activation_ps + flops_e / tflops(tokens_e))
+  + weights / weight_bw(tiles)``, the weight bandwidth a non-decreasing curve
+  over the output tiles the call streams in parallel, at most the HBM figure
+  (:func:`fit_experts_line`). Before fitting, configurations slower than the
+  same shape at a smaller EP (a rank holding a superset of their work) are
+  flagged, neither fitted nor scored, and named in a note
+  (:func:`flag_ep_slower_than_subset`). Folds: whole model shapes
+  ``(D, F, E, K)``, every token count and EP size.
 * ``collective.<kind>.<gpus>``: NCCL ``latency + bytes / bw(bytes)``. Folds:
   whole message sizes (both dtypes), stratified over the range.
 * ``deepep.ll.<op>`` / ``deepep.normal.<op>.sms<N>``: ``latency + bytes /
@@ -94,6 +99,8 @@ class GpuFamily:
     fit: Callable[[pd.DataFrame], GpuParts]
     predict: Callable[[CostModel, pd.DataFrame], F64]
     shape: tuple[str, ...]  # columns whose distinct values are one held-out configuration
+    # rows a stated physical rule flags before fitting (not fitted, not scored): mask, note
+    flag: Callable[[pd.DataFrame], tuple[NDArray[np.bool_], str]] | None = None
 
 
 def _g(v: float) -> float:
@@ -219,7 +226,9 @@ class ExpertRows:
 
     ``active``: active experts of the rank; ``tokens_e``: rows per active expert;
     ``flops_e``, ``wbytes_e``, ``act_e``: FLOPs, weight bytes and activation bytes
-    of one active expert; ``scan``: routed rows x hidden the kernel scans.
+    of one active expert; ``scan``: routed rows x hidden the kernel scans;
+    ``tiles_e``: output tiles of one active expert (``work.expert_weight_tiles``;
+    None: the weights stream at one bandwidth).
     """
 
     active: F64
@@ -228,6 +237,12 @@ class ExpertRows:
     wbytes_e: F64
     scan: F64
     act_e: F64
+    tiles_e: F64 | None = None
+
+
+#: weight-bandwidth knots per decade of the call's weight tiles, and their smoothing
+TILE_KNOTS_PER_DECADE = 2
+TILE_SMOOTH = 0.3
 
 
 def fit_experts_line(
@@ -237,15 +252,18 @@ def fit_experts_line(
     peak_tflops: float | None = None,
     hbm_GBps: float | None = None,
 ) -> GemmFit:
-    """``t = lat + scan_ps scan + active (per + wbytes_e / weight_bw + act_e act_ps
-    + flops_e / tflops(tokens_e))``.
+    """``t = lat + scan_ps scan + active (per + act_e act_ps + flops_e / tflops(tokens_e))
+    + active wbytes_e / weight_bw(tiles)``.
 
     Robust least squares on ``log t``. Every active expert of a balanced row has
     the same load, so a row is one item counted ``active`` times. The rate
     curve is read at the tokens per expert (tile and wave utilisation), the
     weight term prices the weight-bound decode regime, the activation term the
     bytes each row moves (it grows with ``D + F`` where the FLOPs grow with
-    ``D F``, so small shapes pay more of it). Knots: two per decade. The
+    ``D F``, so small shapes pay more of it). The weight bandwidth is a curve
+    over the call's output tiles ``tiles = active tiles_e`` (the CTAs streaming
+    weights at once; a call of few tiles leaves HBM idle), two knots per decade,
+    or one figure where ``x.tiles_e`` is None. Rate knots: two per decade. The
     silicon bounds the fit: ``peak_tflops`` (the dtype's dense peak) caps the
     rate curve and ``hbm_GBps`` the weight bandwidth (without them the other
     terms can trade time with these and push them past the hardware).
@@ -257,32 +275,92 @@ def fit_experts_line(
     knots = np.unique([float(f"{v:.6g}") for v in knot_positions(x.tokens_e, 24)])
     W = interp_matrix(np.maximum(x.tokens_e, knots[0]), knots)
     rough = np.diff(np.eye(knots.size), 2, axis=0) * 0.1
-    n = 5  # lat_us, per_us, weight ps/B, scan ps, activation ps/B; then log rate knots
+    # lat_us, per_us, weight ps/B (one bandwidth; idle with the tile curve), scan ps,
+    # activation ps/B; then log rate knots; then the bandwidth's drops below HBM per tile knot
+    n = 5
+    nk = knots.size
+    wbytes = x.active * x.wbytes_e
+    if x.tiles_e is not None:
+        tiles = np.maximum(x.active * x.tiles_e, 1.0)
+        lo_t, hi_t = float(tiles.min()), float(tiles.max())
+        count = int(np.ceil(TILE_KNOTS_PER_DECADE * np.log10(hi_t / lo_t) - 1e-9)) + 1
+        tknots = np.unique([float(f"{v:.6g}") for v in np.geomspace(lo_t, hi_t, max(count, 2))])
+        Wt = interp_matrix(tiles, tknots)
+    else:
+        tknots, Wt = np.zeros(0), np.zeros((t.size, 0))
+    nt = tknots.size
+    rough_t = np.diff(np.eye(nt), 2, axis=0) * TILE_SMOOTH if nt > 2 else np.zeros((0, nt))
+
+    bw_top = hbm_GBps if hbm_GBps else 2e4
+
+    def log_bw(p: F64) -> F64:
+        """Log GB/s at the tile knots: the top, less the drops above each knot (>= 0),
+        so the bandwidth never falls with more tiles and never passes the HBM figure."""
+        return np.log(bw_top) - np.cumsum(p[n + nk :][::-1])[::-1]
 
     def pred(p: F64) -> F64:
-        rate = (W @ np.exp(p[n:])) * 1e12
-        per = p[1] * 1e-6 + (x.wbytes_e * p[2] + x.act_e * p[4]) * 1e-12 + x.flops_e / rate
-        return p[0] * 1e-6 + x.scan * p[3] * 1e-12 + x.active * per
+        rate = (W @ np.exp(p[n : n + nk])) * 1e12
+        per = p[1] * 1e-6 + x.act_e * p[4] * 1e-12 + x.flops_e / rate
+        w_s = wbytes / ((Wt @ np.exp(log_bw(p))) * 1e9) if nt else wbytes * p[2] * 1e-12
+        return p[0] * 1e-6 + x.scan * p[3] * 1e-12 + x.active * per + w_s
 
     def resid(p: F64) -> F64:
-        return np.r_[np.log(np.maximum(pred(p), 1e-30) / t), rough @ p[n:]]
+        r = np.log(np.maximum(pred(p), 1e-30) / t)
+        return np.r_[r, rough @ p[n : n + nk], rough_t @ log_bw(p)]
+
+    upper = np.triu(np.ones((nt, nt)))  # d log_bw[k] / d drop[j] = -1 for k <= j
+
+    def jac(p: F64) -> F64:
+        """Analytic Jacobian of :func:`resid` (finite differences cost a residual per
+        parameter per step)."""
+        pr = np.maximum(pred(p), 1e-30)
+        ey = np.exp(p[n : n + nk])
+        rate = (W @ ey) * 1e12
+        d_rate = -(x.active * x.flops_e / rate**2)[:, None] * W * (ey * 1e12)[None, :]
+        top = [np.full(t.size, 1e-6), x.active * 1e-6, np.zeros(t.size), x.scan * 1e-12]
+        top += [x.active * x.act_e * 1e-12]
+        if nt:
+            eb = np.exp(log_bw(p))
+            bw = (Wt @ eb) * 1e9
+            d_bw = (wbytes / bw**2 * 1e9)[:, None] * ((Wt * eb[None, :]) @ upper)
+        else:
+            top[2] = wbytes * 1e-12
+            d_bw = np.zeros((t.size, 0))
+        J = np.column_stack([*top, d_rate, d_bw]) / pr[:, None]
+        J_rate = np.column_stack(
+            [np.zeros((rough.shape[0], n)), rough, np.zeros((rough.shape[0], nt))]
+        )
+        J_bw = np.column_stack([np.zeros((rough_t.shape[0], n + nk)), -rough_t @ upper])
+        return np.vstack([J, J_rate, J_bw])
 
     tmin = float(np.min(t)) * 1e6
-    x0 = np.r_[tmin * 0.3, 0.5, 1e12 / 3e12, 0.1, 0.0, np.full(knots.size, np.log(300.0))]
-    w_lo = 1e3 / hbm_GBps if hbm_GBps else 1e12 / 2e13
-    lo = np.r_[0.0, 0.0, w_lo, 0.0, 0.0, np.full(knots.size, -12.0)]
+    x0 = np.r_[
+        tmin * 0.3, 0.5, 1e12 / 3e12, 0.1, 0.0, np.full(nk, np.log(300.0)),
+        np.full(nt, 0.1),
+    ]  # fmt: skip
+    w_lo = 1e3 / bw_top
+    lo = np.r_[0.0, 0.0, w_lo, 0.0, 0.0, np.full(nk, -12.0), np.zeros(nt)]  # drops >= 0
     top = np.log(peak_tflops) if peak_tflops else 12.0
-    hi = np.r_[tmin, 1e3, 1e12 / 1e10, 1e3, 1e3, np.full(knots.size, top)]
+    hi = np.r_[
+        tmin, 1e3, 1e12 / 1e10, 1e3, 1e3, np.full(nk, top), np.full(nt, 10.0)
+    ]  # fmt: skip
     sol = least_squares(
-        resid, np.clip(x0, lo, hi * 0.999), bounds=(lo, hi), loss="soft_l1", f_scale=noise
+        resid,
+        np.clip(x0, lo, hi * 0.999),
+        jac=jac,
+        bounds=(lo, hi),
+        loss="soft_l1",
+        f_scale=noise,
     )
     p = sol.x
+    bw_y = [_g(v) for v in np.exp(log_bw(p))] if nt else []
     return GemmFit(
         scan_ps=_g(p[3]),
         latency_us=_g(p[0]),
         per_expert_us=_g(p[1]),
-        tflops=Curve(x=list(knots), y=[_g(v) for v in np.exp(p[n:])]),
-        weight_GBps=_g(1e3 / p[2]),
+        tflops=Curve(x=list(knots), y=[_g(v) for v in np.exp(p[n : n + nk])]),
+        weight_GBps=bw_y[-1] if nt else _g(1e3 / p[2]),
+        weight_GBps_by_tiles=Curve(x=list(tknots), y=bw_y) if nt else None,
         tflops_by="tokens",
         activation_ps=_g(p[4]),
     )
@@ -301,7 +379,63 @@ def expert_rows(rows: pd.DataFrame, dtype: str) -> ExpertRows:
         wbytes_e=3.0 * D * F * DTYPE_BYTES[dtype],
         scan=T * K * D,
         act_e=work.expert_activation_bytes(per, D, F),
+        tiles_e=work.expert_weight_tiles(per, D, F),
     )
+
+
+#: a fused-MoE configuration is flagged when it is slower than the same shape at a
+#: smaller EP by more than this factor: 1 + three times the tables' noise scale
+EP_SUBSET_TOLERANCE = 1.0 + 3.0 * TABLE_NOISE
+MOE_SHAPE = ("D", "F", "E", "K")
+
+
+def ep_subset_ratios(rows: pd.DataFrame) -> pd.Series:
+    """Per (D, F, E, K, EP): median over token counts of ``t / min t`` at smaller EPs.
+
+    A rank at EP ``q`` of a balanced load holds a subset of the experts and
+    receives a subset of the rows of a rank at any EP ``p < q`` for the same
+    tokens, so its fused-MoE call cannot take longer (the fixed costs are the
+    same). The smallest EP of each shape has no ratio.
+    """
+    out: dict[tuple[int, ...], float] = {}
+    for key, g in rows.groupby(list(MOE_SHAPE)):
+        piv = g.pivot_table(index="T", columns="world", values="median_s", aggfunc="min")
+        eps = sorted(piv.columns)
+        for i, ep in enumerate(eps[1:], 1):
+            r = (piv[ep] / piv[eps[:i]].min(axis=1)).dropna()
+            if len(r):
+                out[(*(int(v) for v in key), int(ep))] = float(np.median(r))
+    idx = pd.MultiIndex.from_tuples(list(out), names=[*MOE_SHAPE, "world"]) if out else None
+    return pd.Series(list(out.values()), index=idx, dtype=np.float64)
+
+
+def flag_ep_slower_than_subset(
+    rows: pd.DataFrame, family: str = "experts", tolerance: float = EP_SUBSET_TOLERANCE
+) -> tuple[NDArray[np.bool_], str]:
+    """Rows of the configurations :func:`ep_subset_ratios` puts above ``tolerance``.
+
+    Such a time is not the cost of the rank's work (a rank with more of the same
+    work ran faster) but the kernel's tactic at that one configuration in the
+    collection run (the same shapes scale smoothly with EP in the other
+    frameworks' tables, and each GPU has different ones). Returns the mask
+    and a note naming every flagged configuration with its ratio.
+    """
+    ratios = ep_subset_ratios(rows)
+    bad = ratios[ratios > tolerance]
+    if bad.empty:
+        return np.zeros(len(rows), dtype=bool), ""
+    keys = set(bad.index)
+    cols = [*MOE_SHAPE, "world"]
+    mask = np.array([tuple(int(v) for v in r) in keys for r in rows[cols].to_numpy()])
+    configs = rows[cols].drop_duplicates()
+    named = ", ".join(f"D{d} F{f} E{e} K{k} EP{w} ({r:.2f}x)" for (d, f, e, k, w), r in bad.items())
+    note = (
+        f"{family}: {len(bad)} of {len(configs)} (shape, EP) configurations "
+        f"({int(mask.sum())} of {len(rows)} rows) flagged and not fitted: slower than the "
+        f"same shape at a smaller EP, whose rank holds a superset of the work (median over "
+        f"tokens of t / least t at a smaller EP > {tolerance:.2f}): {named}"
+    )
+    return mask, note
 
 
 def _experts_family(dtype: str, peak: float | None = None, hbm: float | None = None) -> GpuFamily:
@@ -329,7 +463,10 @@ def _experts_family(dtype: str, peak: float | None = None, hbm: float | None = N
             ]
         )
 
-    return GpuFamily(f"experts.{dtype}", _moe_rows(dtype), fit, predict, ("D", "F", "E", "K"))
+    def flag(rows: pd.DataFrame) -> tuple[NDArray[np.bool_], str]:
+        return flag_ep_slower_than_subset(rows, f"experts.{dtype}")
+
+    return GpuFamily(f"experts.{dtype}", _moe_rows(dtype), fit, predict, MOE_SHAPE, flag)
 
 
 # -- collectives ------------------------------------------------------------------------
@@ -481,14 +618,22 @@ def cost_model(base: HardwareProfile, parts: GpuParts, source: CalibrationSource
 
 
 def heldout(
-    fam: GpuFamily, rows: pd.DataFrame, base: HardwareProfile, source: CalibrationSource
+    fam: GpuFamily,
+    rows: pd.DataFrame,
+    base: HardwareProfile,
+    source: CalibrationSource,
+    keep: NDArray[np.bool_] | None = None,
 ) -> F64:
-    """Seconds predicted for each row by a fit on the other folds (whole shapes held out)."""
+    """Seconds predicted for each row by a fit on the other folds (whole shapes held out).
+
+    ``keep``: the rows a fit may use (flagged rows are predicted, never fitted).
+    """
     ids = shape_folds(rows, fam.shape)
+    use = np.ones(len(rows), dtype=bool) if keep is None else keep
     pred = np.full(len(rows), np.nan)
     for f in np.unique(ids):
         test = ids == f
-        train = rows[~test].reset_index(drop=True)
+        train = rows[~test & use].reset_index(drop=True)
         if len(train) < 2:
             continue
         cm = cost_model(base, fam.fit(train), source)
@@ -511,6 +656,7 @@ class GpuFit:
     parts: GpuParts = field(default_factory=GpuParts)
     errors: dict[str, FamilyError] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # rows a family's rule flagged, and why
 
 
 def fit_all(
@@ -521,11 +667,15 @@ def fit_all(
     exclude: Callable[[str, pd.DataFrame], pd.DataFrame] | None = None,
     *,
     crossval: bool = True,
+    flag_rows: bool = True,
 ) -> GpuFit:
     """Fit and cross-validate every GPU family ``df`` supports.
 
     ``exclude(family, rows)`` may drop rows before fitting (the validation holds
-    configurations out of the whole fit this way).
+    configurations out of the whole fit this way). A family's physical rule
+    (:attr:`GpuFamily.flag`, unless ``flag_rows`` is False) flags rows before
+    fitting: they are neither fitted nor in the family's error, and a note names
+    them with the held-out error of the flagged rows and of all rows.
     """
     out = GpuFit()
     df = df[[c for c in FIT_COLUMNS if c in df.columns]]
@@ -535,13 +685,27 @@ def fit_all(
         rows = fam.rows(df)
         if exclude is not None:
             rows = exclude(fam.name, rows).reset_index(drop=True)
-        if len(rows) < 2:
+        keep = np.ones(len(rows), dtype=bool)
+        note = ""
+        if flag_rows and fam.flag is not None and len(rows):
+            flagged, note = fam.flag(rows)
+            keep = ~flagged
+        if keep.sum() < 2:
             continue
-        out.parts.update(fam.fit(rows))
+        out.parts.update(fam.fit(rows[keep].reset_index(drop=True)))
         if crossval:
-            pred = heldout(fam, rows, base, source)
-            out.errors[fam.name] = error(pred, rows["median_s"].to_numpy(dtype=np.float64))
-        out.rows[fam.name] = len(rows)
+            pred = heldout(fam, rows, base, source, keep)
+            meas = rows["median_s"].to_numpy(dtype=np.float64)
+            out.errors[fam.name] = error(pred[keep], meas[keep])
+            if note:
+                flagged_err, all_err = error(pred[~keep], meas[~keep]), error(pred, meas)
+                note += (
+                    f"; held-out MAPE of the flagged rows {flagged_err.mape:.1%}, "
+                    f"of all rows {all_err.mape:.1%}"
+                )
+        if note:
+            out.notes.append(note)
+        out.rows[fam.name] = int(keep.sum())
     return out
 
 

@@ -80,6 +80,7 @@ def calibrate(
         fitted.add(fam, df, base, source, forced.get(fam.name))
     measured = _gpu_tables(df, base, source, progress)  # imported GPU tables (moesim import)
     fitted.errors.update(measured.errors)
+    fitted.notes.extend(measured.notes)
     fallbacks = _fallbacks(fitted.missing, strict and not measured.errors, files)
     if measured.errors:
         fallbacks = [

@@ -119,6 +119,9 @@ class GemmFit(Frozen):
     # measured GPU tables: each active expert also streams its weights at weight_GBps,
     # and the rate curve is read at the expert's tokens (``tflops_by: tokens``)
     weight_GBps: float | None = Field(default=None, gt=0)
+    # ... or, where measured, at a bandwidth that grows with the weight tiles the call
+    # streams in parallel (x = work.expert_weight_tiles summed over active experts)
+    weight_GBps_by_tiles: Curve | None = None
     tflops_by: Literal["flops", "tokens"] = "flops"
     scan_ps: float = Field(default=0.0, ge=0)  # ps per (routed row x hidden) the kernel scans
     # ps per activation byte an expert's rows move (work.expert_activation_bytes)

@@ -125,7 +125,9 @@ class CostModel:
         rows the kernel expands and finalizes (default: its own rows; a fused
         MoE fed every token of the group, as after an all-gather, scans ``T*K``),
         priced by a measured fit's ``scan_ps``; a measured fit's ``activation_ps``
-        prices the bytes each expert's rows move (``work.expert_activation_bytes``).
+        prices the bytes each expert's rows move (``work.expert_activation_bytes``),
+        and its ``weight_GBps_by_tiles`` the bandwidth the call's weights stream at,
+        read at the output tiles of all its active experts (``work.expert_weight_tiles``).
         """
         m = np.asarray(tokens_XE, dtype=np.float64)
         flops = work.expert_flops(m, D, F)
@@ -146,12 +148,19 @@ class CostModel:
             eval_curve(fit.tflops, np.maximum(x, 1e-3 if fit.tflops_by == "tokens" else 1.0)) * 1e12
         )
         fixed = fit.per_expert_us * 1e-6
-        if fit.weight_GBps is not None:  # weights streamed once per active expert
-            fixed = fixed + 3.0 * D * F * DTYPE_BYTES[dtype] / (fit.weight_GBps * 1e9)
+        wbytes = 3.0 * D * F * DTYPE_BYTES[dtype]
+        curve = fit.weight_GBps_by_tiles
+        if curve is None and fit.weight_GBps is not None:  # weights once per active expert
+            fixed = fixed + wbytes / (fit.weight_GBps * 1e9)
         per = fixed + flops / tflops
         if fit.activation_ps:  # the rows' activations through memory
             per = per + work.expert_activation_bytes(m, D, F) * fit.activation_ps * 1e-12
         out = fit.latency_us * 1e-6 + np.where(m > 0, per, 0.0).sum(axis=-1)
+        if curve is not None:  # the call's weights at the bandwidth its tiles reach
+            tiles = work.expert_weight_tiles(m, D, F).sum(axis=-1)
+            active = (m > 0).sum(axis=-1)
+            bw = eval_curve(curve, np.maximum(tiles, 1.0)) * 1e9
+            out = out + active * wbytes / bw
         if fit.scan_ps:
             rows = (
                 m.sum(axis=-1)

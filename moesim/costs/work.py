@@ -60,6 +60,25 @@ def expert_activation_bytes(
     return t * 2.0 * (np.asarray(D, dtype=np.float64) + np.asarray(F, dtype=np.float64)) * 2.0
 
 
+#: rows and columns of one output tile of the fused-MoE GEMMs (the tile a CTA computes)
+WEIGHT_TILE = 128
+
+
+def expert_weight_tiles(
+    tokens: ArrayLike, D: int | ArrayLike, F: int | ArrayLike
+) -> NDArray[np.float64]:
+    """Output tiles one expert's GEMMs on ``tokens`` rows split into (zero without rows).
+
+    Gate/up (``2F`` columns) and down (``D`` columns) in :data:`WEIGHT_TILE`-wide
+    column tiles, times ``ceil(tokens / WEIGHT_TILE)`` row tiles: the CTAs that
+    stream the expert's weights in parallel. A call with few tiles cannot keep
+    every SM's loads in flight, so its weights stream below the HBM bandwidth.
+    """
+    t = np.asarray(tokens, dtype=np.float64)
+    cols = (2.0 * np.asarray(F, dtype=np.float64) + np.asarray(D, dtype=np.float64)) / WEIGHT_TILE
+    return np.where(t > 0, np.ceil(t / WEIGHT_TILE - 1e-9) * cols, 0.0)
+
+
 def expert_bytes(
     tokens: ArrayLike, D: int, F: int, b: float, swiglu: bool = True
 ) -> NDArray[np.float64]:
