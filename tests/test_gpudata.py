@@ -286,6 +286,8 @@ def test_fit_all_neither_fits_nor_scores_flagged_rows_and_says_so() -> None:
     fit = gpu.fit_all(df, base, SRC)
     assert fit.rows["experts.bf16"] == len(df) - 5
     assert fit.errors["experts.bf16"].n == len(df) - 5
+    err = fit.errors["experts.bf16"]
+    assert err.flagged == 5 and err.mape_all is not None and err.mape_all > err.mape
     assert any("D4096 F1024 E64 K8 EP4" in n and "of all rows" in n for n in fit.notes)
     off = gpu.fit_all(df, base, SRC, flag_rows=False)
     assert off.rows["experts.bf16"] == len(df) and not off.notes

@@ -703,6 +703,9 @@ def fit_all(
                     f"; held-out MAPE of the flagged rows {flagged_err.mape:.1%}, "
                     f"of all rows {all_err.mape:.1%}"
                 )
+                out.errors[fam.name] = out.errors[fam.name].model_copy(
+                    update={"flagged": int((~keep).sum()), "mape_all": all_err.mape}
+                )
         if note:
             out.notes.append(note)
         out.rows[fam.name] = int(keep.sum())

@@ -199,6 +199,10 @@ class FamilyError(Frozen):
     mape: float = Field(ge=0)
     max_ape: float = Field(ge=0)
     n: int = Field(ge=0)
+    # rows a family's stated physical rule flagged (neither fitted nor in mape), and
+    # the held-out MAPE over every row, flagged ones included
+    flagged: int = Field(default=0, ge=0)
+    mape_all: float | None = Field(default=None, ge=0)
 
 
 class CalibrationSource(Frozen):
