@@ -541,3 +541,19 @@ def test_shipped_measured_profiles_never_run_expert_gemms_past_peak() -> None:
         for dtype, fit in gemm.items():
             peak = hw.gpu.peak_tflops[dtype]
             assert max(fit.tflops.y) <= peak * 1.0001, (path.name, dtype)
+
+
+@needs_tables
+def test_fit_all_in_worker_processes_gives_the_fit_of_one_process() -> None:
+    """The families fitted in forked workers: the same parts, errors and notes, in the
+    same order, as fitted one after another here (the collectives of the real H200
+    tables: nine families)."""
+    imp = aic.import_system("h200_sxm", "trtllm", subset=_small)
+    rows = imp.rows[imp.rows["suite"] == "collective"]
+    base = load_hardware("h200-sxm-spec")
+    one = gpu.fit_all(rows, base, SRC, workers=1)
+    two = gpu.fit_all(rows, base, SRC, workers=2)
+    assert len(one.errors) >= 9
+    assert list(two.errors) == list(one.errors) and two.errors == one.errors
+    assert two.parts.collectives == one.parts.collectives
+    assert two.rows == one.rows and two.notes == one.notes

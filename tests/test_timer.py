@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from moesim.measure.timer import Timing, time_fn
+from moesim.measure.timer import CPU_MAX_BUDGETS, Timing, time_fn
 
 
 def test_sleep_is_timed_within_its_duration() -> None:
@@ -15,7 +15,23 @@ def test_sleep_is_timed_within_its_duration() -> None:
     assert 0.004 <= t.median_s < 0.02
     assert t.p20_s <= t.median_s <= t.p80_s
     assert t.n_samples >= 4 and len(t.samples_s) == t.n_samples
-    assert t.method == "torch.utils.benchmark"
+    assert t.method == "blocks"
+    # one 4 ms call per block (a block lasts about CPU_BLOCK_S); never past the budgets
+    assert sum(t.samples_s) <= CPU_MAX_BUDGETS * 0.05 + 0.02
+
+
+def test_fast_calls_are_timed_in_blocks_as_per_call_means() -> None:
+    """A call of well under a microsecond: blocks of many calls (sized from the warm-up,
+    here its one call) keep the clock read out of the samples, each sample one call's
+    mean, and the timing stops within its budgets."""
+    calls: list[int] = []
+    t = time_fn(lambda: calls.append(1), budget_s=0.01, warmup_s=0.0)
+    timed = len(calls) - 1  # the warm-up's one call
+    assert timed % t.n_samples == 0
+    per_block = timed // t.n_samples
+    assert per_block >= 100
+    assert t.median_s < 5e-6
+    assert sum(t.samples_s) * per_block <= CPU_MAX_BUDGETS * 0.01 + 2e-3
 
 
 def test_known_copy_gives_a_plausible_bandwidth() -> None:
@@ -95,7 +111,7 @@ def test_cpu_clock_leaves_out_time_off_the_core() -> None:
     wall = time_fn(lambda: time.sleep(0.004), budget_s=0.03, warmup_s=0.0, threads=1)
     cpu = time_fn(lambda: time.sleep(0.004), budget_s=0.03, warmup_s=0.0, threads=1, clock="cpu")
     assert wall.median_s >= 0.004 and cpu.median_s < 0.001
-    assert cpu.method == "torch.utils.benchmark+thread_time"
+    assert cpu.method == "blocks+thread_time"
     x = torch.ones(2**20)
     busy_wall = time_fn(lambda: x.mul(2.0), budget_s=0.03, warmup_s=0.01, threads=1)
     busy_cpu = time_fn(lambda: x.mul(2.0), budget_s=0.03, warmup_s=0.01, threads=1, clock="cpu")

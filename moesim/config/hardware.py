@@ -9,9 +9,15 @@ calibrated profile adds a ``calibration`` section of fitted curves (written by
 from __future__ import annotations
 
 from itertools import pairwise
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import (
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from moesim.config.base import FieldError, Frozen, check_dtype
 
@@ -203,6 +209,15 @@ class FamilyError(Frozen):
     # the held-out MAPE over every row, flagged ones included
     flagged: int = Field(default=0, ge=0)
     mape_all: float | None = Field(default=None, ge=0)
+
+    @model_serializer(mode="wrap")
+    def _flags_only_when_flagged(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """A family without flagged rows is written as before: mape, max_ape, n."""
+        out = handler(self)
+        if not self.flagged and isinstance(out, dict):
+            out.pop("flagged", None)
+            out.pop("mape_all", None)
+        return out
 
 
 class CalibrationSource(Frozen):

@@ -33,7 +33,9 @@ def measure(case: Case, ctx: BenchContext) -> Row:
 
 
 def _copy(case: Case, ctx: BenchContext) -> Row:
-    src = randn((case.T,), case, ctx, salt=1)
+    # a copy's time does not depend on the values: a fill writes the pages as fast as
+    # memory takes them, a normal draw of the larger buffers took seconds here
+    src = torch.full((case.T,), 1.0, dtype=case.torch_dtype, device=ctx.device)
     dst = torch.empty_like(src)
     # buffers are larger than the caches that matter; a flush would only add noise
     timing = ctx.time(lambda: dst.copy_(src), flush_cache=False)
