@@ -196,13 +196,20 @@ def test_compute_gap_computes_its_share_of_the_core(ranks_per_core: int) -> None
 
     gap = ComputeGap(0.02, sweep_bytes=2**16, ranks_per_core=ranks_per_core)
     gap()  # warm up
-    t0, c0 = time.perf_counter(), time.thread_time()
-    gap()
-    wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
-    if ranks_per_core == 1:
-        assert 0.02 <= wall < 0.05 and cpu > 0.5 * wall  # (a shared CI core may take some)
-    else:
-        assert 0.01 <= cpu < 0.01 + 0.003 and wall < 0.05  # its half, plus one matmul
+    seen = []
+    for _ in range(5):  # a busy machine may take the core for a while: any quiet try counts
+        t0, c0 = time.perf_counter(), time.thread_time()
+        gap()
+        wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
+        seen.append((round(wall, 4), round(cpu, 4)))
+        if ranks_per_core == 1:
+            ok = 0.02 <= wall < 0.05 and cpu > 0.5 * wall
+        else:
+            ok = 0.01 <= cpu < 0.01 + 0.003 and wall < 0.05  # its half, plus one matmul
+        if ok:
+            break
+        assert wall >= 0.009, seen  # never returns before computing at least its share
+    assert ok, seen
 
 
 def test_all_to_all_phases_run_from_the_last_rank_s_arrival() -> None:
