@@ -34,14 +34,16 @@ from moesim.config import load_pair
 from moesim.simulate import simulate
 gpus, layers = int(sys.argv[1]), int(sys.argv[2])
 E, mb, ep = (int(a) for a in sys.argv[4:7]) if len(sys.argv) > 4 else (256, 2, min(64, gpus))
-# the report's layout (PP16 DualPipe, 32 micro-batches) from 2048 GPUs up; below, and in
-# the --growth grid, one stage with two overlapped micro-batches
-pp = 16 if gpus >= 2048 and len(sys.argv) <= 4 else 1
+# the report's layout (PP16 DualPipe, 32 micro-batches) from 2048 GPUs up; below, one
+# stage with two overlapped micro-batches; the --growth grid names its pp (argv[7])
+pp = int(sys.argv[7]) if len(sys.argv) > 7 else (16 if gpus >= 2048 and len(sys.argv) <= 4 else 1)
 overrides = [f"cluster.nodes={gpus // 8}", f"parallel.ep={ep}",
              f"model.num_moe_layers={layers}", f"model.num_experts={E}", f"parallel.pp={pp}"]
 if pp == 1:
     overrides += ["parallel.pp_schedule=1f1b", "parallel.pp_last_stage_layers=null",
                   f"workload.micro_batches={mb}", "workload.overlap_micro_batches=true"]
+elif len(sys.argv) > 7:
+    overrides += [f"workload.micro_batches={mb}"]
 scn, hw = load_pair(sys.argv[3], overrides)
 t0, c0 = time.perf_counter(), time.process_time()
 res = simulate(scn, hw)
@@ -64,38 +66,44 @@ def measure(gpus: int, layers: int, *extra: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-#: (GPUs, layers, experts, micro-batches, ep): each size term varied on its own
+#: (GPUs, layers, experts, micro-batches, ep, pp): each size term varied on its own; pp 16
+#: is the report's DualPipe layout (``layers`` over all stages)
 GROWTH_GRID = [
-    (64, 58, 256, 2, 64),
-    (2048, 8, 256, 2, 64),
-    (2048, 58, 256, 2, 64),
-    (2048, 58, 64, 2, 64),
-    (2048, 58, 256, 2, 8),
-    (2048, 58, 256, 8, 64),
-    (8192, 8, 256, 2, 64),
-    (32768, 4, 256, 1, 64),
-    (65536, 2, 256, 1, 64),
+    (64, 58, 256, 2, 64, 1),
+    (2048, 8, 256, 2, 64, 1),
+    (2048, 58, 256, 2, 64, 1),
+    (2048, 58, 64, 2, 64, 1),
+    (2048, 58, 256, 2, 8, 1),
+    (2048, 58, 256, 8, 64, 1),
+    (8192, 8, 256, 2, 64, 1),
+    (32768, 4, 256, 1, 64, 1),
+    (65536, 2, 256, 1, 64, 1),
+    (2048, 58, 256, 32, 64, 16),
+    (2048, 58, 256, 64, 64, 16),
+    (4096, 58, 256, 32, 64, 16),
+    (8192, 58, 256, 32, 64, 16),
 ]
 
 
 def fit_growth() -> None:
     """Fit moesim.simulate.budget's coefficients (non-negative, relative error)."""
-    time_terms, mem_terms, cpu, rss = [], [], [], []
-    for G, Ly, E, mb, ep in GROWTH_GRID:
-        r = measure(G, Ly, E, mb, ep)
-        X = G // ep
-        time_terms.append([1, X * Ly * mb, G * E * Ly * mb, G * Ly * mb, G * E])
-        mem_terms.append([1, G * Ly * mb, G * E])
+    from moesim.simulate.budget import memory_terms, time_terms
+
+    tt, mt, cpu, rss = [], [], [], []
+    for G, L, E, mb, ep, pp in GROWTH_GRID:
+        r = measure(G, L, E, mb, ep, pp)
+        tt.append(time_terms(G, L, E, mb, ep, pp))
+        mt.append(memory_terms(G, L, E, mb, ep, pp))
         cpu.append(r["cpu_s"])
         rss.append(r["peak_bytes"])
-        print(f"G={G} Ly={Ly} E={E} mb={mb} ep={ep}: {r['cpu_s']:.2f} CPU s, "
+        print(f"G={G} L={L} E={E} mb={mb} ep={ep} pp={pp}: {r['cpu_s']:.2f} CPU s, "
               f"{r['peak_bytes'] / 2**20:.0f} MiB", flush=True)  # fmt: skip
     # imported only now: a child's peak RSS starts at its parent's (fork), so the
     # parent stays small while it measures
     import numpy as np
     from scipy.optimize import nnls
 
-    for name, terms, y in (("seconds", time_terms, cpu), ("bytes", mem_terms, rss)):
+    for name, terms, y in (("seconds", tt, cpu), ("bytes", mt, rss)):
         A, b = np.array(terms, float), np.array(y, float)
         coef, _ = nnls(A / b[:, None], np.ones_like(b))
         print(f"{name} coefficients: {', '.join(f'{c:.3g}' for c in coef)}")

@@ -4,13 +4,16 @@ The simulator's cost grows with the size of the scenario: SimPy events per
 (EP group, layer, micro-batch), and numpy cells per (GPU, expert, layer,
 micro-batch). :func:`estimate` prices a scenario with coefficients fitted to
 ``benchmarks/sim_speed.py --growth`` runs of the op-program engine
-(DeepSeek-V3-like training steps, one pipeline stage, 64 to 65,536 GPUs, 2 to
-58 layers, 1 to 8 micro-batches, 64 or 256 experts, EP 8 or 64; CPU seconds and
-peak RSS of a fresh process on the quiet 2-core development VM). On those runs
-the time estimate was within 0.75-1.18x of the measurement except one: 2,048
-GPUs at EP 8 (256 EP groups of 58 layers) took 84 s, 3x the estimate, so
-many small EP groups are under-estimated. The memory estimate was within
-0.87-1.10x. Inference steps (no backward) take less than estimated.
+(DeepSeek-V3-like training steps: one pipeline stage at 64 to 65,536 GPUs, 2 to
+58 layers, 1 to 8 micro-batches, 64 or 256 experts, EP 8 or 64; and the report's
+PP16 DualPipe layout at 2,048 to 8,192 GPUs with 32 or 64 micro-batches; CPU
+seconds and peak RSS of a fresh process on the quiet 2-core VM, 2026-12-03). On
+those 13 runs the time estimate is within 0.92-1.06x of the measurement (the
+per-local-expert term rests on two runs: 2,048 GPUs at EP 8, 168 s, and 64
+experts at EP 64). The memory estimate is within 0.98-1.14x for one stage,
+except 8 micro-batches (1.42x), and the pipeline runs' peak is over-estimated
+by 1.4-1.5x (the safe side of a limit). Inference steps
+(no backward) take less than estimated.
 
 :func:`check_budget` refuses a scenario whose estimate is above the limits
 (default :data:`MAX_SECONDS` and :data:`MAX_GIB`; the environment variables
@@ -31,16 +34,10 @@ from moesim.errors import ConfigError
 MAX_SECONDS = 600.0
 MAX_GIB = 8.0
 
-# CPU seconds = sum of coefficient x size term (fitted, see the module docstring)
-_S_FIXED = 0.106  # start-up of one simulate() call (profile, plan, program)
-_S_PER_GROUP_LAYER_MB = 7.06e-4  # the op program's events of one EP group, layer, micro-batch
-_S_PER_CELL = 5.01e-9  # one (GPU, expert) cell of one layer and micro-batch
-_S_PER_GROUP2_LAYER_MB = 8.0e-7  # rate updates: concurrent groups x their events
-# peak bytes
-_B_FIXED = 57.0e6  # interpreter, numpy, simpy, moesim
-_B_PER_GPU_LAYER_MB = 226.0  # recorded per-GPU times of one layer and micro-batch
-_B_PER_GPU_EXPERT = 20.7  # live (GPU, expert) load arrays of one layer
-_B_PER_GROUP_LAYER_MB = 6.26e3  # ops and coflows kept per EP group, layer, micro-batch
+# coefficients of :func:`time_terms` (CPU seconds) and :func:`memory_terms` (bytes),
+# fitted by ``benchmarks/sim_speed.py --growth`` (see the module docstring)
+_S = (0.0703, 1.41e-3, 3.32e-8, 1.24e-6, 1.22e-4, 1.20e-4)
+_B = (52.7e6, 359.0, 19.6, 5.42e3)
 
 
 @dataclass(frozen=True)
@@ -55,25 +52,42 @@ class Estimate:
         return self.peak_bytes / 2**30
 
 
+def time_terms(G: int, L: int, E: int, mb: int, ep: int, pp: int) -> list[float]:
+    """The size terms CPU seconds grow with (coefficients :data:`_S`).
+
+    ``G`` GPUs, ``L`` MoE layers over all stages, ``E`` experts, ``mb`` micro-batches,
+    ``ep``, ``pp``: start-up; the op program's events per (EP group, stage layer,
+    micro-batch); (GPU, expert) load cells per stage layer and micro-batch; rate
+    updates of concurrent groups (groups squared); in a pipeline, its extra events
+    per group, stage layer and micro-batch (sends, waits, the schedule's lanes); and
+    the per-local-expert work of each group, stage layer and micro-batch (many small
+    EP groups: 2,048 GPUs at EP 8 hold 32 experts a GPU).
+    """
+    X, Ly, piped = max(1, G // max(1, ep)), math.ceil(L / max(1, pp)), float(pp > 1)
+    return [1.0, X * Ly * mb, G * E * Ly * mb, X * X * Ly * mb, piped * X * Ly * mb,
+            X * Ly * mb * E / max(1, ep)]  # fmt: skip
+
+
+def memory_terms(G: int, L: int, E: int, mb: int, ep: int, pp: int) -> list[float]:
+    """The size terms peak bytes grow with (coefficients :data:`_B`): the interpreter;
+    recorded per-GPU times per stage layer and micro-batch; live (GPU, expert) load
+    arrays; ops and coflows kept per EP group, stage layer and micro-batch."""
+    X, Ly = max(1, G // max(1, ep)), math.ceil(L / max(1, pp))
+    return [1.0, G * Ly * mb, G * E, X * Ly * mb]
+
+
 def estimate(scn: Scenario) -> Estimate:
     """The cost of simulating one step of ``scn`` (see the module docstring)."""
-    G = scn.cluster.num_gpus
-    X = max(1, G // max(1, scn.parallel.ep))
-    Ly = math.ceil(scn.model.num_moe_layers / max(1, scn.parallel.pp))
-    E = scn.model.num_experts
-    mb = scn.workload.micro_batches
-    seconds = (
-        _S_FIXED
-        + _S_PER_GROUP_LAYER_MB * X * Ly * mb
-        + _S_PER_CELL * G * E * Ly * mb
-        + _S_PER_GROUP2_LAYER_MB * X * X * Ly * mb
+    size = (
+        scn.cluster.num_gpus,
+        scn.model.num_moe_layers,
+        scn.model.num_experts,
+        scn.workload.micro_batches,
+        scn.parallel.ep,
+        scn.parallel.pp,
     )
-    peak = (
-        _B_FIXED
-        + _B_PER_GPU_LAYER_MB * G * Ly * mb
-        + _B_PER_GPU_EXPERT * G * E
-        + _B_PER_GROUP_LAYER_MB * X * Ly * mb
-    )
+    seconds = sum(c * t for c, t in zip(_S, time_terms(*size), strict=True))
+    peak = sum(c * t for c, t in zip(_B, memory_terms(*size), strict=True))
     return Estimate(seconds, peak)
 
 
