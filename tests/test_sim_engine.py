@@ -333,9 +333,13 @@ def test_every_scenario_dispatcher_has_a_traffic_model() -> None:
 
 
 def test_fp8_models_price_the_attention_core_in_bf16() -> None:
+    """On the spec profile (no GEMM table): projections by their FLOPs in fp8, the
+    flash-attention core in bf16 (the measured-table path: tests/test_dense_gemms.py)."""
+    from moesim.config.loader import load_hardware
     from moesim.costs import work
 
-    scn, hw = _qwen("model.dtype=fp8")
+    scn, _ = _qwen("model.dtype=fp8")
+    hw = load_hardware("h100-sxm-spec")
     plan = build_plan(scn, hw, build_topology(scn, hw), 0)
     d, T, cost = scn.model.dense, scn.workload.tokens_per_gpu, CostModel(hw)
     assert d is not None

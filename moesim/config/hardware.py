@@ -179,7 +179,8 @@ class GemmTable(Frozen):
     """Measured GEMM seconds on a grid: ``log t`` trilinear in ``(log m, log n, log k)``.
 
     ``latency_us`` is C-ordered ``[m][n][k]``; outside the grid the nearest edge
-    is used (and :meth:`moesim.costs.CostModel.out_of_range` says so).
+    is the edge below and linear scaling above (:func:`moesim.costs.tables.table_s`;
+    :meth:`moesim.costs.CostModel.out_of_range` says so).
     """
 
     m: list[int] = Field(min_length=1)

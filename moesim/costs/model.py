@@ -205,6 +205,10 @@ class CostModel:
             rate = rate * np.maximum(tables.shape_efficiency(self.hw.gpu.gemm_shape, mq, nq), 1e-6)
         return np.asarray(self._launch_s + np.maximum(flops / rate, nbytes / self._mem_Bps))
 
+    def has_gemm_table(self, dtype: str) -> bool:
+        """Whether a measured GEMM table prices ``dtype`` (:meth:`gemm_s` reads it)."""
+        return self._gemm_table(dtype, None) is not None
+
     def _gemm_table(self, dtype: str, recipe: str | None) -> GemmTable | None:
         if self.cal is None or not self.cal.gemm_table:
             return None

@@ -41,10 +41,20 @@ def _axis(points: list[int], q_Q: F64) -> tuple[NDArray[np.int64], NDArray[np.in
 
 
 def table_s(tab: GemmTable, m: ArrayLike, n: ArrayLike, k: ArrayLike) -> F64:
-    """Seconds of GEMMs ``m x n x k`` from ``tab`` (broadcast shapes), log-trilinear."""
+    """Seconds of GEMMs ``m x n x k`` from ``tab`` (broadcast shapes), log-trilinear.
+
+    Inside the grid: interpolated. Below an axis's smallest point: that point's time
+    (a smaller GEMM is no faster once launch and tile bound). Above its largest:
+    the largest point's time times ``q / largest`` on each such axis, as the GEMM
+    would run in pieces of the largest measured size (the grid's top is saturated;
+    clamping there priced a 152k-column LM head at 1.6x H100's FP8 peak).
+    """
     mq, nq, kq = np.broadcast_arrays(*(np.asarray(v, dtype=np.float64) for v in (m, n, k)))
     shape = mq.shape
     mq, nq, kq = mq.ravel(), nq.ravel(), kq.ravel()
+    beyond = np.ones(mq.shape)
+    for pts, q in ((tab.m, mq), (tab.n, nq), (tab.k, kq)):
+        beyond *= np.maximum(q / float(pts[-1]), 1.0)
     L = np.log(np.asarray(tab.latency_us, dtype=np.float64)).reshape(
         len(tab.m), len(tab.n), len(tab.k)
     )
@@ -58,7 +68,7 @@ def table_s(tab: GemmTable, m: ArrayLike, n: ArrayLike, k: ArrayLike) -> F64:
         for i_n, fn in ((n0, 1 - wn), (n1, wn)):
             for ik, fk in ((k0, 1 - wk), (k1, wk)):
                 out += fm * fn * fk * L[im, i_n, ik]
-    return (np.exp(out) * 1e-6).reshape(shape)
+    return (np.exp(out) * 1e-6 * beyond).reshape(shape)
 
 
 def shape_efficiency(spec: GemmShapeSpec, m: ArrayLike, n: ArrayLike) -> F64:

@@ -22,6 +22,36 @@ def attention_proj(d: DenseConfig, D: int, T: float, b: float) -> tuple[float, f
     return T * attention_proj_flops(d, D), attention_params(d, D) * b + acts
 
 
+#: a GEMM of one layer: ``(n, k, split)``, ``[T, k] x [k, n]`` per token row; ``split``
+#: is how TP shards it: "col" (output columns, Megatron's ColumnParallelLinear) or
+#: "row" (input rows, RowParallelLinear)
+Gemm = tuple[int, int, str]
+
+
+def attention_gemms(d: DenseConfig, D: int) -> list[Gemm]:
+    """One layer's attention projections as GEMMs (their FLOPs are
+    :func:`~moesim.model.flops.attention_proj_flops`): MHA/GQA q, k, v and o; MLA
+    the q down/up (or q), kv down and up, and o."""
+    H = d.num_attention_heads
+    if d.kind != "mla":
+        q, kv = H * d.head_dim, d.num_key_value_heads * d.head_dim
+        return [(q + 2 * kv, D, "col"), (D, q, "row")]
+    nope, rope, v = d.qk_nope_head_dim or 0, d.qk_rope_head_dim or 0, d.v_head_dim or 0
+    r_kv = d.kv_lora_rank or 0
+    out: list[Gemm] = []
+    if d.q_lora_rank:
+        out += [(d.q_lora_rank, D, "col"), (H * (nope + rope), d.q_lora_rank, "col")]
+    else:
+        out.append((H * (nope + rope), D, "col"))
+    out += [(r_kv + rope, D, "col"), (H * (nope + v), r_kv, "col"), (D, H * v, "row")]
+    return out
+
+
+def ffn_gemms(D: int, F: int) -> list[Gemm]:
+    """A SwiGLU FFN: gate and up (``2F`` columns), then down."""
+    return [(2 * F, D, "col"), (D, F, "row")]
+
+
 def attention_core(m: ModelConfig, T: float, b: float, *, causal: bool) -> tuple[float, float]:
     """``(flops, bytes)`` of one layer's ``softmax(QK^T)V`` for ``T`` tokens (layer mean).
 

@@ -7,9 +7,13 @@ seconds; the engine doubles GEMMs and keeps memory-bound ops at 1x in the
 backward (``BACKWARD_FACTOR``).
 
 With TP a rank multiplies its TP group's ``tp * T`` tokens by ``1/tp`` of each
-weight, the FLOPs of its own ``T`` tokens through the whole weight, so TP
-changes no GEMM time here; its collectives, the CP ring and expert TP are ops
-of the program on the fabric (:func:`moesim.simulate.plan.layer_collectives`).
+weight, the FLOPs of its own ``T`` tokens through the whole weight. On a profile
+with a measured GEMM table (imported GPU tables) the projections, FFNs and LM
+head are priced GEMM by GEMM at their sharded shapes (``[tp T, k] x [k, n/tp]``
+or ``[tp T, k/tp] x [k/tp, n]``); otherwise by their FLOPs on the profile's
+dense fit or the spec roofline, where TP changes no GEMM time. TP's collectives,
+the CP ring and expert TP are ops of the program on the fabric
+(:func:`moesim.simulate.plan.layer_collectives`).
 Without SP the norms run on all ``tp * T`` tokens of the group.
 """
 
@@ -41,12 +45,33 @@ def _attention(scn: Scenario, cost: CostModel) -> tuple[float, float]:
     T, dt = scn.workload.tokens_per_gpu, m.dtype
     b = DTYPE_BYTES[dt]
     causal = scn.workload.mode != "decode"
-    pf, pb = ops.attention_proj(d, m.hidden_size, T, b)
     cf, cb = ops.attention_core(m, T, b, causal=causal)
     core_dt = "bf16" if dt == "fp8" else dt
-    proj = float(cost.dense_s(pf, pb, dt))
+    proj = _gemms_s(scn, cost, ops.attention_gemms(d, m.hidden_size))
+    if proj is None:
+        pf, pb = ops.attention_proj(d, m.hidden_size, T, b)
+        proj = float(cost.dense_s(pf, pb, dt))
     core = float(cost.dense_s(cf, cb, core_dt))
     return proj + core, core
+
+
+def _gemms_s(scn: Scenario, cost: CostModel, gemms: list[ops.Gemm]) -> float | None:
+    """Seconds of a layer's GEMMs by their shapes on the profile's measured GEMM table
+    (None: no table for the model's dtype; the caller prices the FLOPs instead).
+
+    With TP a rank runs its group's ``tp * T`` rows through ``1/tp`` of each weight:
+    the output columns of a "col" GEMM, the input rows of a "row" one (the same
+    FLOPs as ``T`` rows through the whole weight, at the sharded shape's rate).
+    """
+    dt = scn.model.dtype
+    if not cost.has_gemm_table(dt):
+        return None
+    tp, T = scn.parallel.tp, scn.workload.tokens_per_gpu
+    total = 0.0
+    for n, k, split in gemms:
+        n_r, k_r = (n / tp, k) if split == "col" else (n, k / tp)
+        total += float(cost.gemm_s(T * tp, max(n_r, 1.0), max(k_r, 1.0), dt))
+    return total
 
 
 def _norm_tokens(scn: Scenario) -> float:
@@ -58,8 +83,11 @@ def _ffn_s(scn: Scenario, cost: CostModel, F: int, copies: int = 1) -> float:
     """A dense SwiGLU FFN (shared expert, dense layer) on T tokens, activation included."""
     m, T = scn.model, scn.workload.tokens_per_gpu
     b = DTYPE_BYTES[m.dtype]
-    gemm = cost.dense_s(work.expert_flops(T, m.hidden_size, F) * copies,
-                        work.expert_bytes(T, m.hidden_size, F, b) * copies, m.dtype)  # fmt: skip
+    gemm = _gemms_s(scn, cost, ops.ffn_gemms(m.hidden_size, F * copies))
+    if gemm is None:
+        gemm = float(cost.dense_s(work.expert_flops(T, m.hidden_size, F) * copies,
+                                  work.expert_bytes(T, m.hidden_size, F, b) * copies,
+                                  m.dtype))  # fmt: skip
     act = cost.memory_s("activation", ops.swiglu_bytes(T * copies, F, b))
     return float(gemm + act)
 
@@ -72,7 +100,9 @@ def _head_s(scn: Scenario, cost: CostModel) -> float:
     b, D = DTYPE_BYTES[m.dtype], m.hidden_size
     hf, hb = ops.lm_head(m, T, b)
     heads = 1 + m.mtp_num_layers
-    gemm = float(cost.dense_s(hf * heads, hb * heads, m.dtype))
+    one = _gemms_s(scn, cost, [(m.vocab_size, D, "col")])
+    flat = one is None
+    gemm = float(cost.dense_s(hf * heads, hb * heads, m.dtype)) if flat else heads * (one or 0.0)
     mem = float(cost.memory_s("loss", ops.loss_bytes(m, T, b) * heads))
     mem += float(cost.memory_s("embedding", ops.embedding_bytes(m, T, b) * heads))
     if m.mtp_num_layers:  # eh_proj: [T, 2D] x [2D, D]

@@ -15,6 +15,7 @@ from moesim.config.hardware import HardwareProfile
 from moesim.config.scenario import Scenario
 from moesim.costs import CostModel
 from moesim.costs.model import deepep_bytes
+from moesim.model import ops
 
 #: dispatcher -> the DeepEP mode pricing it (others: the NCCL all-to-all)
 DEEPEP_MODE = {"low_latency": "ll", "hierarchical": "normal"}
@@ -33,6 +34,15 @@ def out_of_range(scn: Scenario, hw: HardwareProfile) -> list[dict[str, Any]]:
         out.extend({"phase": phase, **o} for o in cm.out_of_range(family, **values))
 
     add("gate", "gemm.bf16", m=T, n=E, k=D)
+    table = f"gemm.{m.dtype}"
+    if table in hw.calibration.ranges:  # the dense GEMMs priced by shape (simulate/dense.py)
+        tp = par.tp
+        shapes = ops.attention_gemms(m.dense, D) if m.dense is not None else []
+        for phase, gemms in (("dense", shapes), ("head", [(m.vocab_size or 0, D, "col")])):
+            for n, k, split in gemms:
+                n_r, k_r = (n / tp, k) if split == "col" else (n, k / tp)
+                if n_r > 0:
+                    add(phase, table, m=T * tp, n=n_r, k=k_r)
     per_expert = T * ep * K / E
     fam = next((f for f in hw.calibration.ranges if f == f"experts.{m.dtype}"), None)
     if fam is None:
