@@ -79,48 +79,73 @@ SCHEME_RULE = {"bias": "bias", "aux_loss": "aux_loss"}
 RATES = np.r_[0.0, np.geomspace(1e-4, 0.3, 60)]
 
 
-def rule_steps(share_TLE: F64, balancing: str) -> F64:
-    """``[T, L, E]`` cumulative rule signal before each step (rate 1), from observed loads."""
+def rule_steps(share_TLE: F64, balancing: str, scale_T: F64 | None = None) -> F64:
+    """``[T, L, E]`` cumulative rule signal before each step (rate 1), from observed loads.
+
+    ``scale_T``: each step's learning rate relative to the fitted one; it weights
+    the ``aux_loss`` signal (a loss acts through the optimiser), not ``bias``.
+    """
     mean = share_TLE.mean(-1, keepdims=True)
     sig = np.sign(mean - share_TLE) if balancing == "bias" else -(share_TLE / mean - 1.0)
+    if balancing == "aux_loss" and scale_T is not None:
+        sig = sig * scale_T[:, None, None]
     return np.concatenate([np.zeros_like(sig[:1]), np.cumsum(sig, 0)[:-1]])
 
 
-def fit_process(share_TLE: F64, n: int, scheme: str = "none") -> Fit:
-    """Rule rate by grid search, sharpening per layer, AR(1) per expert with sampling noise off."""
+def lr_scale_of(lr_T: F64 | None, T: int, window: int) -> F64:
+    """``[T]`` learning rate relative to its mean over the last ``window`` of ``T`` steps."""
+    if lr_T is None:
+        return np.ones(T)
+    lr = np.asarray(lr_T, dtype=np.float64)
+    return lr / max(float(lr[T - min(window, T) : T].mean()), 1e-300)
+
+
+def fit_process(share_TLE: F64, n: int, scheme: str = "none", lr_T: F64 | None = None) -> Fit:
+    """Rule rate by grid search, sharpening per layer, AR(1) per expert with sampling noise off.
+
+    ``lr_T``: the run's learning rate at each fitted step (the schedule, an input
+    of training; None: constant). Time is then counted in learning-rate units,
+    relative to the rate over the last :data:`LEVEL_STEPS` steps.
+    """
     y = np.log(np.maximum(share_TLE, 0.5 / n))
+    T = len(y)
+    W = min(LEVEL_STEPS, T)
+    scale = lr_scale_of(lr_T, T, W)
+    clock = np.r_[0.0, np.cumsum(scale)[:-1]]  # learning-rate time before each step
     balancing = SCHEME_RULE.get(scheme, "none")
     rate, C = 0.0, np.zeros_like(y)
     if balancing != "none":
-        C = rule_steps(share_TLE, balancing)
+        C = rule_steps(share_TLE, balancing, scale)
         rate = min(RATES, key=lambda r: _detrended_var(y - r * C))
     u = y - rate * C
-    W = min(LEVEL_STEPS, len(u))
     mu = u[-W:].mean(0)
     d = u[-W:] - mu
     noise = ((1.0 - share_TLE[-W:]) / np.maximum(n * share_TLE[-W:], 0.5)).mean(0)
     var_x = np.maximum((d * d).mean(0) - noise, VAR_FLOOR)
     rho = np.clip((d[1:] * d[:-1]).mean(0) / var_x, 0.0, 0.999) if W > 1 else np.zeros_like(mu)
-    k = fit_sharpening(u, W)
-    lag = (W - 1) / 2  # the window's mean sits mid-window: move it to the last fitted step
+    k = fit_sharpening(u, W, clock)
+    lag = clock[-1] - clock[-W:].mean()  # the window's mean sits mid-window: move it to the end
     level = sharpen(mu, np.maximum(1.0 + k * lag, 0.0))
     z0 = level + (var_x / (var_x + noise)) * d[-1]
-    b0 = rate * (C[-1] + _rule_signal(share_TLE[-1], balancing))
+    last = scale[-1] if balancing == "aux_loss" else 1.0
+    b0 = rate * (C[-1] + last * _rule_signal(share_TLE[-1], balancing))
     sd = np.sqrt(var_x * (1.0 - rho * rho))
     k_end = k / np.maximum(1.0 + k * lag, 1e-6)  # the same line, relative to the last step
     return Fit(level, z0, b0, rho, sd, k_end, balancing, rate)
 
 
-def fit_sharpening(u_TLE: F64, window: int) -> F64:
-    """``[L, 1]`` slope of ``std_E(u)`` against the step, over the mean spread of the last steps.
+def fit_sharpening(u_TLE: F64, window: int, clock_T: F64 | None = None) -> F64:
+    """``[L, 1]`` slope of ``std_E(u)`` against the clock, over the mean spread of the last steps.
 
-    Least squares over all steps; zero with fewer than 3 steps.
+    ``clock_T``: learning-rate time of each step (default the step). Least
+    squares over all steps; zero with fewer than 3 steps.
     """
     T = u_TLE.shape[0]
     if T < 3:
         return np.zeros((u_TLE.shape[1], 1))
     s_TL = u_TLE.std(-1)
-    t = np.arange(T) - (T - 1) / 2
+    c = np.arange(T, dtype=np.float64) if clock_T is None else np.asarray(clock_T, np.float64)
+    t = c - c.mean()
     slope_L = (t[:, None] * (s_TL - s_TL.mean(0))).sum(0) / (t * t).sum()
     return (slope_L / np.maximum(s_TL[-window:].mean(0), 1e-12))[:, None]
 
@@ -137,8 +162,13 @@ def _detrended_var(u_TLE: F64) -> float:
     return float(((u_TLE - u_TLE.mean(0)) ** 2).mean())
 
 
-def predict(fit: Fit, n: int, steps: int, seed: int) -> F64:
-    """``[Q, steps, L, E]`` predicted counts after the fitted steps; the rule reads them."""
+def predict(fit: Fit, n: int, steps: int, seed: int, lr_scale: F64 | None = None) -> F64:
+    """``[Q, steps, L, E]`` predicted counts after the fitted steps; the rule reads them.
+
+    ``lr_scale``: the learning rate of the last fitted step and of each predicted
+    step but the last (the updates that lead into each predicted step), relative
+    to the fitted one.
+    """
     cfg = DynamicsConfig(balancing=fit.balancing, gamma=fit.rate, aux_rate=fit.rate)
     rng = np.random.default_rng(seed)
     z0 = np.repeat(fit.z0_LE[None], PATHS, 0)
@@ -151,6 +181,7 @@ def predict(fit: Fit, n: int, steps: int, seed: int) -> F64:
         persistence=fit.persistence_LE,
         drift=fit.drift_LE,
         sharpening=fit.sharpening_L1,
+        lr_scale=lr_scale,
     )
     proc.step()  # b0 already holds the last fitted step's rule update
     out = []
@@ -171,12 +202,21 @@ def step_metrics(counts_TLE: F64, n: int, cf: float) -> tuple[F64, F64]:
 
 
 def validate_run(
-    share_TLE: F64, n: int, cf: float, fit_fraction: float, seed: int, scheme: str = "none"
+    share_TLE: F64,
+    n: int,
+    cf: float,
+    fit_fraction: float,
+    seed: int,
+    scheme: str = "none",
+    lr_T: F64 | None = None,
 ) -> dict[str, Any]:
     T = share_TLE.shape[0]
     cut = max(2, int(T * fit_fraction))
-    fit = fit_process(share_TLE[:cut], n, scheme)
-    pred = predict(fit, n, T - cut, seed)
+    fit = fit_process(share_TLE[:cut], n, scheme, None if lr_T is None else lr_T[:cut])
+    scale = None
+    if lr_T is not None:
+        scale = lr_scale_of(lr_T, cut, LEVEL_STEPS)[cut - 1 : T - 1]
+    pred = predict(fit, n, T - cut, seed, scale)
     q_drop, q_imb = step_metrics(pred, n, cf)  # [Q, T-cut]
     m_drop, m_imb = step_metrics(share_TLE[cut:] * n, n, cf)
     e_drop, _ = step_metrics(share_TLE[max(0, cut - LEVEL_STEPS) : cut] * n, n, cf)
@@ -246,8 +286,11 @@ def validate_dynamics(
         E = len(rows["load"].iloc[0])
         scheme = str(rows["scheme"].iloc[0])
         share = shares_of(rows, E, str(p))
+        lr = None
+        if "lr" in rows.columns:  # the schedule the run was trained with, per step
+            lr = rows.groupby("step", sort=True)["lr"].first().to_numpy(np.float64)
         for cf in capacity_factors:
-            res = validate_run(share, n, cf, fit_fraction, seed, scheme)
+            res = validate_run(share, n, cf, fit_fraction, seed, scheme, lr)
             runs.append({"run": run, "scheme": scheme, "capacity_factor": cf, **res})
     return {
         "trace": str(p),
