@@ -116,6 +116,7 @@ class ParametricProcess:
         drift: F64 | float | None = None,
         sharpening: F64 | float | None = None,
         lr_scale: F64 | None = None,
+        innovations: F64 | None = None,
     ) -> None:
         self.cfg, self.mu, self.z, self.rng = cfg, mu_LE, z0_LE.copy(), rng
         self.b = (
@@ -127,6 +128,7 @@ class ParametricProcess:
         self.mu0, self.t = mu_LE, 0
         self.lr_scale = None if lr_scale is None else np.asarray(lr_scale, dtype=np.float64)
         self.clock = 0.0  # learning-rate time: sum of lr_scale over the steps taken
+        self.innov = innovations
 
     def scale(self) -> float:
         """Learning rate of the coming step relative to the fitted one (1 without a schedule)."""
@@ -165,8 +167,20 @@ class ParametricProcess:
         self.clock += s
         self.mu = sharpen(self.mu0, np.maximum(1.0 + self.k * self.clock, 0.0))
         rho, sd = warp_ar1(self.rho, self.sd, s)
-        noise = sd * self.rng.standard_normal(self.z.shape)
+        noise = sd * self.draw()
         self.z = self.mu + rho * (self.z - self.mu) + noise
+
+    def draw(self) -> F64:
+        """Standard innovations of ``z``'s shape: ``N(0, 1)``, or resampled ``innovations``.
+
+        ``innovations [N, L, E]`` (standardised per layer and expert): each step
+        takes one of the ``N`` whole ``[L, E]`` rows per leading index, so the
+        experts' joint shape (skew, tails, co-movement) is kept.
+        """
+        if self.innov is None:
+            return self.rng.standard_normal(self.z.shape)
+        idx = self.rng.integers(len(self.innov), size=self.z.shape[:-2])
+        return np.broadcast_to(self.innov[idx], self.z.shape)
 
 
 def warp_ar1(rho: F64 | float, sd: F64 | float, s: float) -> tuple[F64, F64]:

@@ -54,6 +54,9 @@ DEFAULT_TRACE = Path("results/dynamics/router-dynamics.parquet")
 LEVEL_STEPS = 50
 #: Monte-Carlo paths of the prediction
 PATHS = 200
+#: innovations of the predicted AR(1): "bootstrap" (the fitted window's own standardised
+#: residuals, resampled whole per step) or "gaussian"
+INNOVATIONS = "bootstrap"
 #: pass thresholds of the issue: drop fraction (absolute) and max/mean (relative)
 DROP_TOL_PP = 0.5
 IMBALANCE_TOL = 0.10
@@ -69,6 +72,7 @@ class Fit:
     sharpening_L1: F64  # per-step linear growth of the level's spread, relative to now
     balancing: str
     rate: float
+    innovations_NLE: F64 | None = None  # standardised AR(1) residuals of the level window
 
 
 #: floor of a fitted AR(1) variance (log-share units squared)
@@ -131,7 +135,21 @@ def fit_process(share_TLE: F64, n: int, scheme: str = "none", lr_T: F64 | None =
     b0 = rate * (C[-1] + last * _rule_signal(share_TLE[-1], balancing))
     sd = np.sqrt(var_x * (1.0 - rho * rho))
     k_end = k / np.maximum(1.0 + k * lag, 1e-6)  # the same line, relative to the last step
-    return Fit(level, z0, b0, rho, sd, k_end, balancing, rate)
+    innov = standard_residuals(d, rho) if INNOVATIONS == "bootstrap" else None
+    return Fit(level, z0, b0, rho, sd, k_end, balancing, rate, innov)
+
+
+def standard_residuals(d_TLE: F64, rho_LE: F64) -> F64 | None:
+    """``[T-1, L, E]`` AR(1) residuals ``d[t] - rho·d[t-1]``, each (layer, expert) standardised.
+
+    None with fewer than 3 steps; a residual series with no spread gives zeros.
+    """
+    if len(d_TLE) < 3:
+        return None
+    e = d_TLE[1:] - rho_LE * d_TLE[:-1]
+    e = e - e.mean(0)
+    sd = e.std(0)
+    return np.where(sd > 0, e / np.where(sd > 0, sd, 1.0), 0.0)
 
 
 def fit_sharpening(u_TLE: F64, window: int, clock_T: F64 | None = None) -> F64:
@@ -182,6 +200,7 @@ def predict(fit: Fit, n: int, steps: int, seed: int, lr_scale: F64 | None = None
         drift=fit.drift_LE,
         sharpening=fit.sharpening_L1,
         lr_scale=lr_scale,
+        innovations=fit.innovations_NLE,
     )
     proc.step()  # b0 already holds the last fitted step's rule update
     out = []
