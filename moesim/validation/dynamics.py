@@ -317,7 +317,24 @@ def validate_dynamics(
         "fit_fraction": fit_fraction,
         "tolerance": {"drop_pp": DROP_TOL_PP, "max_mean": IMBALANCE_TOL},
         "level_steps": LEVEL_STEPS,
+        "innovations": INNOVATIONS,
+        "schedule": _schedule(meta),
         "runs": runs,
         "all_ok": all(r["ok"] for r in runs),
         "trace_provenance": meta.get("provenance"),
     }
+
+
+def _schedule(meta: dict[str, Any]) -> str:
+    """The trace's learning-rate schedule in words (from its runs' settings)."""
+    cfgs = [r.get("config", {}) for r in meta.get("runs", [])]
+    if not cfgs:
+        return "unknown"
+    c = cfgs[0]
+    kind = c.get("lr_schedule", "constant")
+    words = f"Adam lr {c.get('lr', 0):g}, {kind}"
+    if c.get("warmup"):
+        words += f", {c['warmup']} warm-up steps"
+    if kind == "cosine":
+        words += f", down to {c.get('min_lr', 0):g}x at step {c.get('steps', 0) - 1}"
+    return words
