@@ -349,3 +349,31 @@ def test_fit_recovers_the_aux_rate_under_a_schedule() -> None:
     fit = fit_process(np.array(out), n, "aux_loss", lr_T=lr)
     # fitted per unit of the last 50 steps' learning rate: 0.02 per unit of lr
     assert fit.rate / lr[-50:].mean() == pytest.approx(0.02, rel=0.1)
+
+
+def test_fit_recovers_the_level_after_an_excursion() -> None:
+    # an AR(1) (rho 0.9) around a known level: the level is the mean of the last
+    # PULL_STEPS steps (up to the small fitted sharpening), so the last steps' excursion
+    # is left to revert
+    from moesim.validation.dynamics import PULL_STEPS
+
+    E, L = 16, 20
+    mu = np.log(np.linspace(1, 3, E))[None].repeat(L, 0)
+    mu = mu - mu.mean(-1, keepdims=True)
+    cfg = DynamicsConfig(persistence=0.9, drift=0.065)
+    proc = ParametricProcess(cfg, mu, mu, np.random.default_rng(7))
+    share = _shares_of(proc, 300, 10**8)
+    fit = fit_process(share, 10**8)
+    level = fit.mu_LE - fit.mu_LE.mean(-1, keepdims=True)
+    y = np.log(share[-PULL_STEPS:])
+    m = (y - y.mean(-1, keepdims=True)).mean(0)
+    # sharpening scales the spread per layer only: the same shape as that mean
+    unit = lambda a: a / a.std(-1, keepdims=True)  # noqa: E731
+    assert np.allclose(unit(level), unit(m), atol=1e-6)
+    # the AR(1)'s stationary sd is 0.065 / sqrt(1 - 0.81) = 0.15: the last step is off by
+    # about that, the mean of 100 steps (about 5 independent ones) by well under half
+    err, last = (
+        np.abs(level - mu).mean(),
+        np.abs(np.log(share[-1]) - np.log(share[-1]).mean(-1, keepdims=True) - mu).mean(),
+    )
+    assert err < 0.5 * last

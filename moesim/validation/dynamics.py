@@ -8,26 +8,44 @@ observed log-share ``y = log(load / sum load)`` is taken as ``mu + x + e``:
 ``x`` an AR(1) process (the :class:`~moesim.simulate.dynamics.ParametricProcess`
 with ``persistence`` rho and innovation sd ``drift``, each expert its own), ``e``
 the sampling noise of ``n`` assignments (variance ``(1 - p)/(n p)``, known).
-``mu`` is the mean of ``y`` over the last :data:`LEVEL_STEPS` fitted steps; each
+``mu`` (the level the AR(1) reverts to) is the mean of ``y`` over the last
+:data:`PULL_STEPS` fitted steps, each step's level sharpened as below; each
 expert's rho and variance of ``x`` come from its lag-0 and lag-1 autocovariances
-there with its noise variance taken off lag 0 (a few experts carry most of the
-variance: pooled over experts, the hot experts' spread was given to every
-expert). Per layer, the *sharpening* moves the level on: the spread of ``y``
-over experts (``std_E``) fitted as a straight line against the step over all
+about that level over the last :data:`LEVEL_STEPS` steps, its noise variance
+taken off lag 0 (a few experts carry most of the variance: pooled over experts,
+the hot experts' spread was given to every expert); a longer level window than
+the AR(1)'s lets an excursion of the last steps revert instead of becoming
+the level. Per layer, the *sharpening* moves the level on: the spread of ``y``
+over experts (``std_E``) fitted as a straight line against the clock over all
 fitted steps, its slope relative to the spread of the last :data:`LEVEL_STEPS`
-steps (Adam moves the router's weights at a roughly constant rate, so its
-logits' scale grows about linearly); runs without balancing grow more skewed
-as they train, which a fixed level cannot foresee. Runs balanced by ``bias`` or
-``aux_loss`` are fitted with that rule on: ``y - rate·C`` with ``C`` the rule's
-cumulative signal from the observed loads, ``rate`` by grid search
-(:data:`RATES`) as the value that leaves ``y - rate·C`` with the least variance
-(no trend left); the process is then fitted to ``y - rate·C``. The other
+steps (Adam moves the router's weights at a roughly constant rate per unit of
+learning rate, so its logits' scale grows about linearly in that time); runs
+without balancing grow more skewed as they train, which a fixed level cannot
+foresee. Runs balanced by ``bias`` or ``aux_loss`` are fitted with that rule on:
+``y - rate·C`` with ``C`` the rule's cumulative signal from the observed loads,
+``rate`` by grid search (:data:`RATES`) as the value that leaves ``y - rate·C``
+with the least variance (no trend left); the process is then fitted to
+``y - rate·C``. The other
 schemes' effects are part of what the process absorbs.
+
+*Clock*: where the trace records each step's learning rate (``lr``, the
+schedule the run was trained with: an input of training, known in advance, not
+a measured outcome), time is counted in learning-rate units relative to the
+rate of the last :data:`LEVEL_STEPS` fitted steps: the sharpening line is fitted
+against that clock, the ``aux_loss`` signal (a loss, acting through the
+optimiser) is weighted by it, and in the prediction the AR(1) is an
+Ornstein-Uhlenbeck process in that time (a step at half the rate moves half as
+far; :func:`moesim.simulate.dynamics.warp_ar1`). ``bias`` acts outside the
+optimiser at a fixed ``gamma``. Without an ``lr`` column the clock is the step.
 
 The rest of the run is then predicted from the fitted process alone (started
 at the last fitted step's shrunk state, never fed later steps): ``Q`` paths,
 each step's counts drawn ``Multinomial(n, softmax(z + b))``, the rule updating
-``b`` from those simulated counts. Per step, the drop
+``b`` from those simulated counts. The AR(1)'s innovations are the fitted
+window's own residuals, standardised per expert and resampled a whole ``[L, E]``
+row per step (:data:`INNOVATIONS`): an expert whose log-share swings far
+*down* (a share near zero) has a large log-variance that Gaussian innovations
+would also throw *up*, to twice the mean. Per step, the drop
 fraction at capacity factor ``cf`` (capacity ``ceil(cf·n/E)`` per expert, the
 whole step one capacity domain, as :func:`moesim.kernels.gating.expert_capacity`)
 and max/mean load, averaged over paths and layers, are compared with the same
@@ -50,8 +68,10 @@ from moesim.simulate.dynamics import ParametricProcess, shares_of, sharpen
 
 F64 = NDArray[np.float64]
 DEFAULT_TRACE = Path("results/dynamics/router-dynamics.parquet")
-#: fitted steps whose mean log-share is the process level mu
+#: last fitted steps the AR(1) (persistence, innovations) is fitted to
 LEVEL_STEPS = 50
+#: last fitted steps whose mean log-share is the level mu the AR(1) reverts to
+PULL_STEPS = 100
 #: Monte-Carlo paths of the prediction
 PATHS = 200
 #: innovations of the predicted AR(1): "bootstrap" (the fitted window's own standardised
@@ -122,13 +142,16 @@ def fit_process(share_TLE: F64, n: int, scheme: str = "none", lr_T: F64 | None =
         C = rule_steps(share_TLE, balancing, scale)
         rate = min(RATES, key=lambda r: _detrended_var(y - r * C))
     u = y - rate * C
-    mu = u[-W:].mean(0)
-    d = u[-W:] - mu
+    k = fit_sharpening(u, W, clock)
+    P = max(W, min(PULL_STEPS, T))  # the level: mean of the last P steps, sharpened per step
+    mu = u[-P:].mean(0)
+    cbar = clock[-P:].mean()
+    level_W = np.stack([sharpen(mu, np.maximum(1.0 + k * (c - cbar), 0.0)) for c in clock[-W:]])
+    d = u[-W:] - level_W
     noise = ((1.0 - share_TLE[-W:]) / np.maximum(n * share_TLE[-W:], 0.5)).mean(0)
     var_x = np.maximum((d * d).mean(0) - noise, VAR_FLOOR)
     rho = np.clip((d[1:] * d[:-1]).mean(0) / var_x, 0.0, 0.999) if W > 1 else np.zeros_like(mu)
-    k = fit_sharpening(u, W, clock)
-    lag = clock[-1] - clock[-W:].mean()  # the window's mean sits mid-window: move it to the end
+    lag = clock[-1] - cbar  # the window's mean sits mid-window: move it to the end
     level = sharpen(mu, np.maximum(1.0 + k * lag, 0.0))
     z0 = level + (var_x / (var_x + noise)) * d[-1]
     last = scale[-1] if balancing == "aux_loss" else 1.0
