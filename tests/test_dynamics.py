@@ -377,3 +377,19 @@ def test_fit_recovers_the_level_after_an_excursion() -> None:
         np.abs(np.log(share[-1]) - np.log(share[-1]).mean(-1, keepdims=True) - mu).mean(),
     )
     assert err < 0.5 * last
+
+
+def test_validate_reads_the_learning_rate_schedule(tmp_path: Path) -> None:
+    # a constant lr column is the step clock again; a decaying one changes the prediction
+    plain = _trace(tmp_path / "t.parquet")
+    table = pq.read_table(plain)
+    steps = np.asarray(table.column("step").to_pylist(), dtype=float)
+    for name, lr in (("const", np.full(len(steps), 1e-3)), ("decay", 1e-3 * 0.9**steps)):
+        pq.write_table(table.append_column("lr", pa.array(lr)), tmp_path / f"{name}.parquet")
+    base, const, decay = (
+        validate_dynamics(tmp_path / f"{n}.parquet", capacity_factors=(1.0,))["runs"]
+        for n in ("t", "const", "decay")
+    )
+    key = "predicted_max_mean"
+    assert [r[key] for r in const] == pytest.approx([r[key] for r in base], rel=1e-12)
+    assert [r[key] for r in decay] != pytest.approx([r[key] for r in base], rel=1e-6)
