@@ -249,3 +249,147 @@ def test_rebalancing_the_placement_follows_moving_loads() -> None:
     series = fresh.dynamics["series"]["gpu_imbalance"]
     # placed for step 0's hot experts, a stale placement is off once the bias evens them out
     assert np.mean(series[-20:]) < np.mean(stale[-20:])
+
+
+# -- learning-rate schedule, bootstrapped innovations ----------------------------------
+def test_lr_factor_by_hand() -> None:
+    from moesim.measure.router_train import TrainConfig, lr_factor
+
+    cfg = TrainConfig(steps=13, warmup=3, lr_schedule="cosine", min_lr=0.1)
+    # warm-up 1/3, 2/3, 1; then a half cosine over steps 3..12: mid (7.5) at 0.55, end 0.1
+    assert [lr_factor(cfg, s) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert lr_factor(cfg, 3) == pytest.approx(1.0)
+    assert lr_factor(cfg, 12) == pytest.approx(0.1)
+    assert (lr_factor(cfg, 7) + lr_factor(cfg, 8)) / 2 == pytest.approx(0.55, abs=0.02)
+    const = TrainConfig(steps=13, warmup=2)
+    assert [lr_factor(const, s) for s in (0, 1, 2, 12)] == pytest.approx([0.5, 1.0, 1.0, 1.0])
+
+
+def test_warped_ar1_by_hand() -> None:
+    from moesim.simulate.dynamics import warp_ar1
+
+    rho, sd = warp_ar1(0.5, 0.3, 2.0)  # two unit steps: rho², sd·sqrt(1 + rho²)
+    assert float(rho) == pytest.approx(0.25)
+    assert float(sd) == pytest.approx(0.3 * math.sqrt(1.25))
+    for s in (0.1, 0.5, 3.0):  # the stationary variance sd² / (1 - rho²) is kept
+        r, d = warp_ar1(np.array([0.0, 0.9]), np.array([0.2, 0.1]), s)
+        assert d**2 / (1 - r**2) == pytest.approx([0.04, 0.01 / 0.19])
+    r, d = warp_ar1(1.0, 0.1, 4.0)  # a random walk: variance grows with the time
+    assert float(r) == 1.0 and float(d) == pytest.approx(0.2)
+
+
+def test_zero_learning_rate_freezes_the_process() -> None:
+    cfg = DynamicsConfig(persistence=0.5, drift=0.3, sharpening=0.1, balancing="aux_loss")
+    cfg = cfg.model_copy(update={"aux_rate": 0.5})
+    mu = np.array([[1.0, -1.0]])
+    proc = ParametricProcess(cfg, mu, mu, np.random.default_rng(0), lr_scale=np.zeros(5))
+    for _ in range(5):
+        proc.observe(np.array([[3.0, 1.0]]))
+    assert proc.z.tolist() == [[1.0, -1.0]] and proc.b.tolist() == [[0.0, 0.0]]
+
+
+def test_bootstrapped_innovations_are_the_given_rows() -> None:
+    # rho 0, mu 0: each step's z is drift times one of the given rows, whole
+    rows = np.array([[[1.0, -1.0]], [[-3.0, 3.0]]])
+    cfg = DynamicsConfig(persistence=0.0, drift=0.5)
+    mu = np.zeros((1, 2))
+    proc = ParametricProcess(cfg, mu, mu, np.random.default_rng(1), innovations=rows)
+    seen = set()
+    for _ in range(20):
+        proc.step()
+        seen.add(tuple(proc.z[0].tolist()))
+    assert seen == {(0.5, -0.5), (-1.5, 1.5)}
+
+
+def test_standard_residuals_by_hand() -> None:
+    from moesim.validation.dynamics import standard_residuals
+
+    d = np.array([0.0, 1.0, 0.0, 1.0, 0.0])[:, None, None]  # rho 0: residuals 1, 0, 1, 0
+    e = standard_residuals(d, np.zeros((1, 1)))
+    assert e is not None and e.ravel().tolist() == pytest.approx([1.0, -1.0, 1.0, -1.0])
+    line = np.arange(5.0)[:, None, None]  # rho 1 on a line: constant residuals, no spread
+    e = standard_residuals(line, np.ones((1, 1)))
+    assert e is not None and not e.any()
+
+
+def _lr_cosine(T: int) -> np.ndarray:
+    return 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * np.arange(T) / (T - 1)))
+
+
+def test_fit_recovers_the_sharpening_in_learning_rate_time() -> None:
+    # the spread grows by k per unit of learning-rate time; the schedule decays it by 10x
+    k, T = 0.004, 200
+    lr = _lr_cosine(T)
+    mu = np.log(np.linspace(1, 4, 16))[None].repeat(2, 0)
+    cfg = DynamicsConfig(persistence=0.0, drift=0.01, sharpening=k)
+    proc = ParametricProcess(cfg, mu, mu, np.random.default_rng(4), lr_scale=lr)
+    share = _shares_of(proc, T, 10**7)
+    fit = fit_process(share, 10**7, lr_T=lr)
+    # relative to the last 50 steps' rate, seen from the last step's level
+    w = lr[-50:].mean()
+    clock = np.r_[0.0, np.cumsum(lr)[:-1]][-1]
+    want = k * w / (1 + k * clock)
+    assert fit.sharpening_L1.ravel() == pytest.approx(want, rel=0.15)
+    plain = fit_process(share, 10**7)  # counted in steps: the early fast growth read as now
+    assert plain.sharpening_L1.ravel().min() > 1.5 * want
+
+
+def test_fit_recovers_the_aux_rate_under_a_schedule() -> None:
+    cfg = DynamicsConfig(persistence=0.9, drift=0.02, balancing="aux_loss", aux_rate=0.02)
+    T, n = 200, 10**6
+    lr = _lr_cosine(T)
+    mu = np.log(np.linspace(1, 6, 16))[None].repeat(4, 0)
+    mu = mu - mu.mean(-1, keepdims=True)
+    proc = ParametricProcess(cfg, mu, mu, np.random.default_rng(5), lr_scale=lr)
+    rng, out = np.random.default_rng(6), []
+    for _ in range(T):
+        counts = rng.multinomial(n, proc.share()).astype(float)
+        out.append(counts / n)
+        proc.observe(counts)
+    fit = fit_process(np.array(out), n, "aux_loss", lr_T=lr)
+    # fitted per unit of the last 50 steps' learning rate: 0.02 per unit of lr
+    assert fit.rate / lr[-50:].mean() == pytest.approx(0.02, rel=0.1)
+
+
+def test_fit_recovers_the_level_after_an_excursion() -> None:
+    # an AR(1) (rho 0.9) around a known level: the level is the mean of the last
+    # PULL_STEPS steps (up to the small fitted sharpening), so the last steps' excursion
+    # is left to revert
+    from moesim.validation.dynamics import PULL_STEPS
+
+    E, L = 16, 20
+    mu = np.log(np.linspace(1, 3, E))[None].repeat(L, 0)
+    mu = mu - mu.mean(-1, keepdims=True)
+    cfg = DynamicsConfig(persistence=0.9, drift=0.065)
+    proc = ParametricProcess(cfg, mu, mu, np.random.default_rng(7))
+    share = _shares_of(proc, 300, 10**8)
+    fit = fit_process(share, 10**8)
+    level = fit.mu_LE - fit.mu_LE.mean(-1, keepdims=True)
+    y = np.log(share[-PULL_STEPS:])
+    m = (y - y.mean(-1, keepdims=True)).mean(0)
+    # sharpening scales the spread per layer only: the same shape as that mean
+    unit = lambda a: a / a.std(-1, keepdims=True)  # noqa: E731
+    assert np.allclose(unit(level), unit(m), atol=1e-6)
+    # the AR(1)'s stationary sd is 0.065 / sqrt(1 - 0.81) = 0.15: the last step is off by
+    # about that, the mean of 100 steps (about 5 independent ones) by well under half
+    err, last = (
+        np.abs(level - mu).mean(),
+        np.abs(np.log(share[-1]) - np.log(share[-1]).mean(-1, keepdims=True) - mu).mean(),
+    )
+    assert err < 0.5 * last
+
+
+def test_validate_reads_the_learning_rate_schedule(tmp_path: Path) -> None:
+    # a constant lr column is the step clock again; a decaying one changes the prediction
+    plain = _trace(tmp_path / "t.parquet")
+    table = pq.read_table(plain)
+    steps = np.asarray(table.column("step").to_pylist(), dtype=float)
+    for name, lr in (("const", np.full(len(steps), 1e-3)), ("decay", 1e-3 * 0.9**steps)):
+        pq.write_table(table.append_column("lr", pa.array(lr)), tmp_path / f"{name}.parquet")
+    base, const, decay = (
+        validate_dynamics(tmp_path / f"{n}.parquet", capacity_factors=(1.0,))["runs"]
+        for n in ("t", "const", "decay")
+    )
+    key = "predicted_max_mean"
+    assert [r[key] for r in const] == pytest.approx([r[key] for r in base], rel=1e-12)
+    assert [r[key] for r in decay] != pytest.approx([r[key] for r in base], rel=1e-6)

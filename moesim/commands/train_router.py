@@ -31,6 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=2, help="experts per token")
     parser.add_argument("--batch", type=int, default=16, help="sequences per step")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
+    parser.add_argument("--lr", type=float, default=3e-3, help="Adam peak learning rate")
+    parser.add_argument(
+        "--lr-schedule",
+        default="constant",
+        choices=("constant", "cosine"),
+        help="constant, or cosine: linear warm-up then a half cosine to --min-lr x peak",
+    )
+    parser.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    parser.add_argument(
+        "--min-lr", type=float, default=0.1, help="cosine: last step's lr / peak (default 0.1)"
+    )
     parser.add_argument("--aux-coef", type=float, default=0.01, help="aux_loss coefficient")
     parser.add_argument("--z-coef", type=float, default=1e-3, help="z_loss coefficient")
     parser.add_argument("--gamma", type=float, default=1e-2, help="bias update speed")
@@ -53,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     base = TrainConfig(
         steps=args.steps, layers=args.layers, experts=args.experts, top_k=args.top_k,
         batch=args.batch, seq_len=args.seq_len, aux_coef=args.aux_coef, z_coef=args.z_coef,
-        gamma=args.gamma, threads=args.threads,
+        gamma=args.gamma, threads=args.threads, lr=args.lr, lr_schedule=args.lr_schedule,
+        warmup=args.warmup, min_lr=args.min_lr,
     )  # fmt: skip
     for s in schemes:
         TrainConfig(**{**base.__dict__, "scheme": s}).check()

@@ -11,6 +11,10 @@ prediction on a synthetic language: a Zipf-distributed vocabulary and a sparse
 random Markov chain (each token has 8 likely successors), so tokens are unequal
 in frequency and routing has something to specialise on.
 
+The optimiser is Adam at ``lr``, constant or (``lr_schedule="cosine"``) a linear
+warm-up over ``warmup`` steps then a half cosine down to ``min_lr·lr`` at the
+last step (:func:`lr_factor`), as large-model training runs are scheduled.
+
 Balancing schemes (:data:`SCHEMES`): ``none``; ``aux_loss`` (the Switch / Mixtral
 loss, coefficient ``aux_coef``); ``z_loss`` (ST-MoE, ``z_coef``); ``bias``
 (DeepSeek-V3's auxiliary-loss-free rule on a sigmoid router: after every step
@@ -43,6 +47,7 @@ from moesim.errors import UserError
 from moesim.kernels.experts import ExpertWeights, moe_forward
 
 SCHEMES = ("none", "aux_loss", "z_loss", "bias", "expert_choice")
+LR_SCHEDULES = ("constant", "cosine")
 META_KEY = b"moesim"
 
 
@@ -62,6 +67,9 @@ class TrainConfig:
     batch: int = 16
     seq_len: int = 64
     lr: float = 3e-3
+    lr_schedule: str = "constant"
+    warmup: int = 0
+    min_lr: float = 0.1
     aux_coef: float = 0.01
     z_coef: float = 1e-3
     gamma: float = 1e-2
@@ -75,6 +83,12 @@ class TrainConfig:
             raise UserError(f"--top-k {self.top_k}: must be in 1..--experts ({self.experts})")
         if self.steps < 1 or self.layers < 1 or self.experts < 2:
             raise UserError("--steps and --layers must be >= 1 and --experts >= 2")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(
+                f"--lr-schedule {self.lr_schedule!r}: unknown; allowed: {', '.join(LR_SCHEDULES)}"
+            )
+        if not 0 <= self.warmup < self.steps or not 0.0 <= self.min_lr <= 1.0:
+            raise UserError("--warmup must be in 0..--steps-1 and --min-lr in 0..1")
 
     @property
     def run_id(self) -> str:
@@ -168,6 +182,22 @@ class TinyMoE(nn.Module):
         return self.head(self.norm(x)), loads, extra
 
 
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of ``step`` relative to ``cfg.lr``.
+
+    ``constant``: 1 (after the warm-up). ``cosine``: linear warm-up over
+    ``warmup`` steps (``(step + 1) / warmup``), then a half cosine from 1 down to
+    ``min_lr`` at the last step.
+    """
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    span = max(cfg.steps - 1 - cfg.warmup, 1)
+    frac = min((step - cfg.warmup) / span, 1.0)
+    return cfg.min_lr + (1.0 - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
 def bias_update(bias_E: Tensor, load_E: Tensor, gamma: float) -> Tensor:
     """DeepSeek-V3's rule: ``b_i + gamma·sign(mean load - load_i)`` (new tensor)."""
     load = load_E.to(torch.float64)
@@ -185,6 +215,8 @@ def train_run(cfg: TrainConfig, advance: Callable[[], None] | None = None) -> li
     spec = cfg.spec()
     rows: list[dict[str, Any]] = []
     for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(cfg, step)
         ids = data.batch()
         logits, loads, extra = model(ids[:, :-1], spec)
         ce = F.cross_entropy(logits.reshape(-1, cfg.vocab), ids[:, 1:].reshape(-1))
@@ -215,6 +247,7 @@ def _row(
         "load": [int(v) for v in load_E.tolist()],
         "loss": loss,
         "bias_range": float(bias_E.max() - bias_E.min()),
+        "lr": cfg.lr * lr_factor(cfg, step),
     }
 
 

@@ -104,7 +104,8 @@ def print_dynamics_validation(report: dict[str, Any]) -> None:
         caption=f"ok: |drop error| <= {tol['drop_pp']} pp and |max/mean error| <= "
         f"{100 * tol['max_mean']:.0f} % (means over the predicted steps); [95 %]: the predicted "
         "paths' spread of that mean; step MAE / MAPE: per-step errors; rho, drift: medians "
-        "over experts; sharpen: growth of the level's spread per 100 steps; drop fit end: "
+        "over experts; sharpen: growth of the level's spread per 100 steps at the fit's "
+        "learning rate; drop fit end: "
         f"measured over the last {report['level_steps']} fitted steps",
         caption_justify="left",
     )
@@ -151,4 +152,7 @@ def print_dynamics_validation(report: dict[str, Any]) -> None:
             f"drop itself moved by more than {tol['drop_pp']} pp from the fit's last "
             f"{report['level_steps']} steps to the rest in {moved}/{len(rows)}"
         )
-    console.print(f"trace {report['trace']}")
+    console.print(
+        f"trace {report['trace']} ({report.get('schedule', 'unknown')}); AR(1) innovations: "
+        f"{report.get('innovations', 'gaussian')}"
+    )

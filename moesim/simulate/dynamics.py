@@ -115,6 +115,8 @@ class ParametricProcess:
         persistence: F64 | float | None = None,
         drift: F64 | float | None = None,
         sharpening: F64 | float | None = None,
+        lr_scale: F64 | None = None,
+        innovations: F64 | None = None,
     ) -> None:
         self.cfg, self.mu, self.z, self.rng = cfg, mu_LE, z0_LE.copy(), rng
         self.b = (
@@ -124,25 +126,73 @@ class ParametricProcess:
         self.sd = cfg.drift if drift is None else drift
         self.k = cfg.sharpening if sharpening is None else sharpening
         self.mu0, self.t = mu_LE, 0
+        self.lr_scale = None if lr_scale is None else np.asarray(lr_scale, dtype=np.float64)
+        self.clock = 0.0  # learning-rate time: sum of lr_scale over the steps taken
+        self.innov = innovations
+
+    def scale(self) -> float:
+        """Learning rate of the coming step relative to the fitted one (1 without a schedule)."""
+        if self.lr_scale is None or len(self.lr_scale) == 0:
+            return 1.0
+        return float(self.lr_scale[min(self.t, len(self.lr_scale) - 1)])
 
     def share(self) -> F64:
         """``[L, E]`` popularity of this step (sums to 1 per layer)."""
         return softmax(self.z + self.b)
 
     def observe(self, load_LE: F64) -> None:
-        """Apply the balancing rule to this step's loads, then move the popularity one step."""
+        """Apply the balancing rule to this step's loads, then move the popularity one step.
+
+        ``aux_loss`` acts through the optimiser, so its rate follows ``lr_scale``;
+        ``bias`` is applied outside it (its ``gamma`` is not scheduled).
+        """
         c = self.cfg
         rule = RULES.get(c.balancing)
-        if rule is not None:
+        if c.balancing == "aux_loss":
+            self.b = aux_update(self.b, load_LE, c.aux_rate * self.scale())
+        elif rule is not None:
             self.b = rule(self.b, load_LE, c)
         self.step()
 
     def step(self) -> None:
-        """Move the popularity one step (level sharpened, AR(1) drawn), no rule."""
+        """Move the popularity one step (level sharpened, AR(1) drawn), no rule.
+
+        With ``lr_scale`` the step covers ``s`` units of learning-rate time: the
+        level sharpens by ``k·s`` and the AR(1) is an Ornstein-Uhlenbeck process in
+        that time, ``rho**s`` and innovation sd ``drift·sqrt((1 - rho**2s) / (1 - rho**2))``
+        (its stationary spread kept; ``s = 1`` is the plain AR(1)).
+        """
+        s = self.scale()
         self.t += 1
-        self.mu = sharpen(self.mu0, np.maximum(1.0 + self.k * self.t, 0.0))
-        noise = self.sd * self.rng.standard_normal(self.z.shape)
-        self.z = self.mu + self.rho * (self.z - self.mu) + noise
+        self.clock += s
+        self.mu = sharpen(self.mu0, np.maximum(1.0 + self.k * self.clock, 0.0))
+        rho, sd = warp_ar1(self.rho, self.sd, s)
+        noise = sd * self.draw()
+        self.z = self.mu + rho * (self.z - self.mu) + noise
+
+    def draw(self) -> F64:
+        """Standard innovations of ``z``'s shape: ``N(0, 1)``, or resampled ``innovations``.
+
+        ``innovations [N, L, E]`` (standardised per layer and expert): each step
+        takes one of the ``N`` whole ``[L, E]`` rows per leading index, so the
+        experts' joint shape (skew, tails, co-movement) is kept.
+        """
+        if self.innov is None:
+            return self.rng.standard_normal(self.z.shape)
+        idx = self.rng.integers(len(self.innov), size=self.z.shape[:-2])
+        return np.broadcast_to(self.innov[idx], self.z.shape)
+
+
+def warp_ar1(rho: F64 | float, sd: F64 | float, s: float) -> tuple[F64, F64]:
+    """One step of ``s`` time units of the OU process whose unit step is AR(1) ``(rho, sd)``."""
+    r = np.asarray(rho, dtype=np.float64)
+    sd_ = np.asarray(sd, dtype=np.float64)
+    if s == 1.0:
+        return r, sd_
+    rs = r**s
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(r < 1.0, (1.0 - rs * rs) / np.maximum(1.0 - r * r, 1e-300), s)
+    return rs, sd_ * np.sqrt(np.maximum(ratio, 0.0))
 
 
 def sharpen(mu_LE: F64, factor: F64 | float) -> F64:
