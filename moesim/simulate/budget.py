@@ -8,7 +8,9 @@ micro-batch). :func:`estimate` prices a scenario with coefficients fitted to
 58 layers, 1 to 8 micro-batches, 64 or 256 experts, EP 8 or 64; and the report's
 PP16 DualPipe layout at 2,048 to 8,192 GPUs with 32 or 64 micro-batches; CPU
 seconds and peak RSS of a fresh process on the quiet 2-core VM, 2026-12-03). On
-those 13 runs the time estimate is within 0.92-1.06x of the measurement (the
+those 13 runs the time estimate is within 0.92-1.06x of the measurement (a later
+``sim_speed.py`` run: 0.73-1.27x from 64 to 8,192 GPUs, 2.4x for a 0.3 s 8-GPU step;
+the VM moves such timings by about 25 % between runs) (the
 per-local-expert term rests on two runs: 2,048 GPUs at EP 8, 168 s, and 64
 experts at EP 64). The memory estimate is within 0.98-1.14x for one stage,
 except 8 micro-batches (1.42x), and the pipeline runs' peak is over-estimated
