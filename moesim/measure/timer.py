@@ -2,8 +2,8 @@
 
 * CPU: blocks of calls, each sample a block's per-call mean, the stopping rule of
   ``torch.utils.benchmark.Timer.adaptive_autorange`` (at least the budget and
-  four blocks, then until the samples' IQR / median is under 0.1, at most three
-  budgets), with a fixed torch thread count. The block size comes from the
+  four blocks, then until the samples' IQR / median is under 0.1, at most
+  :data:`CPU_MAX_BUDGETS` budgets), with a fixed torch thread count. The block size comes from the
   warm-up's calls (a block lasts about :data:`CPU_BLOCK_S`, so the clock read is
   1e-4 of it) instead of torch's own estimate, which runs up to eleven more calls
   of every case (a quarter of a quick bench here); with

@@ -52,6 +52,25 @@ def ffn_gemms(D: int, F: int) -> list[Gemm]:
     return [(2 * F, D, "col"), (D, F, "row")]
 
 
+def lm_head_gemms(m: ModelConfig) -> list[Gemm]:
+    """The LM head (vocabulary-parallel columns); none without a vocabulary."""
+    return [(m.vocab_size, m.hidden_size, "col")] if m.vocab_size else []
+
+
+def mtp_proj_gemms(D: int) -> list[Gemm]:
+    """One MTP depth's ``eh_proj``: ``[T, 2D] x [2D, D]``."""
+    return [(D, 2 * D, "col")]
+
+
+def sharded(gemm: Gemm, T: float, tp: int) -> tuple[float, float, float]:
+    """``(m, n, k)`` one TP rank multiplies: its group's ``tp * T`` rows through ``1/tp``
+    of the weight, the output columns of a "col" GEMM, the input rows of a "row" one
+    (the FLOPs of ``T`` rows through the whole weight)."""
+    n, k, split = gemm
+    n_r, k_r = (n / tp, k) if split == "col" else (n, k / tp)
+    return T * tp, max(n_r, 1.0), max(k_r, 1.0)
+
+
 def attention_core(m: ModelConfig, T: float, b: float, *, causal: bool) -> tuple[float, float]:
     """``(flops, bytes)`` of one layer's ``softmax(QK^T)V`` for ``T`` tokens (layer mean).
 

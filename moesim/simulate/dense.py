@@ -47,31 +47,37 @@ def _attention(scn: Scenario, cost: CostModel) -> tuple[float, float]:
     causal = scn.workload.mode != "decode"
     cf, cb = ops.attention_core(m, T, b, causal=causal)
     core_dt = "bf16" if dt == "fp8" else dt
-    proj = _gemms_s(scn, cost, ops.attention_gemms(d, m.hidden_size))
-    if proj is None:
-        pf, pb = ops.attention_proj(d, m.hidden_size, T, b)
-        proj = float(cost.dense_s(pf, pb, dt))
+    pf, pb = ops.attention_proj(d, m.hidden_size, T, b)
+    proj = _gemms_or_flops(scn, cost, ops.attention_gemms(d, m.hidden_size), pf, pb)
     core = float(cost.dense_s(cf, cb, core_dt))
     return proj + core, core
 
 
 def _gemms_s(scn: Scenario, cost: CostModel, gemms: list[ops.Gemm]) -> float | None:
-    """Seconds of a layer's GEMMs by their shapes on the profile's measured GEMM table
-    (None: no table for the model's dtype; the caller prices the FLOPs instead).
-
-    With TP a rank runs its group's ``tp * T`` rows through ``1/tp`` of each weight:
-    the output columns of a "col" GEMM, the input rows of a "row" one (the same
-    FLOPs as ``T`` rows through the whole weight, at the sharded shape's rate).
-    """
+    """Seconds of a layer's GEMMs at their TP-sharded shapes (:func:`ops.sharded`) on
+    the profile's measured GEMM table (None: no table for the model's dtype; the
+    caller prices the FLOPs instead)."""
     dt = scn.model.dtype
     if not cost.has_gemm_table(dt):
         return None
     tp, T = scn.parallel.tp, scn.workload.tokens_per_gpu
-    total = 0.0
-    for n, k, split in gemms:
-        n_r, k_r = (n / tp, k) if split == "col" else (n, k / tp)
-        total += float(cost.gemm_s(T * tp, max(n_r, 1.0), max(k_r, 1.0), dt))
-    return total
+    return sum(float(cost.gemm_s(*ops.sharded(g, T, tp), dt)) for g in gemms)
+
+
+def _gemms_or_flops(
+    scn: Scenario,
+    cost: CostModel,
+    gemms: list[ops.Gemm],
+    flops: float,
+    nbytes: float,
+    copies: int = 1,
+) -> float:
+    """``copies`` x the GEMMs on the measured table, else ``copies`` x (``flops``,
+    ``nbytes``) as one op on the dense fit or the spec roofline."""
+    on_table = _gemms_s(scn, cost, gemms)
+    if on_table is not None:
+        return copies * on_table
+    return float(cost.dense_s(copies * flops, copies * nbytes, scn.model.dtype))
 
 
 def _norm_tokens(scn: Scenario) -> float:
@@ -83,11 +89,12 @@ def _ffn_s(scn: Scenario, cost: CostModel, F: int, copies: int = 1) -> float:
     """A dense SwiGLU FFN (shared expert, dense layer) on T tokens, activation included."""
     m, T = scn.model, scn.workload.tokens_per_gpu
     b = DTYPE_BYTES[m.dtype]
-    gemm = _gemms_s(scn, cost, ops.ffn_gemms(m.hidden_size, F * copies))
+    D = m.hidden_size
+    flops, nbytes = float(work.expert_flops(T, D, F)), float(work.expert_bytes(T, D, F, b))
+    # the copies side by side: one FFN of copies x F (the table), copies x the FLOPs (else)
+    gemm = _gemms_s(scn, cost, ops.ffn_gemms(D, F * copies))
     if gemm is None:
-        gemm = float(cost.dense_s(work.expert_flops(T, m.hidden_size, F) * copies,
-                                  work.expert_bytes(T, m.hidden_size, F, b) * copies,
-                                  m.dtype))  # fmt: skip
+        gemm = float(cost.dense_s(flops * copies, nbytes * copies, m.dtype))
     act = cost.memory_s("activation", ops.swiglu_bytes(T * copies, F, b))
     return float(gemm + act)
 
@@ -100,13 +107,12 @@ def _head_s(scn: Scenario, cost: CostModel) -> float:
     b, D = DTYPE_BYTES[m.dtype], m.hidden_size
     hf, hb = ops.lm_head(m, T, b)
     heads = 1 + m.mtp_num_layers
-    one = _gemms_s(scn, cost, [(m.vocab_size, D, "col")])
-    flat = one is None
-    gemm = float(cost.dense_s(hf * heads, hb * heads, m.dtype)) if flat else heads * (one or 0.0)
+    gemm = _gemms_or_flops(scn, cost, ops.lm_head_gemms(m), hf, hb, heads)
     mem = float(cost.memory_s("loss", ops.loss_bytes(m, T, b) * heads))
     mem += float(cost.memory_s("embedding", ops.embedding_bytes(m, T, b) * heads))
-    if m.mtp_num_layers:  # eh_proj: [T, 2D] x [2D, D]
-        gemm += float(cost.dense_s(m.mtp_num_layers * 4.0 * T * D * D, 2 * D * D * b, m.dtype))
+    if m.mtp_num_layers:  # each depth's eh_proj
+        mtp = ops.mtp_proj_gemms(D)
+        gemm += _gemms_or_flops(scn, cost, mtp, 4.0 * T * D * D, 2 * D * D * b, m.mtp_num_layers)
     return gemm + mem
 
 

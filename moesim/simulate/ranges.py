@@ -36,13 +36,11 @@ def out_of_range(scn: Scenario, hw: HardwareProfile) -> list[dict[str, Any]]:
     add("gate", "gemm.bf16", m=T, n=E, k=D)
     table = f"gemm.{m.dtype}"
     if table in hw.calibration.ranges:  # the dense GEMMs priced by shape (simulate/dense.py)
-        tp = par.tp
         shapes = ops.attention_gemms(m.dense, D) if m.dense is not None else []
-        for phase, gemms in (("dense", shapes), ("head", [(m.vocab_size or 0, D, "col")])):
-            for n, k, split in gemms:
-                n_r, k_r = (n / tp, k) if split == "col" else (n, k / tp)
-                if n_r > 0:
-                    add(phase, table, m=T * tp, n=n_r, k=k_r)
+        for phase, gemms in (("dense", shapes), ("head", ops.lm_head_gemms(m))):
+            for g in gemms:
+                mq, nq, kq = ops.sharded(g, T, par.tp)
+                add(phase, table, m=mq, n=nq, k=kq)
     per_expert = T * ep * K / E
     fam = next((f for f in hw.calibration.ranges if f == f"experts.{m.dtype}"), None)
     if fam is None:
