@@ -37,7 +37,8 @@ def test_one_f_one_b_order_by_hand() -> None:
 
 @pytest.mark.parametrize("wait_sends", [True, False])
 def test_pipeline_equals_one_process_and_a_wrong_gradient_is_caught(wait_sends: bool) -> None:
-    """pp 2 x dp 2 on gloo: losses and all-reduced gradients equal the one-process model."""
+    """pp 2 x dp 2 on gloo, tied embeddings: losses and all-reduced gradients (data-parallel
+    and embedding group) equal the one-process model."""
     case = replace(pv.tiny_case(), wait_sends=wait_sends)
     m = run_pipeline(case, steps=1, warmup=0, timeout_s=120)
     assert m.max_rel_error < 1e-4
@@ -90,6 +91,18 @@ def test_gradient_sync_runs_from_the_last_replica_s_arrival() -> None:
     assert [p["grad_sync"] for p in parts] == pytest.approx([1.0, 0.5, 1.0, 0.5])
     assert parts[0]["bubble"] == pytest.approx(2.0) and parts[2]["bubble"] == 0.0
     assert all(sum(p[k] for k in PARTS) == pytest.approx(p["step"]) for p in parts)
+
+
+def test_embedding_sync_runs_from_the_other_stage_s_arrival() -> None:
+    """pp 2 x dp 1, tied embeddings: rank 1 reaches the embedding all-reduce at 8, rank 0
+    at 12, both leave at 13: 1 s of sync each, rank 1's wait 8..12 is bubble."""
+    r0 = _log([("B", 0, 0.0, 12.0), ("sync", -1, 12.0, 12.0), ("emb_sync", -1, 12.0, 13.0)],
+              0.0, 13.0)  # fmt: skip
+    r1 = _log([("B", 0, 0.0, 8.0), ("sync", -1, 8.0, 8.0), ("emb_sync", -1, 8.0, 13.0)],
+              0.0, 13.0)  # fmt: skip
+    p0, p1 = step_parts([r0, r1], stages=2)
+    assert p0["grad_sync"] == pytest.approx(1.0) and p1["grad_sync"] == pytest.approx(1.0)
+    assert p0["bubble"] == pytest.approx(0.0) and p1["bubble"] == pytest.approx(4.0)
 
 
 def test_p2p_and_allreduce_fits_recover_their_lines() -> None:

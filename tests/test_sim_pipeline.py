@@ -275,3 +275,28 @@ def test_a_measured_all_reduce_prices_a_dp_group_inside_a_node() -> None:
     fitted = simulate(scenario(*two_nodes), with_collectives(hardware(gpus_per_node=1), **fits))
     assert fitted.phases_s["grad_sync"] == pytest.approx(spec.phases_s["grad_sync"], rel=1e-9)
     assert fitted.phases_s["grad_sync"] != pytest.approx(sync, rel=1e-3)
+
+
+def test_tied_embeddings_all_reduce_between_the_first_and_last_stage() -> None:
+    """pp 2 (1F1B), dp 1, tied embeddings of 512 x 64: after the step the two stages
+    all-reduce the table's fp32 gradient, ``50 us + 512 x 64 x 4 B / 1 GB/s`` by the
+    measured fit. Rank 1 finishes first and waits for rank 0 (bubble, as without the
+    embedding); the all-reduce is exposed on both and adds its time to the step.
+    DualPipeV holds both ends on one rank: nothing to exchange."""
+    tied = ("model.vocab_size=512", "model.tie_word_embeddings=true")
+    hw = with_collectives(hardware(FREE_SENDS, gpus_per_node=2), all_reduce__2=(50.0, 1.0))
+    base = simulate(_scn(2, 2, "1f1b", "model.vocab_size=512"), hw)
+    res = simulate(_scn(2, 2, "1f1b", *tied), hw)
+    ar = 50e-6 + 512 * 64 * 4 / 1e9
+    assert res.step_time_s == pytest.approx(base.step_time_s + ar, rel=1e-9)
+    assert res.phases_s["grad_sync"] == pytest.approx(ar, rel=1e-9)
+    for which in ("mean", "critical_gpu"):
+        got, was = res.step_breakdown_s[which], base.step_breakdown_s[which]
+        assert got["exposed_dp"] == pytest.approx(ar, rel=1e-9)
+        assert got["bubble"] == pytest.approx(was["bubble"], rel=1e-9)
+    # a ring of two: each GPU sends half the table twice
+    assert res.bytes_per_gpu["by_kind"]["dp"]["scaleup"] == pytest.approx(512 * 64 * 4)
+    v_base = simulate(_scn(2, 4, "dualpipev", "model.vocab_size=512"), hw)
+    v_tied = simulate(_scn(2, 4, "dualpipev", *tied), hw)
+    assert v_tied.step_time_s == pytest.approx(v_base.step_time_s, rel=1e-12)
+    assert v_tied.step_breakdown_s["mean"]["exposed_dp"] == 0.0

@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pipeline",
         action="store_true",
-        help="a real 2-stage 1F1B pipeline (pp 2 x dp 2 gloo ranks) predicted by parts",
+        help="a real 2-stage 1F1B pipeline (pp 2 gloo ranks, tied embeddings) predicted by parts",
     )
     parser.add_argument(
         "--only", default=None, metavar="TEXT", help="published rows whose id contains TEXT"

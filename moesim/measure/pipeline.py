@@ -3,17 +3,24 @@
 ``stages x dp`` ranks (rank ``r`` = replica ``r // stages``, stage ``r % stages``).
 Each stage holds ``layers_per_stage`` MoE layers (router, permute, SwiGLU experts,
 unpermute: the kernels of :mod:`moesim.kernels`, fp32, every expert on the rank:
-EP = 1). The first stage's inputs require grad, as an embedding's output does, so
-its backward computes the input gradients as every other stage's does (and as
-the simulator prices every stage). One step runs ``micro_batches`` micro-batches
+EP = 1). With ``vocab`` the model has tied word embeddings, as Megatron-Core runs
+them under a pipeline: the first stage looks token ids up in a ``vocab x hidden``
+table, the last stage multiplies its output by its own copy of that table (the LM
+head) and takes the cross-entropy, and after the step's data-parallel sync the
+two copies' gradients are all-reduced over the *embedding group* (the first and
+last stage of each replica: ``_allreduce_word_embedding_grads`` of
+``finalize_model_grads``). Without ``vocab`` the first stage's inputs are random
+activations that require grad, as an embedding's output does, and the loss is
+their mean square. One step runs ``micro_batches`` micro-batches
 of ``tokens`` tokens per replica through the stages in the 1F1B order of Megatron-Core
 (``forward_backward_pipelining_without_interleaving``): stage ``s`` runs
 ``stages - s - 1`` warm-up forwards, then one forward and one backward in turn,
 then the remaining backwards. Activations go forward and their gradients back
 with real ``isend`` / blocking ``recv`` (gloo), the backward is autograd's, and
-after the last backward each stage all-reduces (sum) its router gradients, then
-its expert gradients, over its ``dp`` replicas (Megatron's DDP without the
-distributed optimizer and without overlap).
+after the last backward each stage all-reduces (sum) its router (and embedding)
+gradients, then its expert gradients, over its ``dp`` replicas (Megatron's DDP
+without the distributed optimizer and without overlap), then the embedding group
+all-reduces the tied embedding's gradient.
 
 Parts, per rank, from wall clocks (``perf_counter``: ``CLOCK_MONOTONIC``, the same
 clock in every local process, so send and receive times can be matched):
@@ -23,9 +30,9 @@ clock in every local process, so send and receive times can be matched):
 - ``sends``: exposed point-to-point time: for each receive, from the later of the
   receive's start and the matching send's start to the data's arrival (a send
   is asynchronous for the sender);
-- ``grad_sync``: the gradient all-reduces, from the last replica of the stage
-  reaching them (before that a replica waits for the other's last backward: bubble,
-  as the wait before a send starts is);
+- ``grad_sync``: the gradient all-reduces, each from the last member of its group
+  reaching it (before that a rank waits for the other's last backward: bubble, as
+  the wait before a send starts is);
 - ``bubble``: the rest of the step (waiting for the other stage, before a send
   started, and for the slowest rank at the end).
 
@@ -56,6 +63,8 @@ from moesim.measure.ep_layer import EPCase, EPWeights, gate, make_weights
 from moesim.measure.ep_probe import ComputeGap, keep_freed_memory, pin_rank, usable_cores
 
 PARTS = ("forward", "backward", "sends", "bubble", "grad_sync")
+#: a DP all-reduce, an embedding-group all-reduce (event kinds of :class:`StepLog`)
+SYNC_KINDS = ("sync", "emb_sync")
 #: relative tolerance of the pipeline's results against the single-process reference
 TOLERANCE = 1e-4
 
@@ -74,6 +83,9 @@ class PipeCase:
     num_experts: int = 8
     top_k: int = 2
     seed: int = 0
+    #: tied word embeddings of ``vocab`` tokens (first stage: lookup, last: LM head and
+    #: cross-entropy, gradients all-reduced over the embedding group); 0: none
+    vocab: int = 0
     #: finish the sends in flight before the next pass computes (after its receive, as
     #: Megatron's ``send_forward_recv_backward`` pairs them): gloo moves the bytes with
     #: the sender's CPU, and a send left beside the next pass's compute on the same
@@ -95,7 +107,19 @@ class PipeCase:
         return (
             f"pp{self.stages} dp{self.dp} L{self.layers_per_stage}/stage m{self.micro_batches} "
             f"T{self.tokens} D{self.hidden} F{self.ffn} E{self.num_experts} k{self.top_k}"
+            + (f" V{self.vocab} tied" if self.vocab else "")
         )
+
+    def embedding_groups(self) -> list[list[int]]:
+        """Each replica's first and last stage (empty without tied embeddings)."""
+        if not self.vocab:
+            return []
+        S = self.stages
+        return [[d * S, d * S + S - 1] for d in range(self.dp)]
+
+    def dp_groups(self) -> list[list[int]]:
+        """Each stage's data-parallel replicas."""
+        return [[d * self.stages + s for d in range(self.dp)] for s in range(self.stages)]
 
 
 def check_case(case: PipeCase) -> None:
@@ -107,6 +131,8 @@ def check_case(case: PipeCase) -> None:
         raise UserError(f"pipeline stages = {case.stages}: a pipeline needs >= 2 stages")
     if case.top_k > case.num_experts:
         raise UserError(f"top_k = {case.top_k}: must be <= num_experts ({case.num_experts})")
+    if case.vocab < 0:
+        raise UserError(f"pipeline vocab = {case.vocab}: must be >= 0 (0: no embeddings)")
 
 
 # -- the model ---------------------------------------------------------------------------
@@ -156,9 +182,21 @@ def run_stage(x_TD: torch.Tensor, ws: list[EPWeights], case: PipeCase) -> torch.
     return x_TD
 
 
-def loss_of(out_TD: torch.Tensor) -> torch.Tensor:
-    """The last stage's loss: mean square of the output."""
-    return out_TD.square().mean()
+def embedding(case: PipeCase) -> torch.Tensor:
+    """The tied ``[vocab, hidden]`` table (standard normal, seeded; requires grad)."""
+    g = torch.Generator().manual_seed(case.seed * 7919 + 17)
+    return torch.randn(case.vocab, case.hidden, generator=g).requires_grad_(True)
+
+
+def loss_of(
+    out_TD: torch.Tensor, emb_VD: torch.Tensor | None = None, targets_T: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The last stage's loss: cross-entropy of the tied LM head's logits, or (no
+    embeddings) the mean square of the output."""
+    if emb_VD is None:
+        return out_TD.square().mean()
+    assert targets_T is not None
+    return torch.nn.functional.cross_entropy(out_TD @ emb_VD.t(), targets_T)
 
 
 def micro_batch(case: PipeCase, replica: int, mb: int) -> torch.Tensor:
@@ -167,29 +205,58 @@ def micro_batch(case: PipeCase, replica: int, mb: int) -> torch.Tensor:
     return torch.randn(case.tokens, case.hidden, generator=g)
 
 
+def token_ids(case: PipeCase, replica: int, mb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids_T, targets_T)`` of a micro-batch with embeddings (uniform, seeded)."""
+    g = torch.Generator().manual_seed(case.seed * 1_000_003 + replica * 1009 + mb + 1)
+    ids = torch.randint(case.vocab, (2, case.tokens), generator=g)
+    return ids[0], ids[1]
+
+
 @dataclass(frozen=True)
 class Reference:
     """Single-process results: losses ``[dp][m]`` and summed gradients per stage."""
 
     losses: list[list[float]]
-    grads: list[list[torch.Tensor]]  # per stage: dense_params then expert_params
+    grads: list[list[torch.Tensor]]  # per stage: its params (:func:`stage_params`)
+
+
+def holds_embedding(case: PipeCase, stage: int) -> bool:
+    return bool(case.vocab) and stage in (0, case.stages - 1)
+
+
+def stage_params(
+    case: PipeCase, stage: int, ws: list[EPWeights], emb_VD: torch.Tensor | None
+) -> list[list[torch.Tensor]]:
+    """A stage's parameters as its gradient buffers hold them: non-expert (the
+    embedding copy, if the stage holds one, then the routers), then the experts'."""
+    emb = [emb_VD] if emb_VD is not None and holds_embedding(case, stage) else []
+    return [emb + dense_params(ws), expert_params(ws)]
 
 
 def reference(case: PipeCase) -> Reference:
-    """Every replica's micro-batches through all layers in one process, gradients summed."""
+    """Every replica's micro-batches through all layers in one process, gradients summed
+    (one embedding table: its gradient is the sum the embedding group's all-reduce makes)."""
     stages = [stage_weights(case, s) for s in range(case.stages)]
+    emb = embedding(case) if case.vocab else None
     losses = []
     for d in range(case.dp):
         row = []
         for i in range(case.micro_batches):
-            x = micro_batch(case, d, i)
+            if emb is None:
+                x, targets = micro_batch(case, d, i), None
+            else:
+                ids, targets = token_ids(case, d, i)
+                x = torch.nn.functional.embedding(ids, emb)
             for ws in stages:
                 x = run_stage(x, ws, case)
-            loss = loss_of(x)
+            loss = loss_of(x, emb, targets)
             loss.backward()
             row.append(float(loss.detach()))
         losses.append(row)
-    grads = [[_grad(p) for p in dense_params(ws) + expert_params(ws)] for ws in stages]
+    grads = [
+        [_grad(p) for part in stage_params(case, s, ws, emb) for p in part]
+        for s, ws in enumerate(stages)
+    ]
     return Reference(losses, grads)
 
 
@@ -213,7 +280,8 @@ def one_f_one_b(stages: int, stage: int, m: int) -> list[tuple[str, int]]:
 class StepLog:
     """One step of one rank: ``(kind, micro-batch, start, end)`` events, kind one of
     ``F``, ``B`` (compute), ``recv_F``, ``recv_B`` (activations, gradients), ``send_F``,
-    ``send_B`` (start only), ``sync``; plus the step's start and end."""
+    ``send_B`` (start only), ``sync`` (data-parallel), ``emb_sync`` (embedding group);
+    plus the step's start and end."""
 
     events: list[tuple[str, int, float, float]] = field(default_factory=list)
     start: float = 0.0
@@ -234,17 +302,22 @@ class _StageRunner:
         self.case, self.rank = case, rank
         self.stage, self.replica = rank % case.stages, rank // case.stages
         self.ws = stage_weights(case, self.stage)
-        self.params = dense_params(self.ws) + expert_params(self.ws)
+        self.emb = embedding(case) if holds_embedding(case, self.stage) else None
         # one flat gradient buffer per part (Megatron's grad buffer, DDP's
         # gradient_as_bucket_view): autograd accumulates into views of it, the
         # all-reduce runs on it in place, nothing is flattened or copied back
-        self.parts = [dense_params(self.ws), expert_params(self.ws)]
+        self.parts = stage_params(case, self.stage, self.ws, self.emb)
+        self.params = [p for part in self.parts for p in part]
         self.flat_P = [torch.zeros(sum(p.numel() for p in part)) for part in self.parts]
-        self.inputs = [micro_batch(case, self.replica, i) for i in range(case.micro_batches)]
-        self.groups = [
-            dist.new_group([d * case.stages + s for d in range(case.dp)])
-            for s in range(case.stages)
-        ]  # every rank creates every group, in the same order
+        m = case.micro_batches
+        if case.vocab:
+            self.ids = [token_ids(case, self.replica, i) for i in range(m)]
+        else:
+            self.inputs = [micro_batch(case, self.replica, i) for i in range(m)]
+        # every rank creates every group, in the same order
+        self.groups = [dist.new_group(g) for g in case.dp_groups()]
+        emb_groups = [dist.new_group(g) for g in case.embedding_groups()]
+        self.emb_group = emb_groups[self.replica] if self.emb is not None else None
 
     @property
     def first(self) -> bool:
@@ -295,15 +368,17 @@ class _StageRunner:
             sends.clear()
 
     def _forward(self, i: int, log: StepLog, sends: list, losses: list[float]):
-        if self.first:  # as an embedding's output: the first stage computes its input's
-            x = self.inputs[i].requires_grad_(True)  # gradient too, as every stage does
-        else:
+        if not self.first:
             x = self._recv("F", i, self.rank - 1, log).requires_grad_(True)
+        elif self.emb is None:  # as an embedding's output: the first stage computes its
+            x = self.inputs[i].requires_grad_(True)  # input's gradient as every stage does
         self._drain(sends)
         t0, c0 = time.perf_counter(), time.thread_time()
+        if self.first and self.emb is not None:
+            x = torch.nn.functional.embedding(self.ids[i][0], self.emb)
         out = run_stage(x, self.ws, self.case)
         if self.last:
-            out = loss_of(out)
+            out = loss_of(out, self.emb, self.ids[i][1] if self.emb is not None else None)
             losses[i] = float(out.detach())
         log.events.append(("F", i, t0, time.perf_counter()))
         log.compute_cpu_s += time.thread_time() - c0
@@ -323,11 +398,17 @@ class _StageRunner:
             self._send("B", i, x.grad, self.rank - 1, log, sends)
 
     def _sync(self, log: StepLog) -> None:
+        """Data-parallel all-reduces, then the embedding group's (finalize_model_grads)."""
         t0 = time.perf_counter()
         if self.case.dp > 1:
-            for flat_P in self.flat_P:  # router gradients, then the experts'
+            for flat_P in self.flat_P:  # router (and embedding) gradients, then the experts'
                 dist.all_reduce(flat_P, group=self.groups[self.stage])
         log.events.append(("sync", -1, t0, time.perf_counter()))
+        if self.emb_group is not None and self.case.stages > 1:
+            assert self.emb is not None and self.emb.grad is not None
+            t0 = time.perf_counter()
+            dist.all_reduce(self.emb.grad, group=self.emb_group)  # a view of flat_P[0]
+            log.events.append(("emb_sync", -1, t0, time.perf_counter()))
 
 
 def _bind_grads(flat_P: torch.Tensor, params: list[torch.Tensor]) -> None:
@@ -444,9 +525,17 @@ def step_parts(logs: list[StepLog], stages: int | None = None) -> list[dict[str,
     """
     start, end = max(g.start for g in logs), max(g.end for g in logs)
     S = stages or len(logs)
-    synced = [min((t0 for kind, _, t0, _ in g.events if kind == "sync"), default=0.0)
-              for g in logs]  # fmt: skip
-    group_in = [max(synced[q] for q in range(r % S, len(logs), S)) for r in range(len(logs))]
+    R = len(logs)
+    arrived = {
+        kind: [min((t0 for k, _, t0, _ in g.events if k == kind), default=0.0) for g in logs]
+        for kind in SYNC_KINDS
+    }
+    # the last member's arrival: a stage's replicas (DP), a replica's first and last stage
+    group_in = {
+        "sync": [max(arrived["sync"][q] for q in range(r % S, R, S)) for r in range(R)],
+        "emb_sync": [max(arrived["emb_sync"][r - r % S], arrived["emb_sync"][r - r % S + S - 1])
+                     for r in range(R)],
+    }  # fmt: skip
     sends = {
         (r, kind.removeprefix("send_"), i): t0
         for r, g in enumerate(logs)
@@ -461,8 +550,8 @@ def step_parts(logs: list[StepLog], stages: int | None = None) -> list[dict[str,
                 parts["forward"] += t1 - t0
             elif kind == "B":
                 parts["backward"] += t1 - t0
-            elif kind == "sync":  # from the last replica's arrival, as for a receive
-                parts["grad_sync"] += max(0.0, t1 - max(t0, group_in[r]))
+            elif kind in SYNC_KINDS:  # from the last member's arrival, as for a receive
+                parts["grad_sync"] += max(0.0, t1 - max(t0, group_in[kind][r]))
             elif kind.startswith("recv_"):
                 d = kind.removeprefix("recv_")
                 peer = r - 1 if d == "F" else r + 1
@@ -538,8 +627,9 @@ def comm_rank(case: PipeCase, sizes: list[int], reps: int) -> dict[str, list[lis
     - ``p2p_in`` / ``p2p_out``: stage ``2j`` of every replica sends to stage ``2j + 1``,
       all pairs at once (as the pipeline's replicas send at once): when each side
       entered ``send`` / ``recv``, and when it left;
-    - ``ar_in`` / ``ar_out``: the same for an ``all_reduce`` on every stage's
-      data-parallel group at once (as the stages sync; empty with ``dp`` 1).
+    - ``ar_in`` / ``ar_out``: the same for an ``all_reduce`` on every gradient group
+      at once (:func:`sync_groups`: the stages' data-parallel groups, or with ``dp`` 1
+      the replicas' embedding groups; empty with neither).
 
     Each call comes after :class:`~moesim.measure.ep_probe.ComputeGap` (the pipeline's
     come after passes; ranks sharing a core reach it at different times, as theirs
@@ -552,9 +642,8 @@ def comm_rank(case: PipeCase, sizes: list[int], reps: int) -> dict[str, list[lis
     pin_rank(rank)
     keep_freed_memory()
     stage = rank % case.stages
-    groups = [
-        dist.new_group([d * case.stages + s for d in range(case.dp)]) for s in range(case.stages)
-    ]
+    groups = [dist.new_group(g) for g in sync_groups(case)]
+    mine = next((grp for g, grp in zip(sync_groups(case), groups, strict=True) if rank in g), None)
     sender, receiver = stage % 2 == 0 and stage + 1 < case.stages, stage % 2 == 1
     gap = ComputeGap(ranks_per_core=-(-dist.get_world_size() // max(cores, 1)))
     out: dict[str, list[list[float]]] = {k: [] for k in ("p2p_in", "p2p_out", "ar_in", "ar_out")}
@@ -573,8 +662,8 @@ def comm_rank(case: PipeCase, sizes: list[int], reps: int) -> dict[str, list[lis
             dist.barrier()
             gap()
             t2 = time.perf_counter()
-            if case.dp > 1:
-                dist.all_reduce(buf, group=groups[stage])
+            if mine is not None:
+                dist.all_reduce(buf, group=mine)
             t3 = time.perf_counter()
             if k:  # the first round warms the connections and the pages
                 for key, t in zip(got, (t0, t1, t2, t3), strict=True):
@@ -609,17 +698,27 @@ def measure_comm(
         stamps("p2p_in", [b for _, b in pairs]),
     )
     one_way = stamps("p2p_out", [b for _, b in pairs]) - torch.maximum(send_in, recv_in)
-    ranks = list(range(case.world))
-    ar_in, ar_out = stamps("ar_in", ranks), stamps("ar_out", ranks)
-    group_in = torch.stack([ar_in[r % S :: S].amax(0) for r in ranks])  # the stage's last in
-    reduce = ar_out - group_in  # [ranks, sizes, reps]
+    groups = sync_groups(case)
+    members = [r for g in groups for r in g]
+    reduce = torch.cat([
+        stamps("ar_out", g) - stamps("ar_in", g).amax(0, keepdim=True)  # the group's last in
+        for g in groups
+    ]) if groups else torch.zeros(0, len(sizes), reps)  # [members, sizes, reps]  # fmt: skip
     return {
         "bytes": list(sizes),
         "ranks": case.world,
         "p2p_s": one_way.permute(1, 0, 2).flatten(1).mean(1).tolist(),
-        "allreduce_s": reduce.permute(1, 0, 2).flatten(1).mean(1).tolist()
-        if case.dp > 1 else [],
-    }  # fmt: skip
+        "allreduce_s": reduce.permute(1, 0, 2).flatten(1).mean(1).tolist() if members else [],
+        "allreduce_group": len(groups[0]) if groups else 0,
+    }
+
+
+def sync_groups(case: PipeCase) -> list[list[int]]:
+    """The gradient groups whose all-reduce :func:`measure_comm` times: each stage's
+    data-parallel group (``dp`` > 1), else each replica's embedding group."""
+    if case.dp > 1:
+        return case.dp_groups()
+    return case.embedding_groups()
 
 
 # -- backward over forward of one layer's kernels ---------------------------------------------

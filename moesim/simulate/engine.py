@@ -30,7 +30,8 @@ the op after it waited for: a collective of kind ``ep``/``tp``/``dp``/``pp``
 (exposed communication), or the pipeline (``bubble``: waiting for another
 stage's compute; the part of a receive after the matching send started is
 ``pp``). The gap after a rank's last compute goes to ``dp`` while its gradient
-collectives run, the rest to ``bubble``. Per GPU, compute + exposed + bubble =
+collectives run (the union of their intervals), the rest to ``bubble`` (sends
+finishing, waiting for the other stage of a tied embedding). Per GPU, compute + exposed + bubble =
 step time.
 """
 
@@ -151,7 +152,7 @@ class GroupSim:
         self.comm_iv: list[list[float]] = []  # [start, end] of collectives (end inf: running)
         self.comm_s: dict[str, float] = defaultdict(float)  # collective seconds per kind
         self.sent_KT: dict[str, F64] = defaultdict(lambda: np.zeros(2))
-        self.sync_end = 0.0  # last end of this group's gradient / parameter collectives
+        self.sync_iv: list[tuple[float, float]] = []  # gradient / parameter collectives
         self.pending: list[simpy.Process] = []
         self.finish = 0.0
         self.lane_of = 0
@@ -238,7 +239,7 @@ class GroupSim:
         iv[1] = end
         self.comm_s[kind] += end - start
         if kind == "dp":
-            self.sync_end = max(self.sync_end, end)
+            self.sync_iv.append((start, end))
         self.rec.phase(op.name, op.layer, end - start)
         if trace:
             self.rec.log.append((self._logname(op.name, ".end"), end))
@@ -326,7 +327,8 @@ class GroupSim:
             yield simpy.AllOf(self.env, self.pending)
         if grad is not None:
             after = Ready(np.maximum(self.free_P, self.env.now), "dp")
-            yield from self.ops(grad.epilogue(self.rank), COMM_TID, after)
+            ops = grad.epilogue(self.rank) + grad.embedding_ops(self.rank)
+            yield from self.ops(ops, COMM_TID, after)
         self.finish = max(float(self.free_P.max()), self.env.now)
 
     def _pair_inputs(self, slot: tuple[Lane, ...]) -> Generator[simpy.Event, Any, None]:
@@ -339,10 +341,25 @@ class GroupSim:
                 yield from self.wait(first, ready)
 
     def close(self, step: float) -> None:
-        """Charge the gap from the last compute to the step's end (gradient sync, bubble)."""
-        dp = np.clip(self.sync_end - self.free_P, 0.0, None)
+        """Charge the gap from the last compute to the step's end: ``dp`` while gradient
+        or parameter collectives run (the union of their intervals), the rest (sends
+        finishing, waiting for another stage) ``bubble``."""
+        dp = np.zeros_like(self.free_P)
+        for a, b in _union(self.sync_iv):
+            dp += np.clip(b - np.maximum(a, self.free_P), 0.0, None)
         self.exposed["dp"] += dp
         self.exposed["bubble"] += np.clip(step - self.free_P - dp, 0.0, None)
+
+
+def _union(iv: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Disjoint intervals covering ``iv``, in order."""
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(iv):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 @dataclass

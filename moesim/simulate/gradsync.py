@@ -27,6 +27,14 @@ measured collective's time alone on its links instead. Each EP group prices its
 own GPUs' share on its own links (sharing them with its all-to-alls and sends);
 groups of one stage run the same program, so they reach a bucket together up to
 their load imbalance.
+
+Tied word embeddings under a pipeline (Megatron-Core's
+``_allreduce_word_embedding_grads`` in ``finalize_model_grads``): the first and
+the last stage each hold a copy of the ``vocab x hidden / tp`` table, and after
+the data-parallel sync the ranks that hold them all-reduce its gradient (in
+``training.grad_reduce_dtype``), GPU by GPU of the same position, blocking. Each
+waits for the other to arrive (that wait is bubble); with DualPipeV both ends sit on
+one rank and nothing is exchanged.
 """
 
 from __future__ import annotations
@@ -168,6 +176,44 @@ class GradSync:
                 for bucket in self.buckets[rank, c]:
                     ops += self.gather_ops(bucket, blocking=True)
         return ops
+
+    def embedding_members(self) -> list[int]:
+        """Pipeline ranks holding the first or last stage when embeddings are tied and
+        more than one rank holds them (else none)."""
+        m = self.scn.model
+        if not (m.tie_word_embeddings and m.vocab_size):
+            return []
+        ends = (0, self.pipe.stages - 1)
+        owners = {r for r in range(self.pipe.ranks) for s, _ in self.pipe.chunks(r) if s in ends}
+        return sorted(owners) if len(owners) > 1 else []
+
+    def embedding_ops(self, rank: int) -> list[Op]:
+        """The tied embedding's all-reduce on ``rank`` after every other sync: signal the
+        arrival, wait for the other members', all-reduce (:meth:`embedding_coflow`)."""
+        members = self.embedding_members()
+        if rank not in members:
+            return []
+        waits = [wait(("embedding_in", o), "embedding_wait") for o in members if o != rank]
+        cf = self.embedding_coflow(members)
+        return [signal(("embedding_in", rank)), *waits,
+                collective("embedding_grad_allreduce", "dp", cf)]  # fmt: skip
+
+    def embedding_coflow(self, members: list[int]) -> Coflows:
+        """A ring all-reduce of the table's gradient over ``n`` members (one GPU of each):
+        each GPU moves ``2 (n-1)/n`` of it in ``2 (n-1)`` hops, over NVLink when all
+        members share a node (then a measured ``all_reduce.<n>`` takes its time) or
+        over the NICs."""
+        m, n = self.scn.model, len(members)
+        nbytes = (m.vocab_size or 0) * m.hidden_size / self.scn.parallel.tp
+        nbytes *= DTYPE_BYTES[self.cfg.grad_reduce_dtype]
+        local = all(self.plan.same_node(members[0], r) for r in members[1:])
+        X, P = self.plan.topo.num_groups, self.plan.topo.ep
+        moved = np.full((X, P), 2.0 * (n - 1) / n * nbytes)
+        zero = np.zeros((X, P))
+        hops = np.tile([[2.0 * (n - 1), 0.0] if local else [0.0, 2.0 * (n - 1)]], (X, 1))
+        su, net = (moved, zero) if local else (zero, moved)
+        cf = self.plan.pricer.per_gpu(su, net, steps_XT=hops)
+        return self.plan.pricer.measured(cf, [("all_reduce", n, nbytes)]) if local else cf
 
     def reduce_ops(self, bucket: Bucket, *, blocking: bool) -> list[Op]:
         b = DTYPE_BYTES[self.cfg.grad_reduce_dtype]

@@ -175,13 +175,17 @@ class StepPlan:
             hit = self._sends[src, dst] = self._price_send(src, dst)
         return hit
 
-    def _price_send(self, src: int, dst: int) -> tuple[Coflows, Coflows]:
+    def same_node(self, a: int, b: int) -> bool:
+        """Whether pipeline ranks ``a`` and ``b`` (their first EP groups) share a node."""
         gpn, ep, gps = self.topo.gpus_per_node, self.topo.ep, self.groups_per_stage
-        same_node = (src * gps * ep) // gpn == (dst * gps * ep) // gpn
+        return (a * gps * ep) // gpn == (b * gps * ep) // gpn
+
+    def _price_send(self, src: int, dst: int) -> tuple[Coflows, Coflows]:
+        same_node = self.same_node(src, dst)
         nbytes = self.scn.workload.tokens_per_gpu * row_bytes(
             self.scn.model.hidden_size, self.scn.model.dtype
         )
-        X, P = self.topo.num_groups, ep
+        X, P = self.topo.num_groups, self.topo.ep
         per = np.full((X, P), float(nbytes))
         zero = np.zeros((X, P))
         su, net = (per, zero) if same_node else (zero, per)

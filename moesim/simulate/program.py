@@ -83,6 +83,7 @@ PHASES: dict[str, tuple[str, str]] = {
     "grad_allreduce": ("dp", "non-expert gradients, no distributed optimizer"),
     "expert_grad_allreduce": ("edp", "expert gradients, no distributed optimizer"),
     "param_all_gather": ("dp", "updated non-expert parameters"),
+    "embedding_grad_allreduce": ("dp", "tied embedding gradients, first and last stage"),
     "expert_param_all_gather": ("edp", "updated expert parameters"),
 }
 #: forward ops whose backward is memory-bound (one pass, or a measured factor)

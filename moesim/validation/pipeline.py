@@ -1,11 +1,18 @@
 """Predicted vs measured, by parts: a real 1F1B pipeline here against the simulator.
 
 The pipeline of :mod:`moesim.measure.pipeline` (``stages x dp`` gloo ranks, MoE
-layers, real sends, autograd backward, gradient all-reduce) is measured, and
-the same run is simulated as a scenario of one node with ``stages x dp``
-"GPUs" (``parallel.pp``, ``pp_schedule: 1f1b``, ``dp``, EP 1, the same layers,
-tokens per micro-batch, micro-batches; gradient all-reduce without the
-distributed optimizer and without overlap). The hardware is a profile of this
+layers, tied embeddings, real sends, autograd backward, gradient all-reduces) is
+measured, and the same run is simulated as a scenario of one node with
+``stages x dp`` "GPUs" (``parallel.pp``, ``pp_schedule: 1f1b``, ``dp``, EP 1, the
+same layers, vocabulary, tokens per micro-batch, micro-batches; gradient
+all-reduce without the distributed optimizer and without overlap, then the tied
+embedding's all-reduce between the first and last stage).
+
+The default run is pp 2 x dp 1 with tied embeddings: on this 2-core machine a
+core per rank (more ranks than cores time-share them, and how their passes then
+interleave is the host's scheduler, not the pipeline; see
+:func:`compute_slowdown`), and its gradient all-reduce is the embedding group's,
+as Megatron runs it without data parallelism. The hardware is a profile of this
 machine calibrated here:
 
 - the layer's kernels, benched and fitted as ``moesim calibrate`` does
@@ -16,8 +23,9 @@ machine calibrated here:
   (:func:`moesim.measure.pipeline.measure_comm`: every replica's stage pairs
   ping-pong at once, every stage's data-parallel group all-reduces at once): the
   point-to-point ``latency + bytes / bandwidth`` becomes the profile's scale-up
-  link, the all-reduce's size regimes its ``all_reduce.<dp>`` collective (the
-  simulator prices a data-parallel group inside a node with it); each fitted on
+  link, the all-reduce's size regimes (on the data-parallel groups, or with dp 1
+  the embedding groups) its ``all_reduce.<n>`` collective (the simulator prices a
+  gradient group of ``n`` inside a node with it); each fitted on
   half of the sizes, its error on the other half reported (held out). The
   pipeline runs no all-to-all (EP 1).
 
@@ -49,16 +57,22 @@ PART_KEYS = {"sends": "exposed_pp", "bubble": "bubble", "grad_sync": "exposed_dp
 COMM_NOISE = 0.05
 
 
+#: the default run's tied vocabulary: its LM head is about a sixth of the last
+#: stage's compute, its gradient (1 MiB fp32) a bandwidth-bound all-reduce here
+DEFAULT_VOCAB = 2048
+
+
 def default_case(seed: int = 0) -> PipeCase:
-    """pp 2 x dp 2, two MoE layers per stage, 6 micro-batches of 256 tokens."""
-    return PipeCase(micro_batches=6, seed=seed)
+    """pp 2 x dp 1, tied embeddings, two MoE layers per stage, 6 micro-batches of 256."""
+    return PipeCase(dp=1, micro_batches=6, vocab=DEFAULT_VOCAB, seed=seed)
 
 
 def tiny_case(seed: int = 0) -> PipeCase:
-    """A small pipeline for tests and smoke runs (about a second)."""
+    """A small pipeline for tests and smoke runs (about a second): pp 2 x dp 2, tied
+    embeddings, so both gradient groups run."""
     return PipeCase(
         layers_per_stage=1, micro_batches=3, tokens=64, hidden=32, ffn=64, num_experts=4,
-        seed=seed,
+        vocab=128, seed=seed,
     )  # fmt: skip
 
 
@@ -69,6 +83,7 @@ def comm_sizes(case: PipeCase) -> list[int]:
     """Message sizes from a quarter of an activation to past the largest gradient bucket."""
     act = case.tokens * case.hidden * 4
     grads = case.layers_per_stage * case.num_experts * 3 * case.hidden * case.ffn * 4
+    grads = max(grads, case.vocab * case.hidden * 4)
     lo, hi = int(np.log2(max(act // 4, 1024))), int(np.ceil(np.log2(grads * 2)))
     return [2**p for p in range(lo, hi + 1)]
 
@@ -138,8 +153,9 @@ def with_measured(
         bandwidth_GBps=Curve(x=[1.0], y=[p2p["bandwidth_Bps"] / 1e9]),
     )
     collectives = dict(hw.calibration.collectives)
-    if "allreduce_fit" in p2p and dp > 1:
-        collectives[f"all_reduce.{dp}"] = CommFit.model_validate(p2p["allreduce_fit"])
+    group = int(p2p.get("measured", {}).get("allreduce_group", dp))
+    if "allreduce_fit" in p2p and group > 1:
+        collectives[f"all_reduce.{group}"] = CommFit.model_validate(p2p["allreduce_fit"])
     back = BackwardFit(
         gemm=ratios["gemm"], memory=ratios["memory"],
         source="moesim.measure.pipeline.backward_ratios (thread CPU time, this machine)",
@@ -162,18 +178,18 @@ def scenario_for(case: PipeCase, slowdown: float = 1.0) -> Scenario:
     """The measured pipeline as a one-node training scenario."""
     stragglers = [{"gpu": g, "compute_slowdown": slowdown} for g in range(case.world)]
     c = case.layer_case(0)
+    model = measured_model(
+        case.hidden, case.ffn, case.num_experts, case.top_k,
+        layers=case.stages * case.layers_per_stage,
+    )  # fmt: skip
+    if case.vocab:
+        model |= {"vocab_size": case.vocab, "tie_word_embeddings": True}
     return Scenario.model_validate(
         {
             "name": f"pipeline {case.label()}",
             "hardware": "calibrated",
             "cluster": {"nodes": 1, "gpus_per_node": case.world},
-            "model": measured_model(
-                case.hidden,
-                case.ffn,
-                case.num_experts,
-                case.top_k,
-                layers=case.stages * case.layers_per_stage,
-            ),
+            "model": model,
             "router": c.router_spec().model_dump(exclude={"top_k"}),
             "parallel": {"ep": 1, "dp": case.dp, "pp": case.stages, "pp_schedule": "1f1b"},
             "dispatcher": "alltoall",
@@ -203,6 +219,7 @@ def predict(case: PipeCase, hw: HardwareProfile, slowdown: float) -> dict[str, f
     mean = res.step_breakdown_s["mean"]
     passes = case.layers_per_stage * case.micro_batches
     fwd = passes * sum(res.phases_s[k] for k in LAYER_PHASES)  # per layer: not head, sync
+    fwd += case.micro_batches * res.phases_s.get("head", 0.0) / case.stages  # the last stage's
     fwd = min(fwd, mean["compute"])
     out = {"forward": fwd, "backward": mean["compute"] - fwd}
     out |= {p: float(mean[k]) for p, k in PART_KEYS.items()}
