@@ -339,6 +339,13 @@ def test_stage_parameters_are_issue_13_counts_per_rank() -> None:
     assert sum(p.expert for p in per) * scn.parallel.ep == pytest.approx(c.experts + mtp_experts)
     assert sum(p.other for p in per) == pytest.approx(c.with_mtp - c.experts - mtp_experts)
     assert per[0].other > per[1].other  # the embedding on the first stage
+    # tied: the last stage holds its own copy of the table, as many parameters as the
+    # untied LM head (V x D); without the copy it would hold V x D fewer
+    tied = scn.model_copy(update={"model": scn.model.model_copy(
+        update={"tie_word_embeddings": True})})  # fmt: skip
+    t_first, t_last = stage_params(tied, 0, *stages[0]), stage_params(tied, 3, *stages[3])
+    assert t_first.other == pytest.approx(per[0].other)
+    assert t_last.other == pytest.approx(per[3].other)
 
 
 def test_moe_act_and_full_recompute_shrink_the_expert_intermediates(tmp_path: Path) -> None:

@@ -155,7 +155,10 @@ def stage_params(
     ``ep x etp``, the rest (attention, dense FFNs, routers, shared experts,
     norms) over ``tp``; the embedding with the first virtual stage, the LM head
     and the MTP modules with the last (``first`` / ``last``; None: rank 0 /
-    rank ``pp - 1``, as in 1F1B).
+    rank ``pp - 1``, as in 1F1B). With tied embeddings a last stage that is not also
+    the first holds its own copy of the table (Megatron-Core's
+    ``shared_embedding_or_output_weight``), kept equal by the embedding group's
+    gradient all-reduce.
     """
     m, par = scn.model, scn.parallel
     first = stage == 0 if first is None else first
@@ -172,6 +175,8 @@ def stage_params(
         mtp_experts = m.mtp_num_layers * expert_layer
         other += c.lm_head + c.mtp - mtp_experts
         expert += mtp_experts
+        if m.tie_word_embeddings and not first:
+            other += c.embedding
     return StageParams(expert / (par.ep * par.etp), other / par.tp)
 
 
