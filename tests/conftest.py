@@ -82,6 +82,7 @@ def truth_profile() -> HardwareProfile:
             "unpermute": _mem(25.0, (1.0, 4.0, 7.0, 5.0)),
             "regroup": _mem(15.0, (1.5, 6.0, 9.0, 6.0)),
             "copy": _mem(5.0, (1.0, 8.0, 12.0, 10.0)),
+            "loss": _mem(30.0, (0.5, 2.0, 3.0, 2.5)),
         },
         gemm={"fp32": GemmFit(latency_us=20.0, per_expert_us=8.0, tflops=_tf((0.01, 0.04, 0.06)))},
         dense={"fp32": GemmFit(latency_us=10.0, tflops=_tf((0.02, 0.05, 0.07)))},
@@ -135,6 +136,10 @@ def true_rows(cm: CostModel, suites: tuple[str, ...] = SUITES) -> list[dict[str,
             fl, nb = 2.0 * n**3, 12.0 * n * n
             t = float(cm.dense_s(fl, nb, "fp32"))
             rows.append(_row("roofline", "gemm", t, T=n, D=n, F=n, flops=fl, bytes=nb))
+        for T in (64, 128, 256, 512, 1024, 2048, 4096, 8192):  # cross-entropy, V = 4096
+            nbytes = 2.0 * T * 4096 * 4
+            t = float(cm.memory_s("loss", nbytes))
+            rows.append(_row("roofline", "loss", t, T=T, D=4096, bytes=nbytes, ceiling="copy"))
     if "experts" in suites:
         for E in (2, 4, 8, 16):
             for T in (4, 32, 256, 2048):

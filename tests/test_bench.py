@@ -463,3 +463,21 @@ def test_each_case_keeps_its_fastest_pass(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert budgets == [0.05] * 4  # half of the 0.1 s budget per pass
     assert bench._faster({"status": "ok", "median_s": 1.0}, {"status": "oom"})["median_s"] == 1.0
     assert bench._faster({"status": "oom"}, {"status": "ok", "median_s": 2.0})["median_s"] == 2.0
+
+
+def test_loss_cases_only_where_the_grid_names_them_and_timed_for_real(tmp_path: Path) -> None:
+    """The LM head's cross-entropy: T x V cases from ``loss_T`` x ``loss_V``; bytes are
+    two passes over the fp32 logits; none in the default grids."""
+    from moesim.measure.grids import resolve_grids
+    from moesim.measure.suites import roofline
+
+    assert "loss_T" not in resolve_grids(["roofline"], "cpu", True)["roofline"]
+    grids = {"roofline": {"copy_MiB": [0.25], "gemm": [16], "loss_T": [8, 32], "loss_V": [64]}}
+    path = run_bench(["roofline"], out_dir=tmp_path, grids=grids, budget_s=0.002, threads=1,
+                     quick=True)  # fmt: skip
+    df, _ = read_results(path)
+    loss = df[df.op == "loss"].sort_values("T")
+    assert loss["T"].tolist() == [8, 32] and (loss["D"] == 64).all()
+    assert loss["bytes"].tolist() == [2 * 8 * 64 * 4, 2 * 32 * 64 * 4]
+    assert (loss["status"] == "ok").all() and (loss["median_s"] > 0).all()
+    assert not roofline.cases({"copy_MiB": [], "gemm": []}, ["fp32"], None)  # type: ignore[arg-type]

@@ -212,6 +212,7 @@ def test_synthetic_calibration_meets_error_target(report: Any) -> None:
         "unpermute",
         "regroup",
         "copy",
+        "loss",
         "experts",
         "gemm",
         "alltoall",
@@ -241,6 +242,8 @@ def test_calibrated_profile_prices_close_to_the_truth(
     assert fitted.alltoall_s("scaleup", msg) == pytest.approx(
         truth.alltoall_s("scaleup", msg), rel=0.06
     )
+    loss = 2.0 * np.array([128.0, 1000.0, 6000.0]) * 4096 * 4  # the LM head's cross-entropy
+    assert fitted.memory_s("loss", loss) == pytest.approx(truth.memory_s("loss", loss), rel=0.06)
     for kind in ("softmax_topk", "sigmoid_topk"):
         want = truth.gate_s(T, D, 64, 2, "fp32", kind=kind)
         assert fitted.gate_s(T, D, 64, 2, "fp32", kind=kind) == pytest.approx(want, rel=0.06)
@@ -277,7 +280,7 @@ def test_missing_suites_fall_back_and_say_so(bench: Any, tmp_path: Path) -> None
     path = bench.results(tmp_path / "partial.parquet", suites=("roofline", "experts"))
     rep = calibrate([path], base=load_hardware("cpu-local"))
     cal = rep.profile.calibration
-    assert set(rep.families) == {"copy", "experts", "gemm"}
+    assert set(rep.families) == {"copy", "loss", "experts", "gemm"}
     missing = sorted(f.split(":")[0] for f in cal.fallbacks)
     assert missing == ["alltoall", "gating", "permute", "regroup", "unpermute"]
     assert "copy fit" in next(f for f in cal.fallbacks if f.startswith("permute"))

@@ -383,3 +383,16 @@ def test_low_latency_dispatch_inside_a_node_goes_over_nvlink(
     )
     assert res.dispatch_time_s == pytest.approx(8 * ROW_BYTES / 100e9, rel=1e-12)
     assert res.combine_time_s == pytest.approx(8 * ROW_BYTES / 100e9, rel=1e-12)
+
+
+def test_a_compute_slowdown_below_one_is_a_faster_gpu(
+    make_scenario: Any, make_hardware: Any
+) -> None:
+    """Every GPU at 0.5x: every compute op takes half the profile's time."""
+    hw = make_hardware()
+    base = simulate(make_scenario(), hw)
+    fast = simulate(make_scenario(
+        "workload.stragglers=[{gpu: 0, compute_slowdown: 0.5}, {gpu: 1, compute_slowdown: 0.5}]"
+    ), hw)  # fmt: skip
+    want = 0.5 * base.step_breakdown_s["mean"]["compute"]
+    assert fast.step_breakdown_s["mean"]["compute"] == pytest.approx(want, rel=1e-9)

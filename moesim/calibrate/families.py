@@ -230,6 +230,16 @@ def _predict_copy(cm: CostModel, rows: pd.DataFrame, base: HardwareProfile) -> F
     return cm.memory_s("copy", rows["bytes"].to_numpy(dtype=np.float64))
 
 
+def _fit_loss(rows: pd.DataFrame, noise: float, base: HardwareProfile) -> Parts:
+    """The LM head's cross-entropy: a line over the bytes of its logits' two passes."""
+    size = rows["bytes"].to_numpy(dtype=np.float64)
+    return Parts(memory={"loss": memory_fit(_line(size, rows, noise, _launch_s(base)))})
+
+
+def _predict_loss(cm: CostModel, rows: pd.DataFrame, base: HardwareProfile) -> F64:
+    return cm.memory_s("loss", rows["bytes"].to_numpy(dtype=np.float64))
+
+
 # -- GEMMs -----------------------------------------------------------------------
 
 
@@ -378,6 +388,15 @@ FAMILIES: tuple[Family, ...] = (
         positive=("bytes",),
     ),
     Family(
+        "loss",
+        "roofline",
+        ("loss",),
+        _fit_loss,
+        _predict_loss,
+        extra_key=("bytes",),
+        positive=("bytes",),
+    ),
+    Family(
         "experts",
         "experts",
         None,
@@ -404,6 +423,7 @@ FALLBACK = {
     "unpermute": "the copy fit if calibrated, else the spec roofline",
     "regroup": "the copy fit if calibrated, else the spec roofline",
     "copy": "the spec roofline (hbm_GBps x memory_efficiency)",
+    "loss": "the copy fit if calibrated, else the spec roofline",
     "experts": "the spec roofline (peak_tflops x gemm_efficiency)",
     "gemm": "the experts GEMM fit if calibrated, else the spec roofline",
     "alltoall": "the spec link figures (node.scaleup, scaleout)",

@@ -217,7 +217,9 @@ def _run_ep(args: argparse.Namespace, worlds: list[int]) -> dict[str, Any]:
     }
 
 
-def _profile(args: argparse.Namespace, cases: list[Any], world: int) -> tuple[Any, str]:
+def _profile(
+    args: argparse.Namespace, cases: list[Any], world: int, extra_grids: Any = None
+) -> tuple[Any, str]:
     from moesim.config.loader import load_hardware
 
     if args.profile:
@@ -232,8 +234,9 @@ def _profile(args: argparse.Namespace, cases: list[Any], world: int) -> tuple[An
     from moesim.validation.ep import calibrate_here
 
     hw, path = calibrate_here(
-        cases, world, out_dir=args.out, progress=None if args.json else progress_bar
-    )
+        cases, world, out_dir=args.out, progress=None if args.json else progress_bar,
+        extra_grids=extra_grids,
+    )  # fmt: skip
     return hw, str(path)
 
 
@@ -268,7 +271,7 @@ def _run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     from moesim.validation import pipeline as pv
 
     case = pv.tiny_case() if args.tiny else pv.default_case()
-    hw, profile = _profile(args, [case.layer_case(0)], 1)
+    hw, profile = _profile(args, [case.layer_case(0)], 1, pv.bench_extra(case))
     context, cpu_before = {"cores": usable_cores(), "loadavg_before": _load()}, cpu_times()
     v = pv.validate_pipeline(case, hw, profile=profile, steps=args.steps, warmup=args.warmup)
     after = {"loadavg_after": _load(), "cpu_steal": steal_since(cpu_before)}

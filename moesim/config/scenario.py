@@ -178,8 +178,11 @@ class RoutingConfig(Frozen):
 
 
 class Straggler(Frozen):
+    """A GPU whose compute takes ``compute_slowdown`` times the profile's (< 1: faster,
+    e.g. a host measured faster than when it was calibrated)."""
+
     gpu: int = Field(ge=0)
-    compute_slowdown: float = Field(default=1.0, ge=1.0)
+    compute_slowdown: float = Field(default=1.0, gt=0.0)
 
 
 RecomputeModule = Literal["core_attn", "layernorm", "moe_act", "shared_experts", "moe"]

@@ -7,7 +7,8 @@ of its axes (skipping invalid combinations such as K > E). Axes:
 gating     T, D, E, K (routers: ``GATE_KINDS``, every kind + ``sigmoid_topk.grouped``)
 dispatch   T, D, E, K, skew (``strategies``: default all + ``sort_padded`` + ``sort_chunks``)
 experts    T, D, F, E, K, skew (``strategies``: default all + ``dense``)
-roofline   copy_MiB (buffer size), gemm (square M = N = K sizes)
+roofline   copy_MiB (buffer size), gemm (square M = N = K sizes), loss_T x loss_V
+           (cross-entropy over T x V logits; none by default)
 alltoall   msg_bytes (sent per rank), split (even | uneven)
 ========== ==============================================================
 
@@ -37,7 +38,7 @@ AXES: dict[str, dict[str, type]] = {
     "gating": {"T": int, "D": int, "E": int, "K": int, "routers": str},
     "dispatch": {"T": int, "D": int, "E": int, "K": int, "skew": float, "strategies": str},
     "experts": {"T": int, "D": int, "F": int, "E": int, "K": int, "skew": float, "strategies": str},
-    "roofline": {"copy_MiB": float, "gemm": int},
+    "roofline": {"copy_MiB": float, "gemm": int, "loss_T": int, "loss_V": int},
     "alltoall": {"msg_bytes": int, "split": str},
 }
 

@@ -461,9 +461,13 @@ def split_exchange_s(scn: Scenario, topo: Topology, pricer: CommPricer) -> F64:
 
 
 def _slowdowns(scn: Scenario) -> F64:
+    """Per GPU, its compute time over the profile's (a GPU listed twice: the slower)."""
     slow = np.ones(scn.cluster.num_gpus)
+    listed: set[int] = set()
     for s in scn.workload.stragglers:
-        slow[s.gpu] = max(slow[s.gpu], s.compute_slowdown)
+        first = s.gpu not in listed
+        slow[s.gpu] = s.compute_slowdown if first else max(slow[s.gpu], s.compute_slowdown)
+        listed.add(s.gpu)
     return slow
 
 

@@ -107,8 +107,11 @@ def calibrate_here(
     *,
     out_dir: Path,
     progress: Any = None,
+    extra_grids: dict[str, dict[str, list[Any]]] | None = None,
 ) -> tuple[HardwareProfile, Path]:
     """Bench the layer's kernels on this device (all-to-all at ``world`` ranks), calibrate.
+
+    ``extra_grids``: more axes per suite (the pipeline's LM-head cross-entropy).
 
     CPU ranks (gloo) when no GPU is present, else CUDA (NCCL, one GPU per rank).
     On CPU the kernel suites run in a launched rank process pinned to a core, as the
@@ -125,6 +128,8 @@ def calibrate_here(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     kernels = ["roofline", "gating", "dispatch", "experts"]
     grids = bench_grids(cases, world)
+    for suite, axes in (extra_grids or {}).items():
+        grids[suite] = {**grids.get(suite, {}), **axes}
     kw: dict[str, Any] = {"device": device, "out_dir": out_dir, "grids": grids,
                           "world": max(world, 2)}  # fmt: skip
     if device == "cpu":

@@ -3,6 +3,11 @@
 ``copy``: ``dst.copy_(src)`` of ``copy_MiB`` buffers; bytes = read + write.
 ``gemm``: ``C = A @ B`` with square M = N = K; FLOPs = 2·M³, bytes = 3·M²·b.
 The best of each in a run is the ceiling every other row is compared with.
+``loss`` (only where the grid names ``loss_T`` and ``loss_V``): the LM head's
+cross-entropy forward over ``T x V`` logits (the vocabulary in the ``D`` column);
+bytes = two passes over the logits, as :func:`moesim.model.ops.loss_bytes` prices it.
+On a CPU its ``exp`` makes it slower than a copy of those bytes (measured here:
+1024 x 2048 fp32, 3.7 ms, against about 1.6 ms at the copy rate).
 """
 
 from __future__ import annotations
@@ -23,13 +28,26 @@ def cases(grid: Grid, dtypes: list[str], ctx: BenchContext) -> list[Case]:
         out.append(Case("roofline", "copy", dtype=dtypes[0], T=elements))
     for dtype, m in itertools.product(dtypes, grid["gemm"]):
         out.append(Case("roofline", "gemm", dtype=dtype, T=m, D=m, F=m))
+    for T, V in itertools.product(grid.get("loss_T", []), grid.get("loss_V", [])):
+        out.append(Case("roofline", "loss", dtype=dtypes[0], T=T, D=V))
     return out
 
 
 def measure(case: Case, ctx: BenchContext) -> Row:
     if case.op == "copy":
         return _copy(case, ctx)
+    if case.op == "loss":
+        return _loss(case, ctx)
     return _gemm(case, ctx)
+
+
+def _loss(case: Case, ctx: BenchContext) -> Row:
+    logits_TV = randn((case.T, case.D), case, ctx, salt=5)
+    g = torch.Generator(device="cpu").manual_seed(case.T * 31 + case.D)
+    targets_T = torch.randint(case.D, (case.T,), generator=g).to(ctx.device)
+    timing = ctx.time(lambda: torch.nn.functional.cross_entropy(logits_TV, targets_T))
+    nbytes = 2.0 * case.T * case.D * case.elem_bytes
+    return timed_row(case, ctx, timing, bytes_=nbytes, ceiling="copy")
 
 
 def _copy(case: Case, ctx: BenchContext) -> Row:
