@@ -26,6 +26,11 @@ simulator computes. Folds hold out whole shapes or configurations
 * ``deepep.ll.<op>`` / ``deepep.normal.<op>.sms<N>``: ``latency + bytes /
   bw(bytes)``, bytes a rank sends to the other ranks. Folds: whole
   ``(D, K, E)`` configurations.
+* ``attention.<dtype>`` / ``attention.mla.<dtype>``: the causal context attention
+  forward (TensorRT-LLM's FMHA with its RoPE / KV-cache prologue; full causal mask,
+  bf16 KV cache), ``latency + bytes_ps bytes + flops / rate(seq, head_dim, tiles)``
+  (:func:`~moesim.calibrate.gpu_forms.fit_attention`). Folds: whole attention
+  shapes ``(heads, kv_heads, head_dim)``, every batch and sequence length.
 """
 
 from __future__ import annotations
@@ -42,9 +47,15 @@ import pandas as pd
 from numpy.typing import NDArray
 from threadpoolctl import threadpool_limits
 
-from moesim.calibrate.gpu_forms import fit_deepep_ll, fit_deepep_normal, fit_regimes
+from moesim.calibrate.gpu_forms import (
+    fit_attention,
+    fit_deepep_ll,
+    fit_deepep_normal,
+    fit_regimes,
+)
 from moesim.config.base import DTYPE_BYTES
 from moesim.config.hardware import (
+    AttentionFit,
     Calibration,
     CalibrationSource,
     CommFit,
@@ -67,7 +78,7 @@ GEMM_RECIPES = {"bfloat16": "bf16", "fp8": "fp8", "fp8_block": "fp8_block"}
 FOLDS = 5
 #: noise scale of the tables (one timing per row, no spread): 3 %
 TABLE_NOISE = 0.03
-SUITES = ("gemm", "moe", "collective", "deepep_ll", "deepep_normal")
+SUITES = ("gemm", "moe", "collective", "deepep_ll", "deepep_normal", "attention")
 #: the columns the families read (the rest, e.g. raw samples, only slows every row selection)
 FIT_COLUMNS = (
     "suite", "op", "strategy", "dtype", "split", "T", "D", "F", "E", "K", "world", "msg_bytes",
@@ -83,16 +94,18 @@ class GpuParts:
     gemm_table: dict[str, GemmTable] = field(default_factory=dict)
     collectives: dict[str, CommFit] = field(default_factory=dict)
     deepep: dict[str, CommFit] = field(default_factory=dict)
+    attention: dict[str, AttentionFit] = field(default_factory=dict)
     ranges: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def update(self, other: GpuParts) -> None:
-        for name in ("gemm", "gemm_table", "collectives", "deepep", "ranges"):
+        for name in PART_NAMES:
             getattr(self, name).update(getattr(other, name))
 
     def as_dict(self) -> dict[str, object]:
-        return {
-            n: getattr(self, n) for n in ("gemm", "gemm_table", "collectives", "deepep", "ranges")
-        }
+        return {n: getattr(self, n) for n in PART_NAMES}
+
+
+PART_NAMES = ("gemm", "gemm_table", "collectives", "deepep", "attention", "ranges")
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,7 @@ class GpuFamily:
     shape: tuple[str, ...]  # columns whose distinct values are one held-out configuration
     # rows a stated physical rule flags before fitting (not fitted, not scored): mask, note
     flag: Callable[[pd.DataFrame], tuple[NDArray[np.bool_], str]] | None = None
+    cost: float = 1.0  # relative fitting time: the costliest families are started first
 
 
 def _g(v: float) -> float:
@@ -563,6 +577,52 @@ def _deepep_family(mode: str, op: str, sms: str | None, gpu_sms: int | None) -> 
     return GpuFamily(f"deepep.{key}", rows, fit, predict, ("D", "K", "E"))
 
 
+# -- attention core ----------------------------------------------------------------------
+
+#: the attention kernels fitted: results op -> calibration key prefix ("" or "mla.")
+ATTENTION_OPS = {"context": "", "context_mla": "mla."}
+ATTENTION_SHAPE = ("E", "K", "D")
+
+
+def attention_dims(rows: pd.DataFrame) -> tuple[F64, F64, F64, F64, F64, F64]:
+    """``(batch, seq, heads, kv_heads, d_qk, d_v)`` of imported attention rows."""
+    seq = rows["F"].to_numpy(dtype=np.float64)
+    d_qk = rows["D"].to_numpy(dtype=np.float64)
+    d_v = np.where(rows["op"].to_numpy() == "context_mla", float(work.MLA_CONTEXT_DIMS[1]), d_qk)
+    heads, kv = (rows[c].to_numpy(dtype=np.float64) for c in ("E", "K"))
+    return rows["T"].to_numpy(dtype=np.float64) / seq, seq, heads, kv, d_qk, d_v
+
+
+def _attention_family(op: str, dtype: str) -> GpuFamily:
+    key = f"{ATTENTION_OPS[op]}{dtype}"
+
+    def rows(df: pd.DataFrame) -> pd.DataFrame:
+        r = df[
+            (df["suite"] == "attention") & (df["op"] == op) & (df["dtype"] == dtype)
+            & (df["split"] == "causal") & (df["strategy"] == f"kv_{dtype}")
+        ]  # fmt: skip
+        return r.reset_index(drop=True)
+
+    def fit(r: pd.DataFrame) -> GpuParts:
+        b, s, h, kv, dqk, dv = attention_dims(r)
+        t = r["median_s"].to_numpy(dtype=np.float64)
+        ranges = {
+            "tokens": _rng(b * s), "seq": _rng(s), "heads": _rng(h), "head_dim": _rng(dqk),
+        }  # fmt: skip
+        return GpuParts(
+            attention={key: fit_attention(b, s, h, kv, dqk, dv, t, TABLE_NOISE)},
+            ranges={f"attention.{key}": ranges},
+        )
+
+    def predict(cm: CostModel, r: pd.DataFrame) -> F64:
+        b, s, h, kv, dqk, dv = attention_dims(r)
+        out = cm.attention_s(b, s, h, kv, dqk, dv, dtype, mla=bool(ATTENTION_OPS[op]))
+        return np.full(len(r), np.nan) if out is None else out
+
+    # its 18k-row fits take several times any other family's
+    return GpuFamily(f"attention.{key}", rows, fit, predict, ATTENTION_SHAPE, cost=10.0)
+
+
 def families(
     df: pd.DataFrame,
     sms: int | None = None,
@@ -592,6 +652,10 @@ def families(
             else:
                 counts = sorted(set(s["strategy"].astype(str)), key=lambda x: int(x[3:]))
                 out += [_deepep_family(mode, op, x, sms) for x in counts]
+    att = df[(df["suite"] == "attention") & (df["split"] == "causal")]
+    for op in ATTENTION_OPS:
+        dts = set(att.loc[att["op"] == op, "dtype"].astype(str))
+        out += [_attention_family(op, d) for d in sorted(dts) if d == "bf16"]
     return out
 
 
@@ -696,11 +760,13 @@ def fit_all(
     _JOB = _Job(df, base, source, fams, exclude, crossval, flag_rows)
     out = GpuFit()
     try:
+        # the slowest families start first, so the workers finish together
+        order = sorted(range(len(fams)), key=lambda i: -fams[i].cost)
         if n == 1:
-            _merge(out, fams, map(_fit_family, range(len(fams))), progress)
+            _merge(out, fams, order, map(_fit_family, order), progress)
         else:  # fork: the workers inherit the job (the families hold closures)
             with ProcessPoolExecutor(n, mp_context=mp.get_context("fork")) as pool:
-                _merge(out, fams, pool.map(_fit_family, range(len(fams))), progress)
+                _merge(out, fams, order, pool.map(_fit_family, order), progress)
     finally:
         _JOB = None
     return out
@@ -717,13 +783,18 @@ def _can_fork() -> bool:
 def _merge(
     out: GpuFit,
     fams: list[GpuFamily],
+    order: list[int],
     done: Iterator[_Done],
     progress: Callable[[str], None] | None,
 ) -> None:
-    """Each family's result into ``out``, in the families' order, as it arrives."""
-    for fam, (parts, err, note, kept) in zip(fams, done, strict=True):
+    """Each family's result (arriving in ``order``) into ``out``, in the families' order."""
+    results: dict[int, _Done] = {}
+    for i, res in zip(order, done, strict=True):
         if progress is not None:
-            progress(fam.name)
+            progress(fams[i].name)
+        results[i] = res
+    for i, fam in enumerate(fams):
+        parts, err, note, kept = results[i]
         if parts is None:
             continue
         out.parts.update(parts)

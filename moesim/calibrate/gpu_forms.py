@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 from scipy.optimize import least_squares, nnls
 
 from moesim.calibrate.fit import interp_matrix
-from moesim.config.hardware import CommFit, CommRegime, Curve, DeepEPFit
+from moesim.config.hardware import AttentionFit, CommFit, CommRegime, Curve, DeepEPFit
 
 F64 = NDArray[np.float64]
 #: most size regimes of one collective (NCCL's three protocols)
@@ -253,4 +253,105 @@ def fit_deepep_normal(
         per_hidden_ns=_g(p[1]),
         local_copies=_g(p[2]),
         bandwidth_GBps=Curve(x=[_g(v) for v in knots], y=[_g(v) for v in np.exp(p[3:])]),
+    )
+
+
+# -- attention core (FMHA forward) ------------------------------------------------------
+
+#: knots per decade of the attention rate's sequence and tile axes, and their smoothing
+ATTN_KNOTS_PER_DECADE = 3
+ATTN_SMOOTH = 0.3
+
+
+def _log_knots(x: F64, per_decade: int) -> F64:
+    lo, hi = float(np.min(x)), float(np.max(x))
+    if hi <= lo * (1 + 1e-9):
+        return np.array([lo])
+    n = int(np.ceil(per_decade * np.log10(hi / lo) - 1e-9)) + 1
+    return np.unique([_g(v) for v in np.geomspace(lo, hi, max(n, 2))])
+
+
+def _second_diff(n: int) -> F64:
+    return np.diff(np.eye(n), 2, axis=0) if n > 2 else np.zeros((0, n))
+
+
+def fit_attention(
+    batch: F64,
+    seq: F64,
+    heads: F64,
+    kv_heads: F64,
+    d_qk: F64,
+    d_v: F64,
+    t: F64,
+    noise: float,
+    tile: int | None = None,
+) -> AttentionFit:
+    """:class:`~moesim.config.hardware.AttentionFit` of measured causal FMHA calls.
+
+    ``t = latency + bytes_ps bytes + flops / rate``, ``log rate`` a bilinear surface over
+    (log sequence, log q/k head dim) plus a curve over log query tiles (0 at the
+    last knot: the surface is the rate of a full GPU); the knots three per decade
+    (every measured head dim), a second-difference penalty :data:`ATTN_SMOOTH` along
+    the sequence and tile axes. Robust least squares on ``log t`` at the tables'
+    noise scale, started from the linear fit of ``log(flops / t)`` on the larger calls.
+    """
+    from scipy import sparse
+    from scipy.optimize import least_squares
+
+    from moesim.costs import work
+
+    tile = tile or work.ATTN_TILE
+    flops = work.attention_core_flops(batch, seq, heads, d_qk, d_v)
+    nbytes = work.attention_core_bytes(batch, seq, heads, kv_heads, d_qk, d_v)
+    tiles = work.attention_tiles(batch, seq, heads, tile)
+    ks, kh = _log_knots(seq, ATTN_KNOTS_PER_DECADE), np.unique(d_qk.astype(np.float64))
+    kt = _log_knots(tiles, ATTN_KNOTS_PER_DECADE)
+    ns, nh, nt = ks.size, kh.size, kt.size
+    Ws, Wh, Wt = interp_matrix(seq, ks), interp_matrix(d_qk, kh), interp_matrix(tiles, kt)
+    surface = (Ws[:, :, None] * Wh[:, None, :]).reshape(t.size, ns * nh)
+    A = sparse.csr_matrix(np.hstack([surface, Wt[:, :-1]]))  # at most 6 non-zeros a row
+    R_s, R_t = np.kron(_second_diff(ns), np.eye(nh)), _second_diff(nt)[:, :-1]
+    R = np.zeros((R_s.shape[0] + R_t.shape[0], 2 + A.shape[1]))
+    R[: R_s.shape[0], 2 : 2 + ns * nh] = R_s * ATTN_SMOOTH
+    R[R_s.shape[0] :, 2 + ns * nh :] = R_t * ATTN_SMOOTH
+    R_sp = sparse.csr_matrix(R)
+
+    def pred(p: F64) -> tuple[F64, F64]:
+        rate = np.exp(A @ p[2:]) * 1e12
+        return p[0] * 1e-6 + nbytes * p[1] * 1e-12 + flops / rate, rate
+
+    def resid(p: F64) -> F64:
+        return np.r_[np.log(np.maximum(pred(p)[0], 1e-30) / t), R @ p]
+
+    def jac(p: F64) -> sparse.csr_matrix:
+        """Sparse (the rate's design has a few non-zeros a row), so each solver step
+        costs a pass over those, not over rows x parameters."""
+        pr, rate = pred(p)
+        fixed = np.column_stack([np.full(t.size, 1e-6), nbytes * 1e-12]) / pr[:, None]
+        d_rate = sparse.diags(-(flops / rate) / pr) @ A
+        return sparse.vstack([sparse.hstack([fixed, d_rate]), R_sp]).tocsr()
+
+    big = flops >= np.median(flops)
+    lhs = np.vstack([A[big].toarray(), R[:, 2:]])
+    rhs = np.r_[np.log(flops[big] / t[big] / 1e12), np.zeros(R.shape[0])]
+    start = np.linalg.lstsq(lhs, rhs, rcond=None)[0]
+    x0 = np.r_[0.5 * float(np.min(t)) * 1e6, 0.3, start]
+    lo = np.r_[0.0, 0.0, np.full(A.shape[1], -20.0)]
+    hi = np.r_[float(np.min(t)) * 1e6, 1e3, np.full(A.shape[1], 20.0)]
+    sol = least_squares(
+        resid, np.clip(x0, lo, hi * 0.999), jac=jac, bounds=(lo, hi), loss="soft_l1",
+        f_scale=noise, tr_solver="lsmr", x_scale="jac",
+    )  # fmt: skip
+    p = sol.x
+    grid = np.exp(p[2 : 2 + ns * nh])
+    occ = np.exp(np.r_[p[2 + ns * nh :], 0.0])
+    return AttentionFit(
+        latency_us=_g(p[0]),
+        bytes_ps=_g(p[1]),
+        tile=tile,
+        seq=[_g(v) for v in ks],
+        head_dim=[_g(v) for v in kh],
+        tflops=[_g(v) for v in grid],
+        tiles=[_g(v) for v in kt],
+        occupancy=[_g(v) for v in occ],
     )

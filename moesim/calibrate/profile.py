@@ -103,6 +103,7 @@ def calibrate(
         gemm_table=measured.parts.gemm_table,
         collectives=measured.parts.collectives,
         deepep=measured.parts.deepep,
+        attention=measured.parts.attention,
         ranges=measured.parts.ranges,
         **parts,
     )
@@ -234,6 +235,8 @@ def _source(
 def _dtype(df: pd.DataFrame) -> str:
     """The dtype the GEMM curves were measured in (the most common one)."""
     gemm_rows = df[df["suite"].isin(["experts", "roofline"])]
+    if gemm_rows.empty:  # imported tables: any but the attention core's (not a GEMM curve)
+        gemm_rows = df[df["suite"] != "attention"]
     col = (gemm_rows if not gemm_rows.empty else df)["dtype"].astype(str)
     return str(col.mode().iloc[0])
 

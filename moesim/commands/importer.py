@@ -1,12 +1,13 @@
 """``moesim import aiconfigurator --system h200_sxm [--framework trtllm]``: measured GPU tables.
 
 Reads NVIDIA's measured kernel tables shipped in ``aiconfigurator-core``
-(GEMM, MoE, NCCL, DeepEP) and writes them as one moesim results file,
+(GEMM, MoE, NCCL, DeepEP, context attention and MLA) and writes them as one moesim results file,
 ``results/<device>/aiconfigurator-<system>-<framework>.parquet`` (``device``
 as the tables name it, e.g. ``nvidia-h200``), which ``moesim calibrate``
 reads like any bench results. ``--full`` keeps every GEMM row (about 100k;
 the default keeps the token counts the GEMM table is fitted on, see
-:data:`moesim.calibrate.gpu.GEMM_M_GRID`, plus tile-boundary neighbours).
+:data:`moesim.calibrate.gpu.GEMM_M_GRID`, plus tile-boundary neighbours) and every
+attention row (the default keeps the bf16 ones, :func:`committed_subset`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=Path, default=Path("results"), help="results root (default results)"
     )
-    parser.add_argument("--full", action="store_true", help="keep every GEMM row (large file)")
+    parser.add_argument(
+        "--full", action="store_true", help="keep every GEMM and attention row (large file)"
+    )
     parser.add_argument("--json", action="store_true", help="print {path, rows, tables} as JSON")
 
 
@@ -90,7 +93,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def committed_subset(kind: str, raw: pd.DataFrame) -> pd.DataFrame:
-    """GEMM rows at the fitted token counts and their +1 neighbours; other tables whole."""
+    """GEMM rows at the fitted token counts and their +1 neighbours; attention rows with
+    a bf16 FMHA and KV cache (what the simulator prices: training keeps no fp8
+    attention); other tables whole."""
+    if kind == "attention":
+        return raw[(raw["attn_dtype"] == "bfloat16") & (raw["kv_cache_dtype"] == "bfloat16")]
+    if kind == "mla":
+        return raw[(raw["mla_dtype"] == "bfloat16") & (raw["kv_cache_dtype"] == "bfloat16")]
     if kind != "gemm":
         return raw
     from moesim.calibrate.gpu import GEMM_M_GRID

@@ -202,6 +202,46 @@ class GemmTable(Frozen):
         return self
 
 
+class AttentionFit(Frozen):
+    """Measured causal attention forward (FMHA) of one kernel: seconds from the shape.
+
+    ``t = latency + bytes_ps x bytes + flops / rate`` with ``flops = b H S^2 (d_qk + d_v)``
+    (causal: half of the ``S x S`` scores; ``b`` sequences of ``S`` tokens, ``H`` query
+    heads), ``bytes`` = q, k, v in and o out (``b S (H + KV) (d_qk + d_v)`` elements of
+    2 bytes) and ``log rate`` (TFLOP/s) bilinear in ``(log S, log d_qk)`` over the grid
+    ``tflops[seq][head_dim]`` times ``occupancy`` over the call's query tiles
+    ``b H ceil(S / tile)`` (linear in log tiles; 1 at the last knot). Outside the knots
+    the nearest edge holds (:meth:`moesim.costs.CostModel.out_of_range` says so).
+    """
+
+    latency_us: float = Field(ge=0)
+    bytes_ps: float = Field(ge=0)
+    tile: int = Field(default=128, gt=0)
+    seq: list[float] = Field(min_length=1)
+    head_dim: list[float] = Field(min_length=1)
+    tflops: list[float]  # C-ordered [seq][head_dim]
+    tiles: list[float] = Field(min_length=1)
+    occupancy: list[float]
+
+    @model_validator(mode="after")
+    def _size(self) -> AttentionFit:
+        if len(self.tflops) != len(self.seq) * len(self.head_dim):
+            raise FieldError(
+                "tflops", len(self.tflops), f"must have {len(self.seq) * len(self.head_dim)} values"
+            )
+        if len(self.occupancy) != len(self.tiles):
+            raise FieldError(
+                "occupancy", len(self.occupancy), f"must have {len(self.tiles)} values"
+            )
+        for axis in ("seq", "head_dim", "tiles"):
+            v = getattr(self, axis)
+            if any(b <= a for a, b in pairwise(v)) or v[0] <= 0:
+                raise FieldError(axis, v, "must be positive and strictly increasing")
+        if any(not v > 0 for v in [*self.tflops, *self.occupancy]):
+            raise FieldError("tflops", "...", "all rates and occupancies must be > 0")
+        return self
+
+
 class FamilyError(Frozen):
     mape: float = Field(ge=0)
     max_ape: float = Field(ge=0)
@@ -272,6 +312,9 @@ class Calibration(Frozen):
     gemm_table: dict[str, GemmTable] = Field(default_factory=dict)
     collectives: dict[str, CommFit] = Field(default_factory=dict)
     deepep: dict[str, DeepEPFit] = Field(default_factory=dict)
+    # measured attention core (FMHA forward, causal) per "<dtype>" (GQA/MHA kernel) or
+    # "mla.<dtype>" (DeepSeek's context MLA kernel)
+    attention: dict[str, AttentionFit] = Field(default_factory=dict)
     # family -> axis -> [lo, hi] measured; predictions outside are flagged
     ranges: dict[str, dict[str, list[float]]] = Field(default_factory=dict)
 

@@ -18,6 +18,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from moesim.config.base import DTYPE_BYTES
 from moesim.config.hardware import (
+    AttentionFit,
     CommFit,
     Curve,
     DeepEPFit,
@@ -216,6 +217,32 @@ class CostModel:
             if key in self.cal.gemm_table:
                 return self.cal.gemm_table[key]
         return None
+
+    def attention_s(
+        self,
+        batch: ArrayLike,
+        seq: ArrayLike,
+        heads: ArrayLike,
+        kv_heads: ArrayLike,
+        d_qk: ArrayLike,
+        d_v: ArrayLike,
+        dtype: str,
+        mla: bool = False,
+    ) -> F64 | None:
+        """Causal attention forward (FMHA) of ``batch`` sequences of ``seq`` tokens with
+        ``heads`` query and ``kv_heads`` KV heads on the measured fit
+        (:class:`~moesim.config.hardware.AttentionFit`), or None where the profile has
+        none for ``dtype`` (MLA: DeepSeek's context MLA kernel, ``mla.<dtype>``)."""
+        fit = self.attention_fit(dtype, mla)
+        if fit is None:
+            return None
+        return tables.attention_s(fit, batch, seq, heads, kv_heads, d_qk, d_v)
+
+    def attention_fit(self, dtype: str, mla: bool = False) -> AttentionFit | None:
+        """The measured attention fit for ``dtype`` (``mla.<dtype>`` with ``mla``), or None."""
+        if self.cal is None or not self.cal.attention:
+            return None
+        return self.cal.attention.get(f"mla.{dtype}" if mla else dtype)
 
     def collective_s(self, kind: str, gpus: int, nbytes: ArrayLike) -> F64:
         """One NCCL collective (``all_reduce``, ``all_gather``, ``reduce_scatter``,

@@ -7,12 +7,14 @@ Everything is vectorised numpy; nothing here fits or reads files.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from moesim.config.hardware import CommFit, CommRegime, GemmShapeSpec, GemmTable
+from moesim.config.hardware import AttentionFit, CommFit, CommRegime, GemmShapeSpec, GemmTable
+from moesim.costs import work
 from moesim.costs.curves import eval_curve
 
 F64 = NDArray[np.float64]
@@ -27,7 +29,7 @@ RING: dict[str, tuple[Any, Any]] = {
 }
 
 
-def _axis(points: list[int], q_Q: F64) -> tuple[NDArray[np.int64], NDArray[np.int64], F64]:
+def _axis(points: Sequence[float], q_Q: F64) -> tuple[NDArray[np.int64], NDArray[np.int64], F64]:
     """Lower/upper grid index and weight of the upper one, linear in log, clamped."""
     lx = np.log(np.asarray(points, dtype=np.float64))
     lq = np.log(np.clip(q_Q, points[0], points[-1]).astype(np.float64))
@@ -69,6 +71,48 @@ def table_s(tab: GemmTable, m: ArrayLike, n: ArrayLike, k: ArrayLike) -> F64:
             for ik, fk in ((k0, 1 - wk), (k1, wk)):
                 out += fm * fn * fk * L[im, i_n, ik]
     return (np.exp(out) * 1e-6 * beyond).reshape(shape)
+
+
+def attention_rate(fit: AttentionFit, seq: ArrayLike, head_dim: ArrayLike, tiles: ArrayLike) -> F64:
+    """TFLOP/s of :class:`AttentionFit` at each query point (broadcast shapes).
+
+    ``log tflops`` bilinear in ``(log seq, log head_dim)`` over the grid, times the
+    occupancy read linearly in log tiles; every axis clamps at its edges.
+    """
+    sq, hq, tq = np.broadcast_arrays(
+        *(np.asarray(v, dtype=np.float64) for v in (seq, head_dim, tiles))
+    )
+    shape = sq.shape
+    s_lo, s_hi, ws = _axis(fit.seq, sq.ravel())
+    h_lo, h_hi, wh = _axis(fit.head_dim, hq.ravel())
+    L = np.log(np.asarray(fit.tflops, dtype=np.float64)).reshape(len(fit.seq), len(fit.head_dim))
+    low = L[s_lo, h_lo] * (1 - wh) + L[s_lo, h_hi] * wh
+    high = L[s_hi, h_lo] * (1 - wh) + L[s_hi, h_hi] * wh
+    t_lo, t_hi, wt = _axis(fit.tiles, tq.ravel())
+    occ = np.log(np.asarray(fit.occupancy, dtype=np.float64))
+    log_rate = low * (1 - ws) + high * ws + occ[t_lo] * (1 - wt) + occ[t_hi] * wt
+    return np.asarray(np.exp(log_rate).reshape(shape), dtype=np.float64)
+
+
+def attention_s(
+    fit: AttentionFit,
+    batch: ArrayLike,
+    seq: ArrayLike,
+    heads: ArrayLike,
+    kv_heads: ArrayLike,
+    d_qk: ArrayLike,
+    d_v: ArrayLike,
+) -> F64:
+    """Seconds of the causal attention forward of ``batch`` sequences of ``seq`` tokens
+    (``heads`` query heads, ``kv_heads`` KV heads; broadcast shapes): the fit's
+    ``latency + bytes_ps bytes + flops / rate``."""
+    flops = work.attention_core_flops(batch, seq, heads, d_qk, d_v)
+    nbytes = work.attention_core_bytes(batch, seq, heads, kv_heads, d_qk, d_v)
+    rate = attention_rate(fit, seq, d_qk, work.attention_tiles(batch, seq, heads, fit.tile))
+    return np.asarray(
+        fit.latency_us * 1e-6 + nbytes * fit.bytes_ps * 1e-12 + flops / (rate * 1e12),
+        dtype=np.float64,
+    )
 
 
 def shape_efficiency(spec: GemmShapeSpec, m: ArrayLike, n: ArrayLike) -> F64:

@@ -105,3 +105,52 @@ def attention_bytes(
     t = np.asarray(T, dtype=np.float64)
     weights = D * head_dim * (2 * heads + 2 * kv_heads) * b
     return weights + t * (2.0 * D + 2 * (heads + 2 * kv_heads) * head_dim) * b
+
+
+#: DeepSeek-V3's context MLA kernel (aiconfigurator's ``context_mla`` table): q/k head
+#: dim (128 + 64 rope) and v head dim, K and V expanded per head
+MLA_CONTEXT_DIMS = (192, 128)
+#: query rows one CTA of a fused attention kernel (FMHA) holds: its query tile
+ATTN_TILE = 128
+
+
+def attention_core_flops(
+    batch: ArrayLike, seq: ArrayLike, heads: ArrayLike, d_qk: ArrayLike, d_v: ArrayLike
+) -> NDArray[np.float64]:
+    """Causal ``softmax(QK^T) V`` of ``batch`` sequences of ``seq``: ``b H S^2 (d_qk + d_v)``.
+
+    ``2 S (d_qk + d_v)`` per query and head over ``S / 2`` keys on average (the
+    continuous count of :func:`moesim.model.flops.mean_keys`, as the model FLOPs).
+    """
+    b, s, h = (np.asarray(v, dtype=np.float64) for v in (batch, seq, heads))
+    return b * h * s * s * (np.asarray(d_qk, dtype=np.float64) + np.asarray(d_v, dtype=np.float64))
+
+
+def attention_core_bytes(
+    batch: ArrayLike,
+    seq: ArrayLike,
+    heads: ArrayLike,
+    kv_heads: ArrayLike,
+    d_qk: ArrayLike,
+    d_v: ArrayLike,
+    b: float = 2.0,
+) -> NDArray[np.float64]:
+    """Q, K, V read and O written once (flash attention keeps ``S x S`` on chip):
+    ``batch seq (heads + kv_heads) (d_qk + d_v) b``."""
+    rows = np.asarray(batch, dtype=np.float64) * np.asarray(seq, dtype=np.float64)
+    width = np.asarray(heads, dtype=np.float64) + np.asarray(kv_heads, dtype=np.float64)
+    return (
+        rows * width * (np.asarray(d_qk, dtype=np.float64) + np.asarray(d_v, dtype=np.float64)) * b
+    )
+
+
+def attention_tiles(
+    batch: ArrayLike, seq: ArrayLike, heads: ArrayLike, tile: int = ATTN_TILE
+) -> NDArray[np.float64]:
+    """Query tiles (CTAs) of one call: ``batch heads ceil(seq / tile)``."""
+    s = np.asarray(seq, dtype=np.float64)
+    return (
+        np.asarray(batch, dtype=np.float64)
+        * np.asarray(heads, dtype=np.float64)
+        * np.ceil(s / tile)
+    )

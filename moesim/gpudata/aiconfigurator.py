@@ -25,6 +25,16 @@ Suites written (one row per measured configuration):
   tokens per rank, ``D, K, E``; ``world`` = 8 x nodes; normal mode's strategy
   is ``sms<N>`` (SMs given to the kernel). ``msg_bytes`` = ``T*K`` rows (fp8
   with scales for dispatch, bf16 for combine).
+* ``attention``: the causal context (prefill) attention forward of one layer as
+  TensorRT-LLM's attention op runs it (the collector times ``attn.forward`` on
+  packed QKV in a CUDA graph: RoPE and the KV-cache write, then the fused FMHA
+  kernel, causal mask). op ``context`` (MHA/GQA table) or ``context_mla``
+  (DeepSeek-V3's context MLA: q/k head dim 192 = 128 + 64 rope, v 128, K and V
+  expanded per head). ``T`` = tokens of the call (batch x isl), ``F`` = isl
+  (every sequence's length), ``E`` = query heads, ``K`` = KV heads, ``D`` =
+  q/k head dim; ``split`` = the mask (``causal``, ``causal_window<w>``),
+  ``dtype`` = the FMHA dtype, ``strategy`` = ``kv_<kv cache dtype>``, ``flops``
+  = :func:`moesim.costs.work.attention_core_flops` (v head dim: ``D``, MLA 128).
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from moesim.costs import work
 from moesim.errors import UserError
 
 PACKAGE = "aiconfigurator_core"
@@ -263,6 +274,41 @@ def convert_nccl(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _attention_rows(
+    df: pd.DataFrame, op: str, kv_heads: np.ndarray, d_qk: np.ndarray, d_v: np.ndarray,
+    window: np.ndarray, fmha: pd.Series,
+) -> pd.DataFrame:  # fmt: skip
+    b, s, H = (df[c].to_numpy(dtype=np.int64) for c in ("batch_size", "isl", "num_heads"))
+    t = df["latency"].to_numpy(dtype=np.float64) * 1e-3
+    flops = work.attention_core_flops(b, s, H, d_qk, d_v)
+    out = pd.DataFrame(_base(df, "attention") | {"op": op, "T": b * s, "F": s, "E": H})
+    out["K"], out["D"] = kv_heads, d_qk
+    out["split"] = np.where(window > 0, "causal_window" + window.astype(str), "causal")
+    out["dtype"] = fmha.map(DTYPES).to_numpy()
+    out["strategy"] = ("kv_" + df["kv_cache_dtype"].map(DTYPES).astype(str)).to_numpy()
+    out["median_s"] = t
+    out["flops"] = flops
+    out["bytes"] = work.attention_core_bytes(b, s, H, kv_heads, d_qk, d_v)
+    out["achieved_TFLOPs"] = flops / t / 1e12
+    return out
+
+
+def convert_attention(df: pd.DataFrame) -> pd.DataFrame:
+    df = df[df["attn_dtype"].isin(list(DTYPES)) & df["kv_cache_dtype"].isin(list(DTYPES))]
+    hd = df["head_dim"].to_numpy(dtype=np.int64)
+    kv = df["num_key_value_heads"].to_numpy(dtype=np.int64)
+    window = df["window_size"].to_numpy(dtype=np.int64)
+    return _attention_rows(df, "context", kv, hd, hd, window, df["attn_dtype"])
+
+
+def convert_mla(df: pd.DataFrame) -> pd.DataFrame:
+    df = df[df["mla_dtype"].isin(list(DTYPES)) & df["kv_cache_dtype"].isin(list(DTYPES))]
+    n = len(df)
+    H = df["num_heads"].to_numpy(dtype=np.int64)
+    d_qk, d_v = np.full(n, work.MLA_CONTEXT_DIMS[0]), np.full(n, work.MLA_CONTEXT_DIMS[1])
+    return _attention_rows(df, "context_mla", H, d_qk, d_v, np.zeros(n, np.int64), df["mla_dtype"])
+
+
 def row_bytes(hidden: np.ndarray, fp8: bool) -> np.ndarray:
     h = hidden.astype(np.float64)
     return h + 4.0 * np.ceil(h / FP8_SCALE_BLOCK) if fp8 else 2.0 * h
@@ -374,6 +420,29 @@ TABLES: dict[str, TableSpec] = {
         ),
         convert_deepep_normal,
     ),
+    "attention": TableSpec(
+        "attention",
+        "context_attention_perf",
+        (
+            *_COMMON,
+            "batch_size",
+            "isl",
+            "num_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "window_size",
+            "attn_dtype",
+            "kv_cache_dtype",
+            "latency",
+        ),
+        convert_attention,
+    ),
+    "mla": TableSpec(
+        "mla",
+        "context_mla_perf",
+        (*_COMMON, "batch_size", "isl", "num_heads", "mla_dtype", "kv_cache_dtype", "latency"),
+        convert_mla,
+    ),
 }
 #: where each table kind lives: framework dir (None: the --framework) under its family dir
 TABLE_FRAMEWORK: dict[str, str | None] = {
@@ -382,6 +451,8 @@ TABLE_FRAMEWORK: dict[str, str | None] = {
     "nccl": "nccl",
     "deepep_ll": "sglang",
     "deepep_normal": "sglang",
+    "attention": None,
+    "mla": None,
 }
 
 

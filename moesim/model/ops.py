@@ -9,6 +9,8 @@ profile's ``copy`` bandwidth (:meth:`moesim.costs.model.CostModel.memory_s`).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from moesim.config.scenario import DenseConfig, ModelConfig
 from moesim.model.flops import attention_proj_flops, core_flops_all_layers, qk_v_dims
 from moesim.model.params import attention_params
@@ -91,6 +93,38 @@ def attention_core(m: ModelConfig, T: float, b: float, *, causal: bool) -> tuple
             per_key = 2 * d.num_key_value_heads * d.head_dim
         nbytes += T * d.seq_length * per_key * b
     return flops, nbytes
+
+
+class AttentionCall(NamedTuple):
+    """One GPU's causal attention core as one fused-kernel call of ``batch`` sequences of
+    ``seq`` tokens with ``heads`` query and ``kv_heads`` KV heads (MLA: K and V per head)
+    and head dims ``d_qk``, ``d_v``; the GPU does ``share`` of that call's work."""
+
+    batch: float
+    seq: int
+    heads: float
+    kv_heads: float
+    d_qk: int
+    d_v: int
+    share: float
+
+
+def attention_call(m: ModelConfig, T: float, tp: int = 1, cp: int = 1) -> AttentionCall | None:
+    """The full-attention layers' core of a GPU holding ``T`` tokens, as one kernel call.
+
+    With TP a rank runs ``H / tp`` heads on its group's ``tp T`` tokens; with CP it holds
+    ``S / cp`` of each sequence and does ``1 / cp`` of the work of its ``tp T cp / S``
+    whole sequences (the ring's chunks priced at the whole sequence's rate). The
+    call's FLOPs times ``share`` are the ``T`` tokens' :func:`attention_core` FLOPs of a
+    full-attention layer. None without attention.
+    """
+    d = m.dense
+    if d is None:
+        return None
+    dqk, dv = qk_v_dims(d)
+    S, H = d.seq_length, d.num_attention_heads
+    kv = H if d.kind == "mla" else d.num_key_value_heads
+    return AttentionCall(tp * T * cp / S, S, H / tp, max(kv / tp, 1.0), dqk, dv, 1.0 / cp)
 
 
 def norm_bytes(T: float, D: int, b: float) -> float:

@@ -25,10 +25,15 @@ from moesim.config.scenario import Scenario
 from moesim.costs import work
 from moesim.costs.model import CostModel
 from moesim.model import ops
+from moesim.model.flops import mean_keys
 
-#: backward seconds per forward second of each compute op (GEMMs 2x: data + weight grads)
+#: backward seconds per forward second of each compute op (GEMMs 2x: data + weight grads).
+#: The attention core's backward does 2.5x its forward's FLOPs: five matmuls (S = QK^T
+#: recomputed, dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q) against the forward's
+#: two, the count of Dao-AILab/flash-attention ``benchmarks/benchmark_flash_attention.py``
+#: (``flops(mode="bwd") = 2.5 * f``); priced at the forward's rate.
 BACKWARD_FACTOR = {
-    "dense": 2.0, "attn_core": 2.0, "norm": 1.0, "gate": 1.0, "permute": 1.0, "unpermute": 1.0,
+    "dense": 2.0, "attn_core": 2.5, "norm": 1.0, "gate": 1.0, "permute": 1.0, "unpermute": 1.0,
     "shared_experts": 2.0, "dense_layer": 2.0, "head": 2.0,
 }  # fmt: skip
 
@@ -49,8 +54,32 @@ def _attention(scn: Scenario, cost: CostModel) -> tuple[float, float]:
     core_dt = "bf16" if dt == "fp8" else dt
     pf, pb = ops.attention_proj(d, m.hidden_size, T, b)
     proj = _gemms_or_flops(scn, cost, ops.attention_gemms(d, m.hidden_size), pf, pb)
-    core = float(cost.dense_s(cf, cb, core_dt))
+    table = _core_table_s(scn, cost, core_dt, cb) if causal else None
+    core = table if table is not None else float(cost.dense_s(cf, cb, core_dt))
     return proj + core, core
+
+
+def _core_table_s(scn: Scenario, cost: CostModel, dt: str, nbytes: float) -> float | None:
+    """The layer-mean attention core on the profile's measured attention fit
+    (:meth:`CostModel.attention_s`, shape :func:`ops.attention_call`), or None without
+    one for the attention kind and ``dt``. Sliding-window layers (not in the fit:
+    the tables measure full causal masks) keep their FLOPs on the dense fit or roofline."""
+    m, d, T = scn.model, scn.model.dense, scn.workload.tokens_per_gpu
+    call = ops.attention_call(m, T, scn.parallel.tp, scn.parallel.cp)
+    if d is None or call is None:
+        return None
+    b, s, h, kv, dqk, dv, share = call
+    full = cost.attention_s(b, s, h, kv, dqk, dv, dt, mla=d.kind == "mla")
+    if full is None:
+        return None
+    layers = d.num_dense_layers + m.num_moe_layers * m.moe_layer_freq + m.mtp_num_layers
+    n_slide = min(d.num_sliding_layers, layers)
+    slide = 0.0
+    if n_slide:
+        keys = mean_keys(d.seq_length, d.sliding_window, causal=True)
+        flops = T * 2.0 * d.num_attention_heads * (dqk + dv) * keys
+        slide = float(cost.dense_s(flops, nbytes, dt))
+    return (float(full) * share * (layers - n_slide) + slide * n_slide) / layers
 
 
 def _gemms_s(scn: Scenario, cost: CostModel, gemms: list[ops.Gemm]) -> float | None:

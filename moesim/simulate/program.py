@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from moesim.simulate.dense import BACKWARD_FACTOR
 from moesim.simulate.plan import Coflows, StepPlan
 from moesim.simulate.schedules import Layout, Pipeline, Task
 
@@ -210,6 +211,21 @@ def backward_factors(prog: Program, part: str) -> tuple[float, float]:
     return (gemm, mem) if part == "B" else (gemm / 2, mem if part == "Bi" else 0.0)
 
 
+#: the attention core's backward over the GEMMs' (FLOPs: 2.5 / 2, ``dense.BACKWARD_FACTOR``)
+CORE_OVER_GEMM = BACKWARD_FACTOR["attn_core"] / BACKWARD_FACTOR["dense"]
+
+
+def with_core_backward(c: dict[str, float], key: str, gemm: float, part: str) -> float:
+    """Backward seconds of phase ``key`` (attention, or a dense layer) in pass ``part``:
+    its GEMMs at ``gemm`` x their forward, the attention core inside it
+    (``c["attn_core"]``) at :data:`CORE_OVER_GEMM` x the whole backward's GEMM factor,
+    all of it input gradients (in ``B`` and ``Bi``, none in ``W``: it has no weights)."""
+    core = c.get("attn_core", 0.0)
+    whole = gemm if part == "B" else 2.0 * gemm
+    core_s = 0.0 if part == "W" else CORE_OVER_GEMM * whole * core
+    return gemm * (c[key] - core) + core_s
+
+
 def moe_backward(prog: Program, j: int, mb: int, part: str) -> list[Op]:
     """``part`` B (all), Bi (input gradients) or W (weight gradients)."""
     c, w, cf = prog.plan.compute_s, prog.plan.work[j][mb], prog.plan.collectives
@@ -222,7 +238,7 @@ def moe_backward(prog: Program, j: int, mb: int, part: str) -> list[Op]:
         return [
             compute("experts" + sfx, experts, j),
             compute("shared_experts" + sfx, gemm * c["shared_experts"], j),
-            compute("dense" + sfx, gemm * c["dense"], j),
+            compute("dense" + sfx, with_core_backward(c, "dense", gemm, part), j),
         ]
     tp, ring = cf.get("tp"), cf.get("cp_bwd")
     pre = _recompute(prog, j, mb)
@@ -241,13 +257,14 @@ def moe_backward(prog: Program, j: int, mb: int, part: str) -> list[Op]:
     if tp is not None:
         ops.append(collective("tp_comm" + BWD, "tp", tp, j))
     join: tuple[int, ...] | None = None
+    attn = with_core_backward(c, "dense", gemm, part)
     if ring is not None:
         before = len(ops) - 1
         ops.append(collective("cp_comm" + BWD, "cp", ring, j, deps=(before,)))
-        ops.append(compute("dense" + BWD, gemm * c["dense"], j, deps=(before,)))
+        ops.append(compute("dense" + BWD, attn, j, deps=(before,)))
         join = (len(ops) - 2, len(ops) - 1)
     else:
-        ops.append(compute("dense" + BWD, gemm * c["dense"], j))
+        ops.append(compute("dense" + BWD, attn, j))
     ops.append(compute("norm" + BWD, c["norm"], j, deps=join))
     body = ops
     return pre + _shift(body, len(pre))
@@ -269,7 +286,8 @@ def dense_forward(prog: Program, j: int, mb: int) -> list[Op]:
 def dense_backward(prog: Program, j: int, mb: int, part: str) -> list[Op]:
     gemm = {"B": 2.0, "Bi": 1.0, "W": 1.0}[part]
     sfx = WGRAD if part == "W" else BWD
-    ops = [compute("dense_layer" + sfx, gemm * prog.plan.compute_s["dense_layer"], j)]
+    layer = with_core_backward(prog.plan.compute_s, "dense_layer", gemm, part)
+    ops = [compute("dense_layer" + sfx, layer, j)]
     cf = prog.plan.collectives
     if part != "W":
         if "tp2" in cf:

@@ -41,6 +41,13 @@ def out_of_range(scn: Scenario, hw: HardwareProfile) -> list[dict[str, Any]]:
             for g in gemms:
                 mq, nq, kq = ops.sharded(g, T, par.tp)
                 add(phase, table, m=mq, n=nq, k=kq)
+    call = ops.attention_call(m, T, par.tp, par.cp)
+    mla = m.dense is not None and m.dense.kind == "mla"
+    core_dt = "bf16" if m.dtype == "fp8" else m.dtype  # as simulate/dense.py prices it
+    key = f"attention.{'mla.' if mla else ''}{core_dt}"
+    if call is not None and scn.workload.mode != "decode" and key in hw.calibration.ranges:
+        tokens, heads = call.batch * call.seq, call.heads
+        add("dense", key, tokens=tokens, seq=call.seq, heads=heads, head_dim=call.d_qk)
     per_expert = T * ep * K / E
     fam = next((f for f in hw.calibration.ranges if f == f"experts.{m.dtype}"), None)
     if fam is None:
