@@ -74,7 +74,9 @@ def test_bubble_matches_the_published_formula(sched, p, m, v, formula) -> None:
 
 
 def test_two_stage_1f1b_with_sends_event_log_by_hand() -> None:
-    """Rank 0: F0 F1 B0 B1; rank 1: F0 B0 F1 B1; a send takes c = T rows / NVLink."""
+    """Rank 0: F0 F1 B0 B1; rank 1: F0 B0 F1 B1; a send takes c = T rows / NVLink and
+    moves once its receiver has posted the receive (rendezvous, as it needs the input):
+    rank 0's second activation waits for rank 1 to finish B0."""
     F, B, _ = _passes()
     c = 8 * ROW_BYTES / 100e9
     res = simulate(_scn(2, 2, "1f1b"), hardware(gpus_per_node=2), trace=True)
@@ -82,24 +84,36 @@ def test_two_stage_1f1b_with_sends_event_log_by_hand() -> None:
     expected = sorted(
         [
             ("pp_send_fwd.start", F), ("pp_send_fwd.end", F + c),
-            ("pp_send_fwd.start", 2 * F), ("pp_send_fwd.end", 2 * F + c),
+            ("pp_send_fwd.start", 2 * F + B + c), ("pp_send_fwd.end", 2 * F + B + 2 * c),
             ("g1:pp_send_bwd.start", 2 * F + B + c), ("g1:pp_send_bwd.end", 2 * F + B + 2 * c),
-            ("g1:pp_send_bwd.start", 3 * F + 2 * B + c),
-            ("g1:pp_send_bwd.end", 3 * F + 2 * B + 2 * c),
+            ("g1:pp_send_bwd.start", 3 * F + 2 * B + 2 * c),
+            ("g1:pp_send_bwd.end", 3 * F + 2 * B + 3 * c),
         ],
         key=lambda e: (e[1], e[0]),
     )  # fmt: skip
     assert [n for n, _ in log] == [n for n, _ in expected]
     assert [t for _, t in log] == pytest.approx([t for _, t in expected], rel=1e-12)
-    assert res.step_time_s == pytest.approx(3 * F + 3 * B + 2 * c, rel=1e-12)
-    # rank 0 waits B + 2c for the first gradient after its forwards, then F for the
-    # second: c of each is the send after rank 1 started it (exposed PP), the rest
-    # is rank 1's compute and the forward send before it (bubble)
+    assert res.step_time_s == pytest.approx(3 * F + 3 * B + 3 * c, rel=1e-12)
+    # rank 0 waits B + 2c for the first gradient after its forwards, then F + c for the
+    # second: c of each is the send after it started (exposed PP), the rest is rank
+    # 1's compute and the forward send before it (bubble)
     r0 = _gpu_breakdown(res, 0)
     assert r0["exposed_pp"] == pytest.approx(2 * c, rel=1e-9)
-    assert r0["bubble"] == pytest.approx(F + B, rel=1e-9)
+    assert r0["bubble"] == pytest.approx(F + B + c, rel=1e-9)
     # rank 0 sends two activations, rank 1 two gradients: two sends per GPU
     assert res.bytes_per_gpu["by_kind"]["pp"]["scaleup"] == pytest.approx(2 * 8 * ROW_BYTES)
+
+
+def test_interleaved_sends_move_as_issued() -> None:
+    """Receives posted ahead (interleaved, Megatron's overlap_p2p_comm): no rendezvous,
+    the by-hand eager case: rank 0's second activation leaves at 2F."""
+    F, B, _ = _passes()
+    c = 8 * ROW_BYTES / 100e9
+    res = simulate(_scn(2, 2, "interleaved"), hardware(gpus_per_node=2),
+                   trace=True)  # fmt: skip
+    starts = sorted(t for n, t in res.event_log if n == "pp_send_fwd.start")
+    assert starts == pytest.approx([F, 2 * F], rel=1e-12)
+    assert res.step_time_s == pytest.approx(3 * F + 3 * B + 2 * c, rel=1e-12)
 
 
 def _gpu_breakdown(res, gpu: int) -> dict[str, float]:

@@ -455,6 +455,51 @@ class PipeRankResult:
     grads: list[torch.Tensor]  # the last step's all-reduced gradients
     disturbed: int = 0  # steps re-run because other processes took the cores
     min_share: float = 1.0  # median over kept steps of the smallest rank's compute share
+    probe_s: dict[str, float] = field(default_factory=dict)  # :class:`HostProbe`, kept steps
+
+
+class HostProbe:
+    """The layer's expert GEMMs (the run's shape, uniform load, skew 0), timed between a
+    rank's steps as the experts suite times them (:func:`moesim.measure.suites.experts.measure`
+    on flushed caches, this thread's CPU clock): the host's speed in the run's own time
+    window, for :func:`moesim.validation.pipeline.host_drift` to set against the
+    calibration's fit. On this VM the speed drifts 10-30 % within a minute, so
+    re-timing before and after the run (tens of seconds apart) misses what the steps
+    saw, and a roofline GEMM's speed need not follow the layer's grouped GEMMs'."""
+
+    def __init__(self, case: PipeCase, budget_s: float = 0.05) -> None:
+        from moesim.measure.suites.common import BenchContext, Case
+
+        self.case = Case("experts", "experts", strategy="loop", dtype="fp32", T=case.tokens,
+                         D=case.hidden, F=case.ffn, E=case.num_experts, K=case.top_k)  # fmt: skip
+        self.ctx = BenchContext(budget_s=budget_s, warmup_s=0.0, threads=1)
+        self.samples: dict[str, list[float]] = {"flushed": [], "solo": [], "together": []}
+
+    def time(self, key: str) -> None:
+        """``flushed``: as the experts suite benches it (alone); ``solo`` / ``together``:
+        on warm caches (a stage's working set stays in the shared last-level cache),
+        alone and with every rank at once: the co-run interference in the run's window."""
+        from moesim.measure.suites import experts
+        from moesim.measure.timer import cpu_flush_by_default
+
+        with cpu_flush_by_default(key == "flushed"):
+            row = experts.measure(self.case, self.ctx)
+        self.samples[key].append(float(row["median_s"]))
+
+    def median(self, key: str, keep: list[int]) -> float:
+        got = [self.samples[key][i] for i in keep]
+        return float(torch.tensor(got).median()) if got else 0.0
+
+
+def probe_between_steps(probe: HostProbe, rank: int, world: int) -> None:
+    """Each rank alone (flushed, then warm), then all at once (warm)."""
+    for r in range(world):
+        if r == rank:
+            probe.time("flushed")
+            probe.time("solo")
+        dist.barrier()
+    probe.time("together")
+    dist.barrier()
 
 
 def run_rank(case: PipeCase, steps: int, warmup: int) -> PipeRankResult:
@@ -473,8 +518,9 @@ def run_rank(case: PipeCase, steps: int, warmup: int) -> PipeRankResult:
     keep_freed_memory()
     runner = _StageRunner(case, rank)
     expected = min(1.0, cores / world)
-    clean: list[tuple[StepLog, float]] = []
-    disturbed: list[tuple[StepLog, float]] = []
+    probe = HostProbe(case)
+    clean: list[tuple[StepLog, float, int]] = []
+    disturbed: list[tuple[StepLog, float, int]] = []
     losses: list[float] = []
     for k in range(warmup + MAX_ATTEMPTS * steps):
         if len(clean) >= steps:
@@ -482,13 +528,16 @@ def run_rank(case: PipeCase, steps: int, warmup: int) -> PipeRankResult:
         log, losses = runner.step()
         share = _min_share(log.share)
         if k >= warmup:
-            (clean if share >= CLEAN_SHARE * expected else disturbed).append((log, share))
+            probe_between_steps(probe, rank, world)
+            got = (log, share, len(probe.samples["solo"]) - 1)
+            (clean if share >= CLEAN_SHARE * expected else disturbed).append(got)
     kept = clean if len(clean) >= max(1, steps // 2) else (clean + disturbed)[:steps]
     grads = [_grad(p) for p in runner.params]
     return PipeRankResult(
-        rank, runner.stage, runner.replica, [g for g, _ in kept], losses, grads,
+        rank, runner.stage, runner.replica, [g for g, _, _ in kept], losses, grads,
         disturbed=len(disturbed),
-        min_share=float(torch.tensor([s for _, s in kept]).median()),
+        min_share=float(torch.tensor([s for _, s, _ in kept]).median()),
+        probe_s={k: probe.median(k, [i for _, _, i in kept]) for k in probe.samples},
     )  # fmt: skip
 
 
@@ -513,6 +562,7 @@ class PipeMeasurement:
     max_rel_error: float  # losses and gradients vs :func:`reference`
     cpu_share: float = 1.0  # compute CPU time / wall, mean over ranks, median over steps
     disturbed_steps: int = 0
+    probe_s: list[dict[str, float]] = field(default_factory=list)  # per rank (HostProbe)
 
 
 class PipeMismatch(RuntimeError):
@@ -532,7 +582,8 @@ def run_pipeline(
     per_step = [step_parts([r.steps[k] for r in results], case.stages) for k in range(kept)]
     m = summarise(case, per_step, err)
     share_S = torch.tensor([[r.steps[k].share for r in results] for k in range(kept)]).mean(1)
-    return replace(m, cpu_share=float(share_S.median()), disturbed_steps=results[0].disturbed)
+    return replace(m, cpu_share=float(share_S.median()), disturbed_steps=results[0].disturbed,
+                   probe_s=[r.probe_s for r in results])  # fmt: skip
 
 
 def step_parts(logs: list[StepLog], stages: int | None = None) -> list[dict[str, float]]:
@@ -632,6 +683,7 @@ def to_jsonable(m: PipeMeasurement) -> dict[str, Any]:
         "max_rel_error": m.max_rel_error,
         "cpu_share": m.cpu_share,
         "disturbed_steps": m.disturbed_steps,
+        "probe_s": m.probe_s,
     }
 
 
@@ -643,8 +695,13 @@ def comm_rank(case: PipeCase, sizes: list[int], reps: int) -> dict[str, list[lis
     rep, ``perf_counter`` stamps (one clock for all local processes):
 
     - ``p2p_in`` / ``p2p_out``: stage ``2j`` of every replica sends to stage ``2j + 1``,
-      all pairs at once (as the pipeline's replicas send at once): when each side
-      entered ``send`` / ``recv``, and when it left;
+      all pairs at once (as the pipeline's replicas send at once), the receiver already
+      waiting in ``recv`` (the sender computes a second gap): when each side entered
+      ``send`` / ``recv``, and when it left. Gloo's point-to-point is a rendezvous
+      (the bytes move once the receive is posted), so this is the transfer the
+      simulator starts at the later of send and post; both entering at once instead
+      adds the ready notice's round trip and a long tail (measured here, 512 KiB:
+      mean 1.7 ms, median 0.40, against 0.28 / 0.28 with the receiver waiting);
     - ``ar_in`` / ``ar_out``: the same for an ``all_reduce`` on every gradient group
       at once (:func:`sync_groups`: the stages' data-parallel groups, or with ``dp`` 1
       the replicas' embedding groups; empty with neither).
@@ -671,6 +728,8 @@ def comm_rank(case: PipeCase, sizes: list[int], reps: int) -> dict[str, list[lis
         for k in range(reps + 1):
             dist.barrier()
             gap()
+            if sender:  # the receiver is waiting in its receive when the message leaves
+                gap()
             t0 = time.perf_counter()
             if sender:
                 dist.send(buf, dst=rank + 1)

@@ -340,9 +340,11 @@ def print_pipeline(result: dict[str, Any]) -> None:
     con.print(
         f"backward / forward measured here: expert GEMMs {bw['gemm']:.2f}x, memory-bound "
         f"ops {bw['memory']:.2f}x; compute slowdown of each rank {result['compute_slowdown']:.2f}x "
-        f"(co-run / measured CPU share {result['cpu_share']:.0%} x host drift "
-        f"{result.get('host_drift', 1.0):.2f}: the calibration's roofline re-timed around "
-        f"the run; {result['expected_slowdown']:.2f}x on an idle host), "
+        f"(co-run {result.get('interference', 1.0):.2f} / measured CPU share "
+        f"{result['cpu_share']:.0%} x host drift {result.get('host_drift', 1.0):.2f}: the "
+        f"layer's expert GEMMs re-timed between the run's steps, together over alone and "
+        f"alone over their calibrated price; {result['expected_slowdown']:.2f}x on an idle "
+        "host before the run), "
         f"{result['disturbed_steps']} disturbed steps re-run; profile {result['profile']}"
     )
     ctx = result.get("context", {})

@@ -34,7 +34,7 @@ from moesim.model.flops import mean_keys
 #: (``flops(mode="bwd") = 2.5 * f``); priced at the forward's rate.
 BACKWARD_FACTOR = {
     "dense": 2.0, "attn_core": 2.5, "norm": 1.0, "gate": 1.0, "permute": 1.0, "unpermute": 1.0,
-    "shared_experts": 2.0, "dense_layer": 2.0, "head": 2.0,
+    "shared_experts": 2.0, "dense_layer": 2.0,
 }  # fmt: skip
 
 
@@ -128,11 +128,14 @@ def _ffn_s(scn: Scenario, cost: CostModel, F: int, copies: int = 1) -> float:
     return float(gemm + act)
 
 
-def _head_s(scn: Scenario, cost: CostModel) -> float:
-    """Embedding lookup, LM head, loss, and each MTP depth's projection and head."""
+def _head_s(scn: Scenario, cost: CostModel) -> tuple[float, float]:
+    """``(all, memory-bound)`` seconds of the embedding lookup, LM head, loss, and each
+    MTP depth's projection and head; the memory-bound part (loss, lookup) has a
+    memory-bound backward (one pass: the softmax gradient, the gradient scatter), the
+    rest is GEMMs (data and weight gradients)."""
     m, T = scn.model, scn.workload.tokens_per_gpu
     if not m.vocab_size:
-        return 0.0
+        return 0.0, 0.0
     b, D = DTYPE_BYTES[m.dtype], m.hidden_size
     hf, hb = ops.lm_head(m, T, b)
     heads = 1 + m.mtp_num_layers
@@ -142,7 +145,7 @@ def _head_s(scn: Scenario, cost: CostModel) -> float:
     if m.mtp_num_layers:  # each depth's eh_proj
         mtp = ops.mtp_proj_gemms(D)
         gemm += _gemms_or_flops(scn, cost, mtp, 4.0 * T * D * D, 2 * D * D * b, m.mtp_num_layers)
-    return gemm + mem
+    return gemm + mem, mem
 
 
 def dense_costs(scn: Scenario, cost: CostModel) -> dict[str, float]:
@@ -158,6 +161,7 @@ def dense_costs(scn: Scenario, cost: CostModel) -> dict[str, float]:
         shared = _ffn_s(scn, cost, F_sh, m.num_shared_experts)
     F_d = (m.dense.dense_intermediate_size if m.dense else None) or m.moe_intermediate_size
     dense_layer = attn + _ffn_s(scn, cost, F_d) + norm
+    head, head_mem = _head_s(scn, cost)
     return {
         "dense": attn,
         "attn_core": core,
@@ -169,7 +173,8 @@ def dense_costs(scn: Scenario, cost: CostModel) -> dict[str, float]:
         "unpermute": float(cost.unpermute_s(T, D, K, dt)),
         "shared_experts": shared,
         "dense_layer": dense_layer,
-        "head": _head_s(scn, cost),
+        "head": head,
+        "head_mem": head_mem,
     }
 
 

@@ -53,6 +53,8 @@ from moesim.simulate.schedules import Lane, Task
 
 F64 = NDArray[np.float64]
 COMPUTE_TID, COMM_TID, ASYNC_TID = 0, 1, 3
+#: the event key tag of a receive's post (``Pipeline.rendezvous`` sends wait for it)
+POSTED = "posted"
 #: Chrome trace thread names: the compute stream and the comm rows
 THREADS = {
     COMPUTE_TID: "compute",
@@ -255,11 +257,22 @@ class GroupSim:
         return f"{name}{suffix}" if self.x == 0 else f"g{self.x}:{name}{suffix}"
 
     def _async(self, op: Op, ready: Ready, iv: list[float]) -> Generator[simpy.Event, Any, None]:
+        if op.peer is not None and self.sim.prog.pipe.rendezvous:  # a send: wait for the post
+            ev = self.sim.event((self.replica, POSTED, op.key))
+            posted: float = ev.value if ev.triggered else (yield ev)  # type: ignore[assignment]
+            if posted > iv[0]:
+                ready = Ready(np.maximum(ready.t_P, posted), ready.reason, ready.since)
+                iv[0] = posted
         out = yield from self.collective(op, ready, ASYNC_TID, iv)
         if op.key is not None:
             self.sim.event((self.replica, op.key)).succeed(out)
 
     def wait(self, op: Op, ready: Ready) -> Generator[simpy.Event, Any, Ready]:
+        if op.name == "pp_recv" and self.sim.prog.pipe.rendezvous:
+            posted = self.sim.event((self.replica, POSTED, op.key))
+            if not posted.triggered:  # posted as the input is needed: the stream is free
+                at = max(float(ready.t_P.max()), float(self.free_P.max()), self.env.now)
+                posted.succeed(at)
         ev = self.sim.event((self.replica, op.key))
         got: Ready = ev.value if ev.triggered else (yield ev)  # type: ignore[assignment]
         theirs = (

@@ -375,8 +375,10 @@ class Program:
         head = self.plan.compute_s.get("head", 0.0)
         if kind == "F" or stage != self.pipe.stages - 1 or head <= 0:
             return []
-        gemm = {"B": 2.0, "Bi": 1.0, "W": 1.0}[kind]
-        return [compute("head" + (WGRAD if kind == "W" else BWD), gemm * head)]
+        gemm, mem = backward_factors(self, kind)
+        mem_s = self.plan.compute_s.get("head_mem", 0.0)
+        seconds = gemm * (head - mem_s) + mem * mem_s
+        return [compute("head" + (WGRAD if kind == "W" else BWD), seconds)]
 
     def _inputs(self, task: Task) -> list[Op]:
         """Wait for the previous stage's activations / the next stage's gradients."""

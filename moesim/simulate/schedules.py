@@ -55,6 +55,11 @@ class Pipeline:
     slots: list[list[Slot]] = field(default_factory=list)  # [rank] -> slots
     reverse_half: bool = False  # dualpipe: the second half of micro-batches runs p-1 -> 0
     v_shape: bool = False  # dualpipev: stage s >= p lives on rank 2p - 1 - s
+    #: a send moves once its receiver has posted the receive, which it posts when it
+    #: needs the input (Megatron's blocking 1F1B p2p; gloo and NCCL point-to-point
+    #: are rendezvous); False: receives are posted ahead (interleaved with
+    #: ``overlap_p2p_comm``, DualPipe), so a send moves as it is issued
+    rendezvous: bool = False
 
     def owner(self, stage: int, mb: int) -> int:
         """The rank that runs ``stage`` of micro-batch ``mb``."""
@@ -88,7 +93,7 @@ def _one(*tasks: Task) -> Slot:
 
 
 def one_f_one_b(p: int, v: int, m: int, training: bool) -> Pipeline:
-    pipe = Pipeline("1f1b", p, p, m)
+    pipe = Pipeline("1f1b", p, p, m, rendezvous=True)
     for r in range(p):
         if not training:
             pipe.slots.append([_one(("F", r, i)) for i in range(m)])
@@ -158,7 +163,7 @@ def zb_h1(p: int, v: int, m: int, training: bool) -> Pipeline:
     """
     if not training:
         return one_f_one_b(p, v, m, training)
-    pipe = Pipeline("zb_h1", p, p, m)
+    pipe = Pipeline("zb_h1", p, p, m, rendezvous=True)
     for r in range(p):
         pipe.slots.append([_one(t) for t in _zb_h1_rank(p, r, m)])
     return pipe

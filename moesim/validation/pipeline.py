@@ -256,7 +256,7 @@ class PipeValidation:
     slowdown: float
     profile: str
     expected_slowdown: float = 1.0  # on an idle host (ranks per core x co-run)
-    host_drift: float = 1.0  # roofline re-timed around the run / at calibration
+    host_drift: float = 1.0  # expert GEMMs re-timed between the steps / calibrated price
 
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` contract: per part measured / predicted / error, the median."""
@@ -305,24 +305,27 @@ def validate_pipeline(
     warmup: int = 2,
     timeout_s: float = 300.0,
 ) -> PipeValidation:
-    """Measure the comm fit, backward factors and co-run factor, run the pipeline between
-    two re-timings of the calibration's roofline (:func:`host_drift`), predict."""
+    """Measure the comm fit, backward factors and co-run factor, run the pipeline (its
+    ranks re-time the layer's expert GEMMs between steps: :func:`host_drift`), predict."""
     from moesim.measure.distributed import launch
     from moesim.measure.ep_probe import co_run_factor, keep_cores_awake
     from moesim.measure.pipeline import backward_ratios, check_case, measure_comm, run_pipeline
 
     check_case(case)
-    reference = roofline_reference(hw)
     with keep_cores_awake():
         comm = measure_comm(case, comm_sizes(case))
         ratios = launch(backward_ratios, 1, args=(case,), backend="gloo")[0]
         probe = co_run_factor(case.world)
-        before = retime_roofline(reference)
         measured = run_pipeline(case, steps=steps, warmup=warmup, timeout_s=timeout_s)
-        after = retime_roofline(reference)
-    drift = host_drift(reference, before, after)
+    drift = host_drift(case, hw, measured.probe_s)
+    interference = in_run_interference(measured.probe_s)
     p2p = fit_p2p(comm) | {"measured": comm}
-    slowdown = compute_slowdown(probe.interference, measured.cpu_share) * drift
+    slowdown = (
+        compute_slowdown(
+            probe.interference if interference is None else interference, measured.cpu_share
+        )
+        * drift
+    )
     hw = with_measured(hw, p2p, ratios, case.world, case.dp)
     predicted = predict(case, hw, slowdown)
     return PipeValidation(
@@ -333,66 +336,33 @@ def validate_pipeline(
 
 # -- the host's speed at the run against the calibration's -------------------------------
 
-#: the roofline shapes re-timed around the run (the calibration's own grid points)
-DRIFT_GEMM, DRIFT_COPY_MIB = 512, 16
+
+def in_run_interference(probe_s: list[dict[str, float]]) -> float | None:
+    """Co-run slowdown of the layer's expert GEMMs in the run's window: all ranks at once
+    over each alone, on warm caches (:class:`moesim.measure.pipeline.HostProbe`), the
+    geometric mean over ranks, at least 1 (None with no probe)."""
+    r = [p["together"] / p["solo"] for p in probe_s if p.get("solo", 0) > 0 and "together" in p]
+    return max(1.0, float(np.exp(np.mean(np.log(r))))) if r else None
 
 
-def roofline_reference(hw: HardwareProfile) -> dict[str, float]:
-    """The calibration's roofline medians (``gemm`` at :data:`DRIFT_GEMM`, ``copy`` of
-    :data:`DRIFT_COPY_MIB`), from the results files it names; empty when those are
-    not on this machine (a profile from elsewhere: no drift is measured)."""
-    import pandas as pd
+def host_drift(case: PipeCase, hw: HardwareProfile, probe_s: list[dict[str, float]]) -> float:
+    """How much slower this host computes during the run than its calibration says: the
+    geometric mean over ranks of the in-run expert GEMMs
+    (:class:`moesim.measure.pipeline.HostProbe`, timed between the steps) over the
+    calibrated profile's price of the same call (1 with no probe). The VM here changes
+    speed by 10-30 % within a minute (a run's steps: 600-830 ms from one run to the
+    next, the calibration tens of seconds before): an input about the host, as the
+    co-run factor is, not a part the simulator predicts."""
+    from moesim.costs.model import CostModel
+    from moesim.measure.loads import zipf_counts
 
-    from moesim.measure.results import read_results
-
-    assert hw.calibration is not None
-    frames = []
-    for path in hw.calibration.source.results:
-        try:
-            frames.append(read_results(path)[0])
-        except Exception:  # a missing or foreign file: no reference
-            return {}
-    if not frames:
-        return {}
-    return _roofline_medians(pd.concat(frames))
-
-
-def _roofline_medians(df: Any) -> dict[str, float]:
-    roof = df[(df["suite"] == "roofline") & (df["status"] == "ok")]
-    gemm = roof[(roof["op"] == "gemm") & (roof["T"] == DRIFT_GEMM)]
-    copy = roof[(roof["op"] == "copy") & (roof["bytes"] == 2.0 * DRIFT_COPY_MIB * 2**20)]
-    if gemm.empty or copy.empty:
-        return {}
-    return {"gemm": float(gemm["median_s"].iloc[0]), "copy": float(copy["median_s"].iloc[0])}
-
-
-def retime_roofline(reference: dict[str, float]) -> dict[str, float]:
-    """The same two roofline cases benched again, as the calibration benched them (a
-    launched rank pinned to a core, :func:`moesim.validation.ep.bench_kernels_in_rank`)."""
-    import tempfile
-    from pathlib import Path
-
-    from moesim.measure.distributed import launch
-    from moesim.measure.results import read_results
-    from moesim.validation.ep import bench_kernels_in_rank
-
-    if not reference:
-        return {}
-    with tempfile.TemporaryDirectory() as tmp:
-        grids = {"roofline": {"copy_MiB": [DRIFT_COPY_MIB], "gemm": [DRIFT_GEMM]}}
-        kw = {"device": "cpu", "out_dir": Path(tmp), "grids": grids, "world": 2}
-        path = launch(bench_kernels_in_rank, 1, args=(["roofline"], kw), timeout_s=300)[0]
-        return _roofline_medians(read_results(path)[0])
-
-
-def host_drift(ref: dict[str, float], *now: dict[str, float]) -> float:
-    """How much slower this host computes now than when it was calibrated: the geometric
-    mean over the re-timings and the two roofline cases of ``now / calibration`` (1 with
-    no reference). The VM here changes speed by 10-30 % over minutes (a run's steps:
-    500-700 ms from one run to the next): an input about the host, as the co-run factor
-    is, not a part the simulator predicts."""
-    ratios = [t[k] / ref[k] for t in now if t for k in ref if k in t and ref[k] > 0]
-    return float(np.exp(np.mean(np.log(ratios)))) if ratios else 1.0
+    got = [p["flushed"] for p in probe_s if p.get("flushed", 0) > 0]
+    if not got:
+        return 1.0
+    counts = zipf_counts(case.tokens * case.top_k, case.num_experts, 0.0)
+    tpe = np.asarray([counts], dtype=np.float64)
+    priced = float(CostModel(hw).experts_s(tpe, case.hidden, case.ffn, "fp32")[0])
+    return float(np.exp(np.mean(np.log(np.asarray(got) / priced))))
 
 
 def compute_slowdown(interference: float, cpu_share: float) -> float:
