@@ -11,6 +11,8 @@ import pytest
 
 from moesim.cli import main
 from moesim.config.loader import load_hardware
+from moesim.costs.model import CostModel
+from moesim.measure.loads import zipf_counts
 from moesim.measure.pipeline import (
     PARTS,
     PipeMismatch,
@@ -23,6 +25,7 @@ from moesim.measure.pipeline import (
     step_parts,
 )
 from moesim.simulate import simulate
+from moesim.simulate.dense import dense_costs
 from moesim.validation import pipeline as pv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,6 +141,12 @@ def test_measured_backward_factors_scale_the_backward_ops() -> None:
         assert b["experts"] == pytest.approx(g * f["experts"], rel=1e-9)
         for op in ("gate", "permute", "unpermute"):
             assert b[op] == pytest.approx(mem * f[op], rel=1e-9)
+        # the LM head: its GEMMs at g, its cross-entropy and lookup at m
+        c = dense_costs(pv.scenario_for(case), CostModel(prof))
+        head, mem_s = c["head"], c["head_mem"]
+        assert 0 < mem_s < head
+        want = (g * (head - mem_s) + mem * mem_s) / head
+        assert b["head"] / f["head"] == pytest.approx(want, rel=1e-9)
     # without calibration.backward the factors are 2x / 1x
     prof = pv.with_measured(hw, p2p, {"gemm": 2.0, "memory": 1.0}, case.world)
     assert prof.calibration is not None
@@ -167,8 +176,26 @@ def test_validate_pipeline_tiny_end_to_end(
     assert out["median_abs_error"] == pytest.approx(float(np.median(errs)))
     assert out["max_rel_error_vs_reference"] < 1e-4
     assert out["case"]["stages"] == 2 and out["case"]["schedule"] == "1f1b"
+    assert out["interference"] >= 1.0 and out["host_drift"] > 0
     saved = list(tmp_path.glob("pipeline-*.json"))
     assert len(saved) == 1 and "provenance" in json.loads(saved[0].read_text())
+
+
+def test_host_drift_and_interference_from_the_in_run_probe() -> None:
+    """Drift: geometric mean over ranks of probe / calibrated price; interference:
+    together / solo, geometric mean, at least 1; no probe: 1 and None."""
+    hw = load_hardware(str(PROFILE))
+    case = pv.tiny_case()
+    counts = np.asarray([zipf_counts(case.tokens * case.top_k, case.num_experts, 0.0)], float)
+    priced = float(CostModel(hw).experts_s(counts, case.hidden, case.ffn, "fp32")[0])
+    probes = [{"flushed": 2.0 * priced, "solo": 1.0, "together": 1.21},
+              {"flushed": 0.5 * priced, "solo": 2.0, "together": 2.0}]  # fmt: skip
+    assert pv.host_drift(case, hw, probes) == pytest.approx(1.0)
+    assert pv.host_drift(case, hw, probes[:1]) == pytest.approx(2.0)
+    assert pv.host_drift(case, hw, []) == 1.0
+    assert pv.in_run_interference(probes) == pytest.approx(1.1)
+    assert pv.in_run_interference([{"solo": 2.0, "together": 1.0}]) == 1.0
+    assert pv.in_run_interference([]) is None
 
 
 def test_validate_pipeline_rejects_an_uncalibrated_profile(

@@ -172,7 +172,9 @@ def _result(
         model_tflops_per_gpu=tflops,
         mfu=tflops / hw.peak_tflops(scn.model.dtype),
         phases_s=phases,
-        backward_phases_s={p: _mean(rec, p + BWD) for p in LAYER_PHASES} if plan.training else {},
+        backward_phases_s=(
+            {p: _mean(rec, p + BWD) for p in (*LAYER_PHASES, "head")} if plan.training else {}
+        ),
         layers=_layers(rec, plan),
         gpu_utilization=_utilization(util),
         details=_details(scn, plan, pipe, eng, tokens) | {"out_of_range": out_of_range(scn, hw)},

@@ -257,6 +257,7 @@ class PipeValidation:
     profile: str
     expected_slowdown: float = 1.0  # on an idle host (ranks per core x co-run)
     host_drift: float = 1.0  # expert GEMMs re-timed between the steps / calibrated price
+    interference: float = 1.0  # co-run slowdown of the expert GEMMs, in the run's window
 
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` contract: per part measured / predicted / error, the median."""
@@ -292,6 +293,7 @@ class PipeValidation:
             "compute_slowdown": self.slowdown,
             "expected_slowdown": self.expected_slowdown,
             "host_drift": self.host_drift,
+            "interference": self.interference,
             "profile": self.profile,
         }  # fmt: skip
 
@@ -319,18 +321,15 @@ def validate_pipeline(
         measured = run_pipeline(case, steps=steps, warmup=warmup, timeout_s=timeout_s)
     drift = host_drift(case, hw, measured.probe_s)
     interference = in_run_interference(measured.probe_s)
+    if interference is None:  # no probe: the co-run factor measured before the run
+        interference = probe.interference
     p2p = fit_p2p(comm) | {"measured": comm}
-    slowdown = (
-        compute_slowdown(
-            probe.interference if interference is None else interference, measured.cpu_share
-        )
-        * drift
-    )
+    slowdown = compute_slowdown(interference, measured.cpu_share) * drift
     hw = with_measured(hw, p2p, ratios, case.world, case.dp)
     predicted = predict(case, hw, slowdown)
     return PipeValidation(
         case, measured, predicted, p2p, ratios, slowdown, profile,
-        expected_slowdown=probe.factor, host_drift=drift,
+        expected_slowdown=probe.factor, host_drift=drift, interference=interference,
     )  # fmt: skip
 
 
