@@ -396,3 +396,45 @@ def test_a_compute_slowdown_below_one_is_a_faster_gpu(
     ), hw)  # fmt: skip
     want = 0.5 * base.step_breakdown_s["mean"]["compute"]
     assert fast.step_breakdown_s["mean"]["compute"] == pytest.approx(want, rel=1e-9)
+
+
+#: the 2048-GPU scenario cut to 256 GPUs: PP4 DualPipe, EP64, SMs shared with comm
+SMALL_DS = ["cluster.nodes=32", "parallel.pp=4", "model.num_moe_layers=8",
+            "parallel.pp_last_stage_layers=null", "workload.micro_batches=8"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],  # DualPipe, SMs shared with the dispatch, combine and gradient buckets
+        ["workload.stragglers=[{gpu: 3, compute_slowdown: 1.7}, {gpu: 70, compute_slowdown: 0.8}]"],
+        ["training.comm_sm_fraction=0.0", "parallel.pp_schedule=1f1b"],
+    ],
+)
+def test_compute_chains_in_one_pass_give_the_times_op_by_op(overrides, monkeypatch) -> None:
+    """The engine prices a task's consecutive compute ops in one numpy pass
+    (``GroupSim.compute_run``); cut into single ops it must give the very same floats."""
+    from moesim.simulate import engine
+
+    scn, hw = load_pair(REPO / "scenarios" / "deepseek-v3-2048xh800.yaml", SMALL_DS + overrides)
+    fused = simulate(scn, hw)
+    assert any(c is not None for c in _first_task_segments(scn, hw))  # chains to fuse
+    monkeypatch.setattr(engine, "_segments", lambda ops: [(i, None) for i in range(len(ops))])
+    single = simulate(scn, hw)
+    assert fused.step_time_s == single.step_time_s
+    assert fused.phases_s == single.phases_s
+    assert fused.backward_phases_s == single.backward_phases_s
+    assert fused.step_breakdown_s == single.step_breakdown_s
+    assert fused.details["comm_sm_slowdown_s"] == single.details["comm_sm_slowdown_s"]
+    if scn.training.comm_sm_fraction > 0:
+        assert fused.details["comm_sm_slowdown_s"] > 0
+
+
+def _first_task_segments(scn: Any, hw: Any) -> list[Any]:
+    from moesim.simulate import engine
+    from moesim.simulate.core import _plan
+    from moesim.simulate.program import Program
+
+    plan, pipe, layout = _plan(scn, hw, 0)
+    ops = Program(plan, pipe, layout).task_ops(pipe.slots[0][0][0][0])
+    return [c for _, c in engine._segments(ops)]

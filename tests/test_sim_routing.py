@@ -93,6 +93,22 @@ def test_counts_have_binomial_mean_and_variance(tokens: int) -> None:
     assert counts.var((0, 1)) == pytest.approx(var, rel=0.1)
 
 
+def test_table_normal_sampler_has_the_normal_law_and_its_tails() -> None:
+    """The quantile-table sampler against the exact normal: KS on the body, the tail
+    mass inside and beyond the end bins (|z| > 3.97, drawn exactly)."""
+    rng = np.random.default_rng(5)
+    z = routing.standard_normal_f32(rng, (2000, 1001)).astype(np.float64).ravel()
+    assert z.shape == (2_002_000,)
+    assert stats.kstest(z[:200_000], "norm").pvalue > 1e-3
+    assert abs(z.mean()) < 5 / np.sqrt(z.size) and abs(z.var() - 1) < 0.005
+    for cut in (3.0, 4.17, 4.5):
+        expect = 2 * stats.norm.sf(cut) * z.size
+        assert abs((np.abs(z) > cut).sum() - expect) < 5 * np.sqrt(expect) + 1, cut
+    assert np.abs(z).max() > 4.4  # not cut at the end bins' midpoints (4.32)
+    again = routing.standard_normal_f32(np.random.default_rng(5), (2000, 1001))
+    assert np.array_equal(again.ravel(), z.astype(np.float32))  # same seed, same draws
+
+
 def _exact_drop_fraction(T: int, E: int, K: int, cap: int) -> float:
     x = np.arange(T + 1)
     overflow = (np.maximum(x - cap, 0) * stats.binom.pmf(x, T, K / E)).sum()
@@ -209,3 +225,16 @@ def test_trace_loads_npy_and_parquet_and_refuses_pickles(tmp_path) -> None:
         routing.load_trace(tmp_path / "obj.npy", 4, 2)
     with pytest.raises(ConfigError, match=r"k = 2 ids per token, model\.top_k is 3"):
         routing.load_trace(tmp_path / "a.npy", 4, 3)
+
+
+def test_group_and_row_sums_of_counts_are_exact() -> None:
+    """float32 counts summed by BLAS equal the float64 sums; past 2**24 they fall back."""
+    from moesim.simulate.plan import group_sum, row_sum
+
+    rng = np.random.default_rng(2)
+    counts = rng.integers(0, 5000, (64, 32)).astype(np.float32)
+    assert np.array_equal(group_sum(counts, 4), counts.reshape(4, 16, 32).sum(1, dtype=np.float64))
+    assert np.array_equal(row_sum(counts), counts.sum(-1, dtype=np.float64))
+    big = np.full((4, 2), 2.0**24 - 1, dtype=np.float32)  # float32 sums would round
+    assert group_sum(big, 1)[0, 0] == 4 * (2.0**24 - 1)
+    assert row_sum(big)[0] == 2 * (2.0**24 - 1)

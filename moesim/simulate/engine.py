@@ -74,7 +74,7 @@ class Recorder:
     max_events: int = 200_000
     phase_sum: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     phase_n: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    layer_sum: dict[str, F64] = field(default_factory=dict)
+    by_layer: dict[tuple[str, int], float] = field(default_factory=lambda: defaultdict(float))
     events: list[dict[str, Any]] = field(default_factory=list)
     log: list[tuple[str, float]] = field(default_factory=list)
     layers: int = 1
@@ -83,9 +83,17 @@ class Recorder:
         self.phase_sum[name] += seconds
         self.phase_n[name] += 1
         if layer >= 0:
-            if name not in self.layer_sum:
-                self.layer_sum[name] = np.zeros(self.layers)
-            self.layer_sum[name][layer] += seconds
+            self.by_layer[name, layer] += seconds  # a float, not an array element: hot path
+
+    @property
+    def layer_sum(self) -> dict[str, F64]:
+        """Seconds per phase and layer, ``{phase: [layers]}``."""
+        out: dict[str, F64] = {}
+        for (name, layer), sec in self.by_layer.items():
+            if name not in out:
+                out[name] = np.zeros(self.layers)
+            out[name][layer] = sec
+        return out
 
     def tracing(self, group: int) -> bool:
         return group in self.traced and len(self.events) < self.max_events
@@ -113,6 +121,14 @@ class Ready:
     t_P: F64
     reason: str | None = None  # a kind of KINDS, "bubble", or None (its own compute)
     since: float = -np.inf  # gap before this time is bubble, after it ``reason``
+    top: float = np.nan  # max(t_P), when known (:meth:`last`)
+
+    def last(self) -> float:
+        """When the last GPU is ready: ``max(t_P)``, computed once (``t_P`` is never
+        changed in place)."""
+        if self.top != self.top:  # NaN: not computed yet
+            self.top = float(self.t_P.max())
+        return self.top
 
 
 class StepSim:
@@ -124,8 +140,17 @@ class StepSim:
         self.plan, self.prog, self.grad, self.rec = plan, prog, grad, rec
         self.frac = plan.scn.training.comm_sm_fraction
         self.signals: dict[Hashable, simpy.Event] = {}
+        self._segments: dict[int, tuple[list[Op], list[tuple[int, Chain | None]]]] = {}
         self.link_bytes_XL = np.zeros((plan.topo.num_groups, plan.topo.num_links))
         self.groups = [GroupSim(self, x) for x in range(plan.topo.num_groups)]
+
+    def segments(self, ops: list[Op]) -> list[tuple[int, Chain | None]]:
+        """``ops`` cut into chains of compute (:class:`Chain`) and single ops, each with
+        its first op's index; cut once per op list (the programs' lists are shared)."""
+        hit = self._segments.get(id(ops))
+        if hit is None or hit[0] is not ops:  # the entry keeps its list alive: ids stay unique
+            hit = self._segments[id(ops)] = (ops, _segments(ops))
+        return hit[1]
 
     def event(self, key: Hashable) -> simpy.Event:
         ev = self.signals.get(key)
@@ -198,6 +223,68 @@ class GroupSim:
             self.rec.span(self.gpus, COMPUTE_TID, name, start, end)
         return Ready(end)
 
+    def compute_run(self, chain: Chain, ready: Ready) -> list[Ready]:
+        """A chain of compute ops, each after the one before (no collective between), in
+        one pass of numpy: the same times as :meth:`compute` op by op. Each op's end is
+        the chain's start plus the running sum of durations; only the first can wait
+        (the stream is then busy to the end). Under ``comm_sm_fraction`` an op is slowed
+        as in :meth:`compute`, judged at its start, which moves the ops after it."""
+        run, sec_n, arr = chain.ops, chain.sec_n, chain.arr
+        n = len(run)
+        D_nP = np.multiply.outer(sec_n, self.slow_P)
+        for j in arr:
+            D_nP[j] = run[j].seconds[self.sl] * self.slow_P  # type: ignore[index]
+        start_P = np.maximum(ready.t_P, self.free_P)
+        self._charge(ready, start_P)
+        slowed = self._sm_slowed(D_nP, start_P) if self.sim.frac > 0 else ()
+        # running sums from the stream's start and its busy time, added op by op in
+        # order (numpy's cumsum is sequential): the same floats as op by op
+        acc = np.empty((n + 1, 2, len(start_P)))
+        acc[0, 0], acc[0, 1] = start_P, self.busy_P
+        acc[1:, 0] = acc[1:, 1] = D_nP
+        np.cumsum(acc, axis=0, out=acc)
+        end_nP = acc[1:, 0]
+        self.free_P = end_nP[-1].copy()
+        self.busy_P = acc[-1, 1].copy()
+        crit_n = D_nP.max(axis=1) if arr or slowed else sec_n * self.slow_max
+        out: list[Ready] = []
+        for j, op in enumerate(run):
+            if chain.skip[j]:  # as :meth:`compute`: nothing, no phase
+                out.append(out[-1] if out else ready)
+                continue
+            self.rec.phase(op.name, op.layer, float(crit_n[j]))
+            out.append(Ready(end_nP[j]))
+        return out
+
+    def _sm_slowed(self, D_nP: F64, start_P: F64) -> tuple[int, ...]:
+        """Slow, in place, the ops of a chain that start while a collective runs."""
+        now = self.env.now
+        self.comm_iv = [iv for iv in self.comm_iv if iv[1] > now]
+        if not self.comm_iv:
+            return ()
+        keep = 1.0 - self.sim.frac
+        t0 = float(start_P.max())  # the first op's start; no op starts after ``t1``
+        t1 = float((start_P + D_nP.sum(axis=0) / keep).max()) * (1 + 1e-12)  # past rounding
+        live = [iv for iv in self.comm_iv if iv[1] > t0 and iv[0] <= t1]
+        if not live:
+            return ()
+        if any(a <= t0 and b > t1 for a, b in live):  # one collective spans the chain
+            for j in range(len(D_nP)):
+                dur = D_nP[j] / keep
+                self.sm_extra_P += dur - D_nP[j]
+                D_nP[j] = dur
+            return tuple(range(len(D_nP)))
+        slowed: list[int] = []
+        at_P = start_P.copy()
+        for j in range(len(D_nP)):
+            if self._comm_at(float(at_P.max())):
+                dur = D_nP[j] / (1.0 - self.sim.frac)
+                self.sm_extra_P += dur - D_nP[j]
+                D_nP[j] = dur
+                slowed.append(j)
+            at_P += D_nP[j]
+        return tuple(slowed)
+
     def _comm_at(self, t: float) -> bool:
         """Whether one of the group's collectives runs at ``t`` (those still running count)."""
         now = self.env.now
@@ -206,8 +293,9 @@ class GroupSim:
 
     def _transfer(self, op: Op, cf: Coflows, x: int, start: float) -> simpy.Event:
         self.sim.link_bytes_XL[x] += cf.demand_XL[x]
-        lat, solo = float(cf.latency_X[x]), float(cf.solo_X[x])
-        return self.sim.net.transfer(x, cf.demand_XL[x], lat, solo, start_s=start)
+        lat, solo, peak = cf.scalars_X[x]
+        shape = (peak, cf.share_XL[x])
+        return self.sim.net.transfer(x, cf.demand_XL[x], lat, solo, start_s=start, shape=shape)
 
     def collective(
         self, op: Op, ready: Ready, tid: int, iv: list[float] | None = None
@@ -219,11 +307,12 @@ class GroupSim:
         cf = op.coflow
         assert cf is not None
         kind = GROUPS[op.stream]
-        start = max(float(ready.t_P.max()), self.env.now)
-        if float(cf.solo_X[self.x]) <= 0 and float(cf.latency_X[self.x]) <= 0 and op.peer is None:
+        start = max(ready.last(), self.env.now)
+        lat, solo, _ = cf.scalars_X[self.x]
+        if solo <= 0 and lat <= 0 and op.peer is None:
             if iv is not None:
                 iv[1] = start
-            return Ready(np.full_like(ready.t_P, start), kind)
+            return Ready(np.full_like(ready.t_P, start), kind, top=start)
         if iv is None:
             iv = [start, np.inf]
             self.comm_iv.append(iv)
@@ -235,7 +324,7 @@ class GroupSim:
             y = op.peer_rank * self.sim.plan.groups_per_stage + self.replica
             done.append(self._transfer(op, op.peer, y, start))
         if cf.sent_XT is not None:
-            self.sent_KT[kind] = self.sent_KT[kind] + cf.sent_XT[self.x]
+            self.sent_KT[kind] += cf.sent_XT[self.x]  # each kind's own array
         yield simpy.AllOf(self.env, done) if len(done) > 1 else done[0]
         end = self.env.now
         iv[1] = end
@@ -251,7 +340,7 @@ class GroupSim:
                 )
             full = np.full_like(ready.t_P, start)
             self.rec.span(self.gpus, tid, op.name, full, np.full_like(ready.t_P, end))
-        return Ready(np.full_like(ready.t_P, end), kind, start)
+        return Ready(np.full_like(ready.t_P, end), kind, start, end)
 
     def _logname(self, name: str, suffix: str) -> str:
         return f"{name}{suffix}" if self.x == 0 else f"g{self.x}:{name}{suffix}"
@@ -271,14 +360,13 @@ class GroupSim:
         if op.name == "pp_recv" and self.sim.prog.pipe.rendezvous:
             posted = self.sim.event((self.replica, POSTED, op.key))
             if not posted.triggered:  # posted as the input is needed: the stream is free
-                at = max(float(ready.t_P.max()), float(self.free_P.max()), self.env.now)
+                at = max(ready.last(), float(self.free_P.max()), self.env.now)
                 posted.succeed(at)
         ev = self.sim.event((self.replica, op.key))
         got: Ready = ev.value if ev.triggered else (yield ev)  # type: ignore[assignment]
-        theirs = (
-            got.t_P if got.t_P.shape == ready.t_P.shape else np.full_like(ready.t_P, got.t_P.max())
-        )
-        if float(theirs.max()) <= float(ready.t_P.max()):
+        same = got.t_P.shape == ready.t_P.shape
+        theirs = got.t_P if same else np.full_like(ready.t_P, got.last())
+        if got.last() <= ready.last():
             return ready  # it was there before we asked
         return Ready(np.maximum(ready.t_P, theirs), got.reason or "bubble", got.since)
 
@@ -292,7 +380,7 @@ class GroupSim:
             self.sim.event((self.replica, op.key)).succeed(got)
             return ready
         if not op.blocking:
-            iv = [max(float(ready.t_P.max()), self.env.now), np.inf]
+            iv = [max(ready.last(), self.env.now), np.inf]
             self.comm_iv.append(iv)  # known now, so compute issued next sees it
             self.pending.append(self.env.process(self._async(op, ready, iv)))
             return ready
@@ -307,15 +395,18 @@ class GroupSim:
     ) -> Generator[simpy.Event, Any, Ready]:
         ends: list[Ready] = []
         ready = start or Ready(np.full(len(self.gpus), float(self.env.now)))
-        for op in ops:
+        fuse = not self.rec.tracing(self.x)  # a chain's trace spans are drawn op by op
+        for i, chain in self.sim.segments(ops) if fuse else enumerate([None] * len(ops)):
+            op = ops[i]
             if op.deps is not None and ends:
-                deps = [ends[d] for d in op.deps]
-                ready = max(deps, key=lambda r: float(r.t_P.max()))
-                if len(deps) > 1:
-                    t = np.max(np.stack([d.t_P for d in deps]), axis=0)
-                    ready = Ready(t, ready.reason, ready.since)
-            ready = yield from self.run_op(op, ready, tid)
-            ends.append(ready)
+                ready = _after(ends, op.deps)
+            if chain is not None:
+                got = self.compute_run(chain, ready)
+                ends.extend(got)
+                ready = got[-1]
+            else:
+                ready = yield from self.run_op(op, ready, tid)
+                ends.append(ready)
         return ready
 
     def task(self, task: Task, tid: int) -> Generator[simpy.Event, Any, None]:
@@ -362,6 +453,58 @@ class GroupSim:
             dp += np.clip(b - np.maximum(a, self.free_P), 0.0, None)
         self.exposed["dp"] += dp
         self.exposed["bubble"] += np.clip(step - self.free_P - dp, 0.0, None)
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Consecutive compute ops of a task, each after the one before."""
+
+    ops: list[Op]
+    sec_n: F64  # each op's seconds where equal on every GPU (0 where per GPU)
+    arr: tuple[int, ...]  # ops whose seconds are per GPU ([G])
+    skip: tuple[bool, ...]  # ops of no time: no phase, their input passed on (as compute)
+
+    @classmethod
+    def of(cls, ops: list[Op]) -> Chain:
+        sec_n, arr, skip = np.zeros(len(ops)), [], []
+        for j, op in enumerate(ops):
+            if isinstance(op.seconds, float):
+                sec_n[j] = max(op.seconds, 0.0)
+                skip.append(op.seconds <= 0)
+            else:
+                arr.append(j)
+                skip.append(False)
+        return cls(ops, sec_n, tuple(arr), tuple(skip))
+
+
+def _segments(ops: list[Op]) -> list[tuple[int, Chain | None]]:
+    out: list[tuple[int, Chain | None]] = []
+    i, n = 0, len(ops)
+    while i < n:
+        k = i + 1
+        if ops[i].stream == "compute":
+            while k < n and _chained(ops[k], k):
+                k += 1
+        out.append((i, Chain.of(ops[i:k]) if k - i > 1 else None))
+        i = k
+    return out
+
+
+def _chained(op: Op, i: int) -> bool:
+    """Whether op ``i`` of a task is compute that starts after op ``i - 1`` alone."""
+    return op.stream == "compute" and (op.deps is None or op.deps == (i - 1,))
+
+
+def _after(ends: list[Ready], deps: tuple[int, ...]) -> Ready:
+    """When every op in ``deps`` has ended (the reason of the last to end)."""
+    if len(deps) == 1:
+        return ends[deps[0]]
+    got = [ends[d] for d in deps]
+    last = max(got, key=Ready.last)
+    t_P = got[0].t_P
+    for d in got[1:]:
+        t_P = np.maximum(t_P, d.t_P)
+    return Ready(t_P, last.reason, last.since, last.last())
 
 
 def _union(iv: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -149,12 +149,13 @@ class LoadModel:
         if self.pad:
             sent_GP = _block_sum(sent_GE, P)
             return sent_GP, _block_sum(sent_GP, Nd)
-        frac_GE = np.minimum(np.asarray(kept_GE, dtype=np.float32) / np.float32(self.T), 1)
+        kept32_GE = np.asarray(kept_GE, dtype=np.float32)
         groups = self._groups()
         if groups is None or not _nested(P, groups[0]) or not _nested(Nd, groups[0]):
+            frac_GE = np.minimum(kept32_GE / np.float32(self.T), 1)
             miss_GP = _block_prod(1.0 - frac_GE, P)
             return self.T * (1.0 - miss_GP), self.T * (1.0 - _block_prod(miss_GP, Nd))
-        touch_GP, touch_GNd = _touch_grouped(frac_GE, P, Nd, groups, self.K)
+        touch_GP, touch_GNd = _touch_grouped(kept32_GE, self.T, P, Nd, groups, self.K)
         return self.T * touch_GP, self.T * touch_GNd
 
     def _balanced(self) -> Load:
@@ -235,25 +236,34 @@ def _nested(blocks: int, n_group: int) -> bool:
     return blocks % n_group == 0 or n_group % blocks == 0
 
 
-def _touch_grouped(frac_GE: F32, P: int, Nd: int, groups: tuple[int, int], K: int) -> list[F64]:
+def _touch_grouped(
+    kept_GE: F32, T: int, P: int, Nd: int, groups: tuple[int, int], K: int
+) -> list[F64]:
     """P(a token reaches each rank / node), ``[[G, P], [G, Nd]]``, under group-limited routing.
 
     A token picks ``topk_group`` groups with inclusion ``gamma_g`` (as
     :func:`routing.sample_ids` does), then experts inside them, where expert
-    ``e`` is in its set with probability ``frac_e / gamma_g``. Ranks, nodes and
-    groups must nest (each count a multiple or divisor of the other).
+    ``e`` is in its set with probability ``frac_e / gamma_g`` (``frac_e``: the
+    share ``kept / T`` of the source's ``T`` tokens). Ranks, nodes and groups
+    must nest (each count a multiple or divisor of the other).
     """
     n_group, topk = groups
-    G, E = frac_GE.shape
-    gamma = routing.inclusion_probs(_block_sum(frac_GE, n_group) / K, topk).astype(np.float32)
-    cond = frac_GE.reshape(G, n_group, -1) / np.maximum(gamma, 1e-12)[:, :, None]
-    miss_GE = (1.0 - np.minimum(cond, 1.0)).reshape(G, E)
+    G, E = kept_GE.shape
+    gamma = routing.inclusion_probs(_block_sum(kept_GE, n_group) / (T * K), topk)
+    scale = (1.0 / (T * np.maximum(gamma, 1e-12))).astype(np.float32)  # frac / gamma, per group
+    miss_GE = kept_GE.reshape(G, n_group, -1) * scale[:, :, None]  # one [G, E] buffer:
+    np.minimum(miss_GE, 1.0, out=miss_GE)
+    np.subtract(1.0, miss_GE, out=miss_GE)  # 1 - min(frac / gamma, 1), in place
+    miss_GE = miss_GE.reshape(G, E)
+    # float32 values, float64 storage: a mixed-precision broadcast is 5x slower here
+    gamma = gamma.astype(np.float32).astype(np.float64)
     miss_GP = _block_prod(miss_GE, P)
     out = []
     for blocks, miss in ((P, miss_GP), (Nd, None)):
         if blocks >= n_group:  # each block inside one group: reached if its group is
             inner = miss if miss is not None else _block_prod(miss_GP, blocks)
-            out.append(np.repeat(gamma, blocks // n_group, axis=1) * (1.0 - inner))
+            reached = (1.0 - inner).reshape(G, n_group, -1) * gamma[:, :, None]
+            out.append(reached.reshape(G, blocks))  # (broadcast: np.repeat is slow here)
         else:
             finer = miss_GP if n_group <= P else miss_GE
             per_group = gamma * (1.0 - _block_prod(finer, n_group))
@@ -264,7 +274,10 @@ def _touch_grouped(frac_GE: F32, P: int, Nd: int, groups: tuple[int, int], K: in
 def _block_sum(x_GB: Counts, blocks: int) -> F64:
     """Sum contiguous blocks of the last axis: ``[G, B] -> [G, blocks]`` (float64)."""
     G = x_GB.shape[0]
-    return np.asarray(x_GB).reshape(G, blocks, -1).sum(-1, dtype=np.float64)
+    v = np.asarray(x_GB).reshape(G, blocks, -1)
+    if v.dtype == np.float32:  # BLAS over the blocks, accumulated in float32 (error ~1e-7)
+        return (v @ np.ones(v.shape[2], dtype=np.float32)).astype(np.float64)
+    return v.sum(-1, dtype=np.float64)
 
 
 def _block_prod(x_GB: NDArray[np.floating], blocks: int) -> F64:
@@ -275,10 +288,10 @@ def _block_prod(x_GB: NDArray[np.floating], blocks: int) -> F64:
     """
     G = x_GB.shape[0]
     v = np.asarray(x_GB).reshape(G, blocks, -1)
-    out = v[:, :, 0].astype(np.float64)
+    out = v[:, :, 0].copy()  # in the input's precision, widened once at the end
     for j in range(1, v.shape[2]):
         out *= v[:, :, j]
-    return out
+    return out.astype(np.float64)
 
 
 def _over_domains(x_GSE: Counts) -> Counts:

@@ -69,10 +69,16 @@ class _Coflow:
     peak: float = field(init=False)  # max_l demand_L: bytes of its most loaded link
     share_L: F64 = field(init=False)  # demand_L / peak, the row max-min filling reads
 
+    peak_in: float = 0.0  # the caller's peak and share, when it has them
+    share_in: F64 | None = None
+
     def __post_init__(self) -> None:
         # computed once: every rate update of the domain reads them (profiled hot path)
-        self.peak = float(self.demand_L.max())
-        self.share_L = self.demand_L / self.peak
+        if self.share_in is not None:
+            self.peak, self.share_L = self.peak_in, self.share_in
+        else:
+            self.peak = float(self.demand_L.max())
+            self.share_L = self.demand_L / self.peak
 
 
 @dataclass
@@ -101,12 +107,13 @@ class FluidNetwork:
         latency_s: float = 0.0,
         solo_s: float | None = None,
         start_s: float | None = None,
+        shape: tuple[float, F64] | None = None,
     ) -> simpy.Event:
         """Start a coflow of ``demand_L`` bytes per link; the event fires when it ends.
 
         It starts at ``start_s`` (default: now), waits ``latency_s``, then its
         bytes flow. ``solo_s`` (optional) is ``max(demand_L / cap_L)`` when the
-        caller has it.
+        caller has it; ``shape`` (optional) is ``(max(demand_L), demand_L / max)``.
         """
         self.coflows += 1
         done = self.env.event()
@@ -117,7 +124,10 @@ class FluidNetwork:
         if solo_s <= 0:
             self.env.timeout(delay).callbacks.append(lambda _: _succeed(done))
             return done
-        flow = _Coflow(demand, solo_s, done)
+        if shape is None:
+            flow = _Coflow(demand, solo_s, done)
+        else:
+            flow = _Coflow(demand, solo_s, done, peak_in=shape[0], share_in=shape[1])
         if delay > 0:  # one event covers waiting for the start and the latency
             self.env.timeout(delay).callbacks.append(lambda _: self._join(domain, flow))
         else:
@@ -140,6 +150,9 @@ class FluidNetwork:
     def _reschedule(self, key: object, dom: _Domain) -> None:
         now = self.env.now
         tol = 1e-12 * max(abs(now), 1e-6)  # float rounding of the wake-up time
+        if len(dom.active) == 1:  # the common case, without the lists (profiled hot path)
+            self._reschedule_one(key, dom, now, tol)
+            return
         ending = [f.finish - now <= tol or f.left <= 1e-12 for f in dom.active]
         for f, end in zip(dom.active, ending, strict=True):
             if end:
@@ -156,6 +169,21 @@ class FluidNetwork:
         version = dom.version
         wait = min(f.finish for f in dom.active) - now
         self.env.timeout(wait).callbacks.append(lambda _: self._wake(key, version))
+
+    def _reschedule_one(self, key: object, dom: _Domain, now: float, tol: float) -> None:
+        """:meth:`_reschedule` of a domain with one coflow: it ends, or runs alone."""
+        f = dom.active[0]
+        if f.finish - now <= tol or f.left <= 1e-12:
+            f.done.succeed()
+            dom.active = []
+            return
+        rate = 1.0 / f.solo
+        if f.rate != rate:
+            f.rate = rate
+            f.finish = now + f.left / rate
+        dom.version += 1
+        version = dom.version
+        self.env.timeout(f.finish - now).callbacks.append(lambda _: self._wake(key, version))
 
     def _set_rates(self, active: list[_Coflow]) -> None:
         if len(active) == 1:

@@ -23,6 +23,8 @@ experts among themselves, so the *shape* (the Zipf ranks, say) never changes.
 
 from __future__ import annotations
 
+import functools
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -120,6 +122,38 @@ def source_popularity(p_E: F64, G: int, source_skew: float, rng: np.random.Gener
     return p / p.sum(-1, keepdims=True)
 
 
+#: bins of the normal quantile table (:func:`standard_normal_f32`)
+NORMAL_BINS = 1 << 16
+
+
+@functools.cache
+def _normal_table() -> F32:
+    """The standard normal quantile at each bin's midpoint, ``[NORMAL_BINS]`` float32
+    (the standard library's, to spare a simulation scipy's import)."""
+    inv = statistics.NormalDist().inv_cdf
+    return np.array([inv((b + 0.5) / NORMAL_BINS) for b in range(NORMAL_BINS)], np.float32)
+
+
+def standard_normal_f32(rng: np.random.Generator, shape: tuple[int, ...]) -> F32:
+    """Standard normal float32 draws by inversion: a 16-bit uniform picks one of
+    :data:`NORMAL_BINS` equal-probability bins, read at its quantile midpoint.
+
+    Three times as fast here as ``rng.standard_normal(dtype=np.float32)``; the count draws
+    of a large step spend most of their time here. Within the body the law is the
+    normal's to 8e-6 in its CDF (a fraction of a token after rounding); the two end
+    bins (|z| > 4.17) are drawn exactly by inversion, so the tails are not cut.
+    """
+    n = int(np.prod(shape))
+    bins = rng.integers(0, NORMAL_BINS, n, dtype=np.uint16)  # 3x faster than rng.bytes here
+    out = _normal_table()[bins]
+    tail = np.flatnonzero((bins == 0) | (bins == NORMAL_BINS - 1))
+    if tail.size:  # 2 in 65536 draws
+        u = (bins[tail] + rng.random(tail.size)) / NORMAL_BINS
+        inv = statistics.NormalDist().inv_cdf
+        out[tail] = [inv(v) for v in np.clip(u, 1e-300, 1.0 - 1e-16).tolist()]
+    return out.reshape(shape)
+
+
 #: cells whose binomial variance is at least this are drawn from the normal approximation
 NORMAL_MIN_VAR = 30.0
 
@@ -141,7 +175,7 @@ def draw_counts(rng: np.random.Generator, tokens_S: I64, pi_XE: F64, shape: tupl
     approx = np.broadcast_to(small, full)
     out = np.empty(full, dtype=np.float32)
     if small.any():
-        out = rng.standard_normal(full, dtype=np.float32)
+        out = standard_normal_f32(rng, full)
         out *= sd
         out += mean
         np.rint(out, out=out)

@@ -294,6 +294,7 @@ class PipeValidation:
             "expected_slowdown": self.expected_slowdown,
             "host_drift": self.host_drift,
             "interference": self.interference,
+            "probe_s": m.probe_s,
             "profile": self.profile,
         }  # fmt: skip
 
