@@ -438,3 +438,24 @@ def _first_task_segments(scn: Any, hw: Any) -> list[Any]:
     plan, pipe, layout = _plan(scn, hw, 0)
     ops = Program(plan, pipe, layout).task_ops(pipe.slots[0][0][0][0])
     return [c for _, c in engine._segments(ops)]
+
+
+def test_loads_drawn_ahead_on_a_thread_change_no_number(monkeypatch) -> None:
+    """Each (layer, micro-batch) load is a function of its seed: drawn a micro-batch
+    ahead on the worker thread, or when the engine asks, the step is the same."""
+    from moesim.simulate import loads
+
+    scn, hw = load_pair(REPO / "scenarios" / "deepseek-v3-2048xh800.yaml", SMALL_DS)
+    asked: list[tuple[int, int]] = []
+    real = loads.AheadLoads.ahead
+
+    def spy(self, layer: int, mb: int) -> None:
+        asked.append((layer, mb))
+        real(self, layer, mb)
+
+    monkeypatch.setattr(loads.AheadLoads, "ahead", spy)
+    ahead = simulate(scn, hw)
+    assert len(asked) > 0  # it did draw ahead
+    monkeypatch.setattr(loads.AheadLoads, "start", lambda self: None)  # no thread: all now
+    now = simulate(scn, hw)
+    assert ahead.to_dict() | {"provenance": None} == now.to_dict() | {"provenance": None}

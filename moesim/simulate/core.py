@@ -69,7 +69,12 @@ def _simulate(
     # the trace shows replica 0 of every pipeline rank
     traced = frozenset(range(0, topo.num_groups, plan.groups_per_stage)) if trace else frozenset()
     rec = Recorder(traced=traced, trace_gpus=trace_gpus)
-    eng = run_engine(plan, prog, grad, rec)
+    if plan.ahead is not None:
+        plan.ahead.start()
+    try:
+        eng = run_engine(plan, prog, grad, rec)
+    finally:
+        plan.close()
     res = _result(scenario, hw, seed, plan, pipe, eng, trace)
     if traffic:
         res.traffic = traffic_of(plan, eng)

@@ -57,7 +57,7 @@ from moesim.costs.model import CostModel
 from moesim.errors import lookup
 from moesim.model import collectives, params
 from moesim.simulate import dense
-from moesim.simulate.loads import Load, LoadModel
+from moesim.simulate.loads import AheadLoads, Load, LoadModel
 from moesim.simulate.placement import Placer
 from moesim.simulate.schedules import layout_for, moe_layers_per_rank
 from moesim.simulate.topology import Topology, spec_bandwidths
@@ -120,6 +120,10 @@ class WorkTable:
     def computed(self) -> list[LayerWork]:
         return list(self._done.values())
 
+    def priced_keys(self) -> Any:
+        """The (layer, micro-batch) pairs priced so far, as a live view."""
+        return self._done.keys()
+
     def priced(self) -> dict[tuple[int, int], LayerWork]:
         """The (layer, micro-batch) pairs priced so far (what the schedule ran)."""
         return dict(self._done)
@@ -159,6 +163,12 @@ class StepPlan:
     #: (a dense layer's two blocks), ``cp`` / ``cp_bwd`` (the K/V ring); absent when unused
     collectives: dict[str, Coflows] = field(default_factory=dict)
     _sends: dict[tuple[int, int], tuple[Coflows, Coflows]] = field(default_factory=dict)
+    ahead: AheadLoads | None = None  # loads drawn a micro-batch ahead while the engine runs
+
+    def close(self) -> None:
+        """Stop drawing loads ahead (the step is simulated)."""
+        if self.ahead is not None:
+            self.ahead.close()
 
     @property
     def groups_per_stage(self) -> int:
@@ -391,8 +401,12 @@ def build_plan(
     exchange = split_exchange_s(scn, topo, pricer)
     placer = Placer(scn, topo, loads, layers)  # expert -> GPU slots (contiguous: identity)
 
+    ahead = AheadLoads(loads, mbs)
+
     def make(i: int, m: int) -> LayerWork:
-        load = loads.load(i, m)
+        load = ahead.load(i, m)
+        if (i, m + 1) not in works.priced_keys():
+            ahead.ahead(i, m + 1)
         placed = placer.apply(load, i)
         return _layer_work(scn, topo, cost, pricer, placed, stats, training, exchange, i, load)
 
@@ -416,6 +430,7 @@ def build_plan(
         pp=pp,
         collectives=layer_collectives(scn, topo, pricer),
         placement=placer.details(),
+        ahead=ahead,
     )
 
 
