@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -453,9 +454,18 @@ def test_loads_drawn_ahead_on_a_thread_change_no_number(monkeypatch) -> None:
         asked.append((layer, mb))
         real(self, layer, mb)
 
+    drawn: list[int] = []
+    real_load = loads.LoadModel.load
+
+    def on_thread(self, layer: int, mb: int) -> Any:
+        drawn.append(threading.get_ident())
+        return real_load(self, layer, mb)
+
+    monkeypatch.setattr(loads, "AHEAD_MIN_CELLS", 0)  # this small step draws ahead too
     monkeypatch.setattr(loads.AheadLoads, "ahead", spy)
+    monkeypatch.setattr(loads.LoadModel, "load", on_thread)
     ahead = simulate(scn, hw)
-    assert len(asked) > 0  # it did draw ahead
+    assert asked and len(set(drawn)) == 2  # drawn on the engine's thread and the worker
     monkeypatch.setattr(loads.AheadLoads, "start", lambda self: None)  # no thread: all now
     now = simulate(scn, hw)
     assert ahead.to_dict() | {"provenance": None} == now.to_dict() | {"provenance": None}

@@ -229,6 +229,10 @@ class LoadModel:
         return Load(routed, kept, kept, tok_GP, tok_GNd)
 
 
+#: GPU x expert cells of one load from which drawing ahead on a thread pays off
+AHEAD_MIN_CELLS = 1 << 17
+
+
 class AheadLoads:
     """:meth:`LoadModel.load`, one micro-batch ahead on a worker thread.
 
@@ -247,7 +251,8 @@ class AheadLoads:
 
     def start(self) -> None:
         m = self.model
-        if m._pop is not None and m.scn.router.kind not in ("expert_choice", "soft"):
+        big = m.topo.num_gpus * m.E >= AHEAD_MIN_CELLS  # a thread pays off
+        if big and m._pop is not None and m.scn.router.kind not in ("expert_choice", "soft"):
             self._pool = ThreadPoolExecutor(1, "moesim-loads") if self.mbs > 1 else None
 
     def load(self, layer: int, mb: int) -> Load:
