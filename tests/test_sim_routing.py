@@ -229,7 +229,7 @@ def test_trace_loads_npy_and_parquet_and_refuses_pickles(tmp_path) -> None:
 
 def test_group_and_row_sums_of_counts_are_exact() -> None:
     """float32 counts summed by BLAS equal the float64 sums; past 2**24 they fall back."""
-    from moesim.simulate.plan import group_sum, row_sum
+    from moesim.simulate.loads import group_sum, row_sum
 
     rng = np.random.default_rng(2)
     counts = rng.integers(0, 5000, (64, 32)).astype(np.float32)

@@ -248,8 +248,7 @@ def _layers(rec: Recorder, plan: StepPlan) -> list[dict[str, float]]:
     for i in range(plan.layers):
         row: dict[str, float] = {"layer": float(i)}
         for name in LAYER_PHASES:
-            arr = rec.layer_sum.get(name)
-            row[name] = float(arr[i]) / per if arr is not None else 0.0
+            row[name] = rec.by_layer.get((name, i), 0.0) / per
         row["expert_imbalance"] = plan.stats.layer_expert_imbalance_mean(i, plan.micro_batches)
         rows.append(row)
     return rows

@@ -85,16 +85,6 @@ class Recorder:
         if layer >= 0:
             self.by_layer[name, layer] += seconds  # a float, not an array element: hot path
 
-    @property
-    def layer_sum(self) -> dict[str, F64]:
-        """Seconds per phase and layer, ``{phase: [layers]}``."""
-        out: dict[str, F64] = {}
-        for (name, layer), sec in self.by_layer.items():
-            if name not in out:
-                out[name] = np.zeros(self.layers)
-            out[name][layer] = sec
-        return out
-
     def tracing(self, group: int) -> bool:
         return group in self.traced and len(self.events) < self.max_events
 
@@ -278,7 +268,7 @@ class GroupSim:
         at_P = start_P.copy()
         for j in range(len(D_nP)):
             if self._comm_at(float(at_P.max())):
-                dur = D_nP[j] / (1.0 - self.sim.frac)
+                dur = D_nP[j] / keep
                 self.sm_extra_P += dur - D_nP[j]
                 D_nP[j] = dur
                 slowed.append(j)

@@ -26,6 +26,7 @@ from numpy.typing import NDArray
 
 F64 = NDArray[np.float64]
 _EPS = 1e-12
+_NONE: F64 = np.empty(0)  # a coflow's share not given by its caller
 
 
 def maxmin_rates(demand_CfL: F64, cap_L: F64) -> F64:
@@ -66,17 +67,13 @@ class _Coflow:
     left: float = 1.0  # fraction of the coflow not yet moved
     rate: float = 0.0  # fraction per second
     finish: float = float("inf")  # when it ends at the current rate (kept while the rate is)
-    peak: float = field(init=False)  # max_l demand_L: bytes of its most loaded link
-    share_L: F64 = field(init=False)  # demand_L / peak, the row max-min filling reads
-
-    peak_in: float = 0.0  # the caller's peak and share, when it has them
-    share_in: F64 | None = None
+    peak: float = 0.0  # max_l demand_L: bytes of its most loaded link
+    share_L: F64 = field(default_factory=lambda: _NONE)  # demand_L / peak, filling reads it
 
     def __post_init__(self) -> None:
-        # computed once: every rate update of the domain reads them (profiled hot path)
-        if self.share_in is not None:
-            self.peak, self.share_L = self.peak_in, self.share_in
-        else:
+        # computed once (by the caller, for every group at once, or here): every rate
+        # update of the domain reads them (profiled hot path)
+        if self.share_L is _NONE:
             self.peak = float(self.demand_L.max())
             self.share_L = self.demand_L / self.peak
 
@@ -127,7 +124,7 @@ class FluidNetwork:
         if shape is None:
             flow = _Coflow(demand, solo_s, done)
         else:
-            flow = _Coflow(demand, solo_s, done, peak_in=shape[0], share_in=shape[1])
+            flow = _Coflow(demand, solo_s, done, peak=shape[0], share_L=shape[1])
         if delay > 0:  # one event covers waiting for the start and the latency
             self.env.timeout(delay).callbacks.append(lambda _: self._join(domain, flow))
         else:

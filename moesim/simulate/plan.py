@@ -57,7 +57,7 @@ from moesim.costs.model import CostModel
 from moesim.errors import lookup
 from moesim.model import collectives, params
 from moesim.simulate import dense
-from moesim.simulate.loads import AheadLoads, Load, LoadModel
+from moesim.simulate.loads import AheadLoads, Load, LoadModel, group_sum, row_sum
 from moesim.simulate.placement import Placer
 from moesim.simulate.schedules import layout_for, moe_layers_per_rank
 from moesim.simulate.topology import Topology, spec_bandwidths
@@ -671,36 +671,6 @@ def _add_stats(
     st.gpu_imbalance.extend((per_gpu.max(-1) / np.maximum(per_gpu.mean(-1), 1e-12)).tolist())
     egress = rows_XL[:, :P].sum(-1) + rows_XL[:, 2 * P : 3 * P].sum(-1)
     st.sent_rows_per_gpu.extend((egress / P).tolist())
-
-
-#: float32 sums of integer-valued counts are exact below this
-F32_EXACT = float(2**24)
-
-
-def group_sum(x_GE: Any, X: int) -> F64:
-    """Sum over each group's sources, ``[G, E] -> [X, E]`` float64.
-
-    float32 counts are summed by BLAS in float32 (4-6x faster here than a float64
-    reduction over the middle axis: a profiled hot path at thousands of GPUs), which is
-    exact for integer counts below :data:`F32_EXACT` and within float32's precision for
-    the fractional counts of replicated experts; anything else in float64.
-    """
-    v = np.asarray(x_GE).reshape(X, -1, np.shape(x_GE)[-1])
-    if v.dtype == np.float32:
-        out = np.matmul(np.ones(v.shape[1], dtype=np.float32), v)
-        if float(out.max(initial=0.0)) < F32_EXACT:
-            return out.astype(np.float64)
-    return v.sum(1, dtype=np.float64)
-
-
-def row_sum(x_GE: Any) -> F64:
-    """``[G, E] -> [G]`` float64, as :func:`group_sum` (one group per row)."""
-    v = np.asarray(x_GE)
-    if v.dtype == np.float32:
-        out = v @ np.ones(v.shape[-1], dtype=np.float32)
-        if float(out.max(initial=0.0)) < F32_EXACT:
-            return out.astype(np.float64)
-    return v.sum(-1, dtype=np.float64)
 
 
 def _dense_costs(scn: Scenario, cost: CostModel) -> dict[str, float]:
