@@ -5,6 +5,9 @@ EP64, ZeRO-1 DP with overlapped buckets; below, one pipeline stage with two
 overlapped micro-batches.
 
 Run: ``python benchmarks/sim_speed.py [--sizes 8,64,256,2048,8192] [--layers 58]``.
+``--repeat N`` times every size N times, the sizes interleaved (so a slow spell of
+a shared host falls on all of them), and prints the median wall and CPU seconds,
+their range, and in how many runs each size met its target.
 ``--growth`` instead runs a grid that varies GPUs, layers, experts, micro-batches
 and EP one at a time, fits the cost model of :mod:`moesim.simulate.budget`
 (CPU seconds and peak memory against the size terms) and prints the fitted
@@ -110,16 +113,49 @@ def fit_growth() -> None:
         print(f"  estimate / measured: {', '.join(f'{v:.2f}' for v in (A @ coef) / b)}")
 
 
+#: wall-clock targets (ARCHITECTURE.md#contracts) by GPU count
+TARGET_S = {2048: 10.0, 8192: 20.0}
+
+
+def repeat(sizes: list[int], layers: int, n: int) -> None:
+    """Every size ``n`` times, interleaved; median and range of wall and CPU seconds."""
+    runs: dict[int, list[dict]] = {g: [] for g in sizes}
+    for k in range(n):
+        for g in sizes:
+            runs[g].append(measure(g, layers))
+        print(f"round {k + 1}/{n}: " + ", ".join(
+            f"{g} GPUs {runs[g][-1]['wall_s']:.2f} s" for g in sizes), flush=True)  # fmt: skip
+    print(f"{'GPUs':>6} {'wall s (median, min-max)':>26} {'CPU s (median)':>15} "
+          f"{'peak MiB':>9} {'target':>7} {'met':>7}")  # fmt: skip
+    for g in sizes:
+        wall = sorted(r["wall_s"] for r in runs[g])
+        cpu = sorted(r["cpu_s"] for r in runs[g])
+        peak = max(r["peak_bytes"] for r in runs[g]) / 2**20
+        target = TARGET_S.get(g)
+        met = f"{sum(w <= target for w in wall)}/{n}" if target else ""
+        print(f"{g:>6} {_median(wall):>9.2f} ({wall[0]:6.2f}-{wall[-1]:6.2f}) "
+              f"{_median(cpu):>15.2f} {peak:>9.0f} {target or '':>7} {met:>7}")  # fmt: skip
+
+
+def _median(v: list[float]) -> float:
+    m = len(v) // 2
+    return v[m] if len(v) % 2 else (v[m - 1] + v[m]) / 2
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="8,64,256,2048,8192")
     parser.add_argument("--layers", type=int, default=58)
     parser.add_argument("--growth", action="store_true", help="fit the budget's cost model")
+    parser.add_argument("--repeat", type=int, default=0, help="time every size N times")
     args = parser.parse_args()
     if args.growth:
         fit_growth()
         return
     sizes = [int(s) for s in args.sizes.split(",")]
+    if args.repeat > 0:
+        repeat(sizes, args.layers, args.repeat)
+        return
     print(
         f"DeepSeek-V3-like training step, {args.layers} MoE layers, fwd+bwd "
         "(< 2048 GPUs: PP1, 2 micro-batches; >= 2048: PP16 DualPipe, 32 micro-batches)"
