@@ -33,9 +33,9 @@ def test_the_estimate_grows_with_each_size_term() -> None:
 
 def test_the_speed_targets_are_inside_the_limits() -> None:
     """The 2048-GPU DeepSeek-V3 step (target <= 10 s, <= 2 GiB; benchmarks/sim_speed.py
-    measures it) is estimated near its target and far inside the limits."""
+    measures it: 2.7-3.6 s here) is estimated inside its target and far inside the limits."""
     est = budget.estimate(api.load_scenario(DSV3))
-    assert 5 < est.seconds < 15 and est.gib < 2
+    assert 1 < est.seconds < 10 and est.gib < 2
     assert est.seconds < budget.MAX_SECONDS / 10 and est.gib < budget.MAX_GIB / 4
     assert budget.check_budget(api.load_scenario(DSV3)) == est
 

@@ -7,14 +7,15 @@ micro-batch). :func:`estimate` prices a scenario with coefficients fitted to
 (DeepSeek-V3-like training steps: one pipeline stage at 64 to 65,536 GPUs, 2 to
 58 layers, 1 to 8 micro-batches, 64 or 256 experts, EP 8 or 64; and the report's
 PP16 DualPipe layout at 2,048 to 8,192 GPUs with 32 or 64 micro-batches; CPU
-seconds and peak RSS of a fresh process on the quiet 2-core VM, 2026-12-03). On
-those 13 runs the time estimate is within 0.92-1.06x of the measurement (a later
-``sim_speed.py`` run: 0.73-1.27x from 64 to 8,192 GPUs, 2.4x for a 0.3 s 8-GPU step;
-the VM moves such timings by about 25 % between runs) (the
-per-local-expert term rests on two runs: 2,048 GPUs at EP 8, 168 s, and 64
-experts at EP 64). The memory estimate is within 0.98-1.14x for one stage,
-except 8 micro-batches (1.42x), and the pipeline runs' peak is over-estimated
-by 1.4-1.5x (the safe side of a limit). Inference steps
+seconds and peak RSS of a fresh process on the 2-core VM). Refitted on 2026-12-04
+after the session-9 speed work (``results/reference/xeon-2core/sim/growth-20261204-s10.txt``):
+on those 13 runs the time estimate is within 0.79-1.13x of the measurement and the
+memory estimate within 0.86-1.31x (the pipeline runs' peak: 0.88-0.99x). The fit
+before it (2026-12-03) had gone 3-4x pessimistic on time (a 8,192-GPU PP16 step:
+44.6 s estimated, 12-13 CPU s measured) and 0.5-0.7x optimistic on memory (533 MiB
+against 1,010-1,070: the cached link shares). Two terms fitted to zero (the load
+cells and the pipeline's extra events): their work is now small beside the events'.
+Inference steps
 (no backward) take less than estimated.
 
 :func:`check_budget` refuses a scenario whose estimate is above the limits
@@ -38,8 +39,8 @@ MAX_GIB = 8.0
 
 # coefficients of :func:`time_terms` (CPU seconds) and :func:`memory_terms` (bytes),
 # fitted by ``benchmarks/sim_speed.py --growth`` (see the module docstring)
-_S = (0.0703, 1.41e-3, 3.32e-8, 1.24e-6, 1.22e-4, 1.20e-4)
-_B = (52.7e6, 359.0, 19.6, 5.42e3)
+_S = (0.11, 4.21e-4, 0.0, 7.99e-7, 0.0, 6.35e-5)
+_B = (63.4e6, 801.0, 9.43, 4.48e3)
 
 
 @dataclass(frozen=True)
