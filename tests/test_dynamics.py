@@ -24,7 +24,12 @@ from moesim.simulate.dynamics import (
     expected_excess,
     first_below,
 )
-from moesim.validation.dynamics import fit_process, step_metrics, validate_dynamics
+from moesim.validation.dynamics import (
+    chance_within_tolerance,
+    fit_process,
+    step_metrics,
+    validate_dynamics,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "scenarios/tiny-cpu.yaml")
@@ -223,12 +228,26 @@ def test_step_metrics_by_hand() -> None:
     assert drop.tolist() == [0.25] and imb.tolist() == [1.5]
 
 
+def test_chance_within_tolerance_by_hand() -> None:
+    # 4 paths x 2 steps; path means: drop 10.0, 10.4, 10.6, 11.8 % (mean 10.7: errors
+    # 0.7, 0.3, 0.1, 1.1 pp), max/mean 2.0, 2.0, 2.0, 2.4 (mean 2.1: errors 5, 5, 5, 12.5 %)
+    drop_Q = np.array([0.100, 0.104, 0.106, 0.118])
+    imb_Q = np.array([2.0, 2.0, 2.0, 2.4])
+    steps = np.array([-0.01, 0.01])
+    q_drop, q_imb = drop_Q[:, None] + steps, imb_Q[:, None] + steps
+    assert chance_within_tolerance(q_drop, q_imb) == 0.5  # paths 1 and 2 pass both
+    assert chance_within_tolerance(q_drop[:1], q_imb[:1]) == 1.0  # one path is its own mean
+
+
 def test_validate_dynamics_cli(tmp_path: Path, capsys) -> None:
     trace = _trace(tmp_path / "t.parquet")
     rep = validate_dynamics(trace)
     assert [r["run"] for r in rep["runs"]] == ["none-s0", "bias-s0"]
+    assert all(0.0 <= r["expected_ok"] <= 1.0 for r in rep["runs"])
     assert main(["validate", "--dynamics", str(trace), "--out", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["runs"][0]["fit_steps"] == 20
+    assert main(["validate", "--dynamics", str(trace), "--out", str(tmp_path)]) == 0
+    assert "expected within tolerance" in capsys.readouterr().out
     assert main(["validate", "--dynamics", str(tmp_path / "missing.parquet")]) == 2
 
 

@@ -135,6 +135,7 @@ def print_dynamics_validation(report: dict[str, Any]) -> None:
             "[green]yes[/]" if r["ok"] else "[red]no[/]",
         )
     render(table)
+    reach: list[str] = []
     for cf in report["capacity_factors"]:
         rows = [r for r in report["runs"] if r["capacity_factor"] == cf]
         by: dict[str, list[bool]] = {}
@@ -142,6 +143,7 @@ def print_dynamics_validation(report: dict[str, Any]) -> None:
             by.setdefault(r["scheme"], []).append(r["ok"])
         parts = ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in by.items())
         band = sum(r["drop_in_band"] for r in rows)
+        expected = sum(r["expected_ok"] for r in rows)
         moved = sum(
             abs(r["measured_drop_pct"] - r["measured_drop_pct_fit_end"]) > tol["drop_pp"]
             for r in rows
@@ -152,6 +154,11 @@ def print_dynamics_validation(report: dict[str, Any]) -> None:
             f"drop itself moved by more than {tol['drop_pp']} pp from the fit's last "
             f"{report['level_steps']} steps to the rest in {moved}/{len(rows)}"
         )
+        reach.append(f"cf {cf:g} {expected:.1f}/{len(rows)}")
+    console.print(
+        "expected within tolerance were each run a path of its fitted process "
+        f"(the target's reach on these runs): {', '.join(reach)}"
+    )
     console.print(
         f"trace {report['trace']} ({report.get('schedule', 'unknown')}); AR(1) innovations: "
         f"{report.get('innovations', 'gaussian')}"

@@ -49,7 +49,9 @@ would also throw *up*, to twice the mean. Per step, the drop
 fraction at capacity factor ``cf`` (capacity ``ceil(cf·n/E)`` per expert, the
 whole step one capacity domain, as :func:`moesim.kernels.gating.expert_capacity`)
 and max/mean load, averaged over paths and layers, are compared with the same
-quantities of the measured steps.
+quantities of the measured steps. The paths also say how often the target can be
+met at all (:func:`chance_within_tolerance`): the share of them that the
+prediction would pass were that path the measured run.
 """
 
 from __future__ import annotations
@@ -243,6 +245,20 @@ def step_metrics(counts_TLE: F64, n: int, cf: float) -> tuple[F64, F64]:
     return drop.mean(-1), imb.mean(-1)
 
 
+def chance_within_tolerance(q_drop_QT: F64, q_imb_QT: F64) -> float:
+    """Share of the ``Q`` predicted paths the prediction (their mean) would pass if measured.
+
+    ``q_drop_QT`` (fractions) and ``q_imb_QT``: per path and predicted step. If
+    the run were one more path of the fitted process, this is the chance that it
+    meets the target: the target's reach given the process's own spread of a
+    run's mean, before any measured step is seen.
+    """
+    drop_Q, imb_Q = q_drop_QT.mean(1), q_imb_QT.mean(1)
+    drop_ok = 100 * np.abs(q_drop_QT.mean() - drop_Q) <= DROP_TOL_PP
+    imb_ok = np.abs(q_imb_QT.mean() / imb_Q - 1.0) <= IMBALANCE_TOL
+    return float((drop_ok & imb_ok).mean())
+
+
 def validate_run(
     share_TLE: F64,
     n: int,
@@ -289,6 +305,7 @@ def validate_run(
         "max_mean_error": float(imb_err),
         "max_mean_step_mape": float(np.abs(p_imb / m_imb - 1.0).mean()),
         "ok": bool(abs(drop_err) <= DROP_TOL_PP and abs(imb_err) <= IMBALANCE_TOL),
+        "expected_ok": chance_within_tolerance(q_drop, q_imb),
     }
 
 
