@@ -77,6 +77,7 @@ BAD_SCENARIOS = [
     ("router.drop_policy=random", "router.drop_policy", "'probs' or 'position'"),
     ("model.dtype=fp4", "model.dtype = 'fp4'", "allowed: fp32, tf32, bf16, fp16, fp8"),
     ("model.dispatch_dtype=int4", "model.dispatch_dtype", "unknown dtype"),
+    ("model.expert_recipe=fp8_block", "model.expert_recipe = 'fp8_block'", "needs dtype fp8"),
     ("model.colour=red", "model.colour", "unknown key; allowed keys: hidden_size"),
     ("routerr.kind=x", "routerr", "unknown key; allowed keys: name, hardware"),
     ("workload.routing.distribution=pareto", "workload.routing.distribution", "'zipf'"),

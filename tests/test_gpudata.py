@@ -293,6 +293,62 @@ def test_fit_all_neither_fits_nor_scores_flagged_rows_and_says_so() -> None:
     assert off.rows["experts.bf16"] == len(df) and not off.notes
 
 
+#: (D, F, E, K) of a synthetic fused-MoE table; the last two measured block-scaled only
+RECIPE_SHAPES = [
+    (2048, 768, 128, 8), (4096, 1536, 128, 8), (6144, 2048, 256, 8), (3072, 1024, 256, 8),
+    (7168, 2048, 256, 8), (7168, 3072, 384, 6),
+]  # fmt: skip
+#: compute-bound peak of each recipe's kernel (TFLOP/s): block scales at 0.6x per-tensor
+RECIPE_PEAK = {"fp8": 1400.0, "fp8_block": 840.0}
+
+
+def _recipe_truth(rows: pd.DataFrame, peak: float) -> np.ndarray:
+    """20 us + per active expert its FLOPs at ``peak m / (m + 64)`` and its weights at 3 TB/s."""
+    x = gpu.expert_rows(rows, "fp8")
+    rate = peak * 1e12 * x.tokens_e / (x.tokens_e + 64.0)
+    return 20e-6 + x.active * (x.flops_e / rate + x.wbytes_e / 3e12)
+
+
+def _recipe_table() -> pd.DataFrame:
+    grid = [
+        {"T": T, "D": D, "F": F, "E": E, "K": K, "world": ep}
+        for D, F, E, K in RECIPE_SHAPES
+        for ep in (1, 2, 4, 8)
+        for T in (1, 8, 64, 256, 1024, 4096, 16384)
+    ]
+    parts = []
+    for recipe, peak in RECIPE_PEAK.items():
+        r = pd.DataFrame(grid)
+        if recipe == "fp8":
+            r = r[r["D"] != 7168]
+        parts.append(r.assign(strategy=recipe, median_s=_recipe_truth(r, peak)))
+    df = pd.concat(parts, ignore_index=True)
+    return df.assign(suite="moe", op="moe", dtype="fp8", split="balanced", msg_bytes=0.0)
+
+
+def test_block_scaled_fp8_experts_get_their_own_fit() -> None:
+    """Per-tensor fp8 at a 1400 TFLOP/s peak on four shapes, block-scaled fp8 at 840 on
+    those and two more (measured block-scaled only, as DeepSeek-V3's in the trtllm
+    tables): ``experts.fp8_block`` recovers the block rate from its rows alone (a held-out
+    D 7168 shape predicted from the others), ``experts.fp8`` keeps the fastest recipe of
+    each configuration, and ``experts_s`` prices the recipe asked for."""
+    df = _recipe_table()
+    fit = gpu.fit_all(df, load_hardware("h200-sxm-spec"), SRC, workers=1)
+    assert {"experts.fp8", "experts.fp8_block"} <= set(fit.errors)
+    assert fit.rows["experts.fp8_block"] == int((df["strategy"] == "fp8_block").sum())
+    assert fit.errors["experts.fp8_block"].mape < 0.03
+    block = fit.parts.gemm["fp8_block"]
+    big = float(np.interp(np.log(2048.0), np.log(block.tflops.x), block.tflops.y))
+    assert big == pytest.approx(840.0 * 2048 / (2048 + 64), rel=0.05)
+    cm = gpu.cost_model(load_hardware("h200-sxm-spec"), fit.parts, SRC)
+    ds = df[(df["D"] == 7168) & (df["E"] == 256) & (df["world"] == 8) & (df["T"] == 16384)]
+    m = gpu.tokens_lists(ds)[0]
+    got = float(cm.experts_s(m, 7168, 2048, "fp8", scanned_rows=16384 * 8, recipe="fp8_block"))
+    assert got == pytest.approx(float(ds["median_s"].iloc[0]), rel=0.05)
+    # the default fp8 fit is the per-tensor kernel's where it was measured: faster here
+    assert float(cm.experts_s(m, 7168, 2048, "fp8", scanned_rows=16384 * 8)) < 0.8 * got
+
+
 def test_collective_regimes_recover_known_protocol_lines() -> None:
     """Three NCCL-like protocol lines (LL, LL128, Simple), the faster one measured at
     each size: latencies, bandwidths and the hand-overs come back."""
@@ -447,6 +503,26 @@ def test_simulate_lists_out_of_range_phases() -> None:
     assert simulate(scn, load_hardware("h100-sxm-spec"), seed=0).details["out_of_range"] == []
 
 
+def test_scenario_expert_recipe_prices_the_block_scaled_fit() -> None:
+    """An fp8 model on the measured H200 profile: ``expert_recipe: fp8_block`` prices the
+    experts by the block-scaled fit (slower on Hopper at prefill token counts) and reads
+    that family's measured range; the default keeps the fastest fp8 recipe's fit."""
+    from moesim.config.loader import load_scenario
+    from moesim.simulate import simulate
+
+    sets = ["model.dtype=fp8", "workload.tokens_per_gpu=4096"]
+    hw = load_hardware("h200-sxm")
+    fast = simulate(load_scenario("scenarios/mixtral-8x7b-8xh100.yaml", sets), hw, seed=0)
+    blk = load_scenario(
+        "scenarios/mixtral-8x7b-8xh100.yaml", [*sets, "model.expert_recipe=fp8_block"]
+    )
+    block = simulate(blk, hw, seed=0)
+    assert block.phases_s["experts"] > 1.2 * fast.phases_s["experts"]
+    assert fast.phases_s["dispatch"] == pytest.approx(block.phases_s["dispatch"])
+    fams = {i["family"] for i in block.details["out_of_range"] if i["phase"] == "experts"}
+    assert fams <= {"experts.fp8_block"}
+
+
 def test_spec_shape_efficiency_penalises_small_gemms() -> None:
     hw = load_hardware("mi300x")
     assert hw.gpu.gemm_shape is not None
@@ -538,9 +614,10 @@ def test_shipped_measured_profiles_never_run_expert_gemms_past_peak() -> None:
     for path in paths:
         hw = load_hardware(str(path))
         gemm = hw.calibration.gemm if hw.calibration else {}
-        for dtype, fit in gemm.items():
-            peak = hw.gpu.peak_tflops[dtype]
-            assert max(fit.tflops.y) <= peak * 1.0001, (path.name, dtype)
+        dtype_of = dict(gpu.EXPERT_RECIPES.values())  # fp8_block: the fp8 peak
+        for key, fit in gemm.items():
+            peak = hw.gpu.peak_tflops[dtype_of.get(key, key)]
+            assert max(fit.tflops.y) <= peak * 1.0001, (path.name, key)
 
 
 @needs_tables

@@ -20,7 +20,11 @@ simulator computes. Folds hold out whole shapes or configurations
   same shape at a smaller EP (a rank holding a superset of their work) are
   flagged, neither fitted nor scored, and named in a note
   (:func:`flag_ep_slower_than_subset`). Folds: whole model shapes
-  ``(D, F, E, K)``, every token count and EP size.
+  ``(D, F, E, K)``, every token count and EP size. ``experts.fp8`` takes the
+  faster of the per-tensor and block-scaled kernels per configuration;
+  ``experts.fp8_block`` fits the 128-block-scaled rows alone (DeepSeek-V3's
+  recipe, the only one the tables hold at D 7168; on Hopper it stops near
+  0.6x the per-tensor rate, a curve shared with it cannot follow).
 * ``collective.<kind>.<gpus>``: NCCL ``latency + bytes / bw(bytes)``. Folds:
   whole message sizes (both dtypes), stratified over the range.
 * ``deepep.ll.<op>`` / ``deepep.normal.<op>.sms<N>``: ``latency + bytes /
@@ -230,9 +234,26 @@ def tokens_lists(rows: pd.DataFrame) -> list[F64]:
     return [np.full(int(a), p) for a, p in zip(active, per, strict=True)]
 
 
-def _moe_rows(dtype: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
+#: fused-MoE recipes with a family of their own (the table's strategy -> fit key and
+#: dtype): DeepSeek-style 128-block fp8 scales run their own kernel, on Hopper at
+#: about 0.6x the per-tensor fp8 rate once compute-bound, on Blackwell at about 1x
+EXPERT_RECIPES = {"fp8_block": ("fp8_block", "fp8")}
+
+
+def expert_key(dtype: str, strategy: str) -> str:
+    """The fit key of a fused-MoE row: its recipe's (:data:`EXPERT_RECIPES`), else its dtype."""
+    return EXPERT_RECIPES[strategy][0] if strategy in EXPERT_RECIPES else dtype
+
+
+def _moe_rows(dtype: str, recipe: str | None = None) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """Balanced rows of ``dtype`` (of the strategy ``recipe`` only, if given); the fastest
+    row per configuration (what a tuned system runs: fp8 takes the faster of the
+    per-tensor and block-scaled kernels where both were measured)."""
+
     def rows(df: pd.DataFrame) -> pd.DataFrame:
         r = df[(df["suite"] == "moe") & (df["dtype"] == dtype) & (df["split"] == "balanced")]
+        if recipe is not None:
+            r = r[r["strategy"].astype(str) == recipe]
         key = ["T", "D", "F", "E", "K", "world"]
         return r.loc[r.groupby(key)["median_s"].idxmin()].reset_index(drop=True) if len(r) else r
 
@@ -457,7 +478,13 @@ def flag_ep_slower_than_subset(
     return mask, note
 
 
-def _experts_family(dtype: str, peak: float | None = None, hbm: float | None = None) -> GpuFamily:
+def _experts_family(
+    dtype: str, peak: float | None = None, hbm: float | None = None, recipe: str | None = None
+) -> GpuFamily:
+    """``experts.<key>``: the fused MoE of ``dtype``, or of its ``recipe`` (the fit key
+    :func:`expert_key`; the silicon bounds and weight bytes are the dtype's)."""
+    key = expert_key(dtype, recipe) if recipe else dtype
+
     def fit(rows: pd.DataFrame) -> GpuParts:
         x = expert_rows(rows, dtype)
         t = rows["median_s"].to_numpy(dtype=np.float64)
@@ -468,7 +495,7 @@ def _experts_family(dtype: str, peak: float | None = None, hbm: float | None = N
             "intermediate": _rng(rows["F"]),
             "local_experts": _rng(rows["E"] / rows["world"]),
         }
-        return GpuParts(gemm={dtype: g}, ranges={f"experts.{dtype}": ranges})
+        return GpuParts(gemm={key: g}, ranges={f"experts.{key}": ranges})
 
     def predict(cm: CostModel, rows: pd.DataFrame) -> F64:
         m = tokens_lists(rows)
@@ -477,15 +504,15 @@ def _experts_family(dtype: str, peak: float | None = None, hbm: float | None = N
         )  # the collector's kernel sees all
         return np.array(
             [
-                float(cm.experts_s(v, int(d), int(f), dtype, scanned_rows=s))
+                float(cm.experts_s(v, int(d), int(f), dtype, scanned_rows=s, recipe=key))
                 for v, d, f, s in zip(m, rows["D"], rows["F"], scanned, strict=True)
             ]
         )
 
     def flag(rows: pd.DataFrame) -> tuple[NDArray[np.bool_], str]:
-        return flag_ep_slower_than_subset(rows, f"experts.{dtype}")
+        return flag_ep_slower_than_subset(rows, f"experts.{key}")
 
-    return GpuFamily(f"experts.{dtype}", _moe_rows(dtype), fit, predict, MOE_SHAPE, flag)
+    return GpuFamily(f"experts.{key}", _moe_rows(dtype, recipe), fit, predict, MOE_SHAPE, flag)
 
 
 # -- collectives ------------------------------------------------------------------------
@@ -638,6 +665,10 @@ def families(
     peaks = peak_tflops or {}
     dtypes = sorted(set(moe["dtype"].astype(str)))
     out += [_experts_family(d, peaks.get(d), hbm_GBps) for d in dtypes]
+    recipes = set(moe["strategy"].astype(str)) if "strategy" in moe.columns else set()
+    for recipe in sorted(recipes & set(EXPERT_RECIPES)):
+        d = EXPERT_RECIPES[recipe][1]
+        out.append(_experts_family(d, peaks.get(d), hbm_GBps, recipe))
     col = df[df["suite"] == "collective"]
     for (kind, gpus), _ in col.groupby(["op", "world"]):
         out.append(_collective_family(str(kind), int(gpus)))

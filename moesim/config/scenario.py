@@ -95,6 +95,9 @@ class ModelConfig(Frozen):
     num_shared_experts: int = Field(default=0, ge=0)
     shared_expert_intermediate_size: int | None = Field(default=None, ge=1)
     dtype: str = "bf16"
+    # fused-MoE kernel recipe on a measured profile: fp8_block = DeepSeek-style 128-block
+    # fp8 scales (their own fit); None = the fastest measured recipe of the dtype
+    expert_recipe: Literal["fp8_block"] | None = None
     dispatch_dtype: str | None = None  # None = dtype; fp8 for DeepEP-style dispatch
     combine_dtype: str | None = None  # None = dtype
     dense: DenseConfig | None = None
@@ -113,6 +116,8 @@ class ModelConfig(Frozen):
 
     @model_validator(mode="after")
     def _k_le_e(self) -> ModelConfig:
+        if self.expert_recipe is not None and self.dtype != "fp8":
+            raise FieldError("expert_recipe", self.expert_recipe, "needs dtype fp8")
         if self.top_k > self.num_experts:
             raise FieldError("top_k", self.top_k, f"must be <= num_experts ({self.num_experts})")
         return self

@@ -118,6 +118,7 @@ class CostModel:
         F: int,
         dtype: str,
         scanned_rows: ArrayLike | None = None,
+        recipe: str | None = None,
     ) -> F64:
         """One grouped expert-FFN call per row of ``tokens_XE`` (tokens per local expert).
 
@@ -129,10 +130,12 @@ class CostModel:
         prices the bytes each expert's rows move (``work.expert_activation_bytes``),
         and its ``weight_GBps_by_tiles`` the bandwidth the call's weights stream at,
         read at the output tiles of all its active experts (``work.expert_weight_tiles``).
+        ``recipe`` picks a measured fit (``fp8_block``: DeepSeek-style block scales); by
+        default ``fp8`` prices from the per-tensor fit, then the block-scaled one.
         """
         m = np.asarray(tokens_XE, dtype=np.float64)
         flops = work.expert_flops(m, D, F)
-        fit = self._gemm_fit(dtype)
+        fit = self._expert_fit(dtype, recipe)
         if fit is None:
             nbytes = work.expert_bytes(m, D, F, DTYPE_BYTES[dtype])
             rate: float | F64 = self._flops(dtype)
@@ -364,6 +367,16 @@ class CostModel:
         if self.cal is None:
             return None
         return _by_dtype(self.cal.gemm, dtype, self.cal.dtype)
+
+    def _expert_fit(self, dtype: str, recipe: str | None) -> GemmFit | None:
+        """The fused-MoE fit of ``recipe`` if calibrated, else the first of the dtype's
+        recipes (:data:`GEMM_RECIPES`) calibrated, else :meth:`_gemm_fit`."""
+        if self.cal is None:
+            return None
+        for key in ((recipe,) if recipe else ()) + GEMM_RECIPES.get(dtype, ()):
+            if key in self.cal.gemm:
+                return self.cal.gemm[key]
+        return self._gemm_fit(dtype)
 
     def _dense_fit(self, dtype: str) -> GemmFit | None:
         if self.cal is None:

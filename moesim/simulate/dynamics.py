@@ -377,7 +377,7 @@ class StepModel:
         m = scn.model
         recv_GS = sent_BR.reshape(B * P, -1)
         exp_BP = self.cost.experts_s(
-            recv_GS, m.hidden_size, m.moe_intermediate_size, m.dtype
+            recv_GS, m.hidden_size, m.moe_intermediate_size, m.dtype, recipe=m.expert_recipe
         ).reshape(B, P)
         reg_BP = np.zeros((B, P))
         if scn.dispatcher in REGROUP and P > 1 and recv_GS.shape[1] > 1:

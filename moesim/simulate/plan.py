@@ -524,7 +524,8 @@ def _layer_work(
     E, D = load.sent_GE.shape[1], scn.model.hidden_size  # physical slots of a group
     recv_XE = group_sum(load.sent_GE, X)  # rows each expert runs
     recv_GL = recv_XE.reshape(X * P, E // P)  # by GPU and local expert
-    experts_s = cost.experts_s(recv_GL, D, scn.model.moe_intermediate_size, scn.model.dtype)
+    m = scn.model
+    experts_s = cost.experts_s(recv_GL, D, m.moe_intermediate_size, m.dtype, recipe=m.expert_recipe)
     rows_XL = dispatch_rows(scn, topo, load)
     _add_stats(st, logical or load, load, X, P, rows_XL, layer)
     comb_bytes = row_bytes(D, scn.combine_dtype)
@@ -579,7 +580,10 @@ def _expert_tp(
     rows = recv_GL.reshape(G // (etp * P), etp, P, Lx).sum(1, keepdims=True)
     rows = np.broadcast_to(rows, (G // (etp * P), etp, P, Lx)).reshape(G, Lx)
     F = m.moe_intermediate_size // etp
-    experts = np.asarray(cost.experts_s(rows, m.hidden_size, F, m.dtype), dtype=np.float64)
+    experts = np.asarray(
+        cost.experts_s(rows, m.hidden_size, F, m.dtype, recipe=m.expert_recipe),
+        dtype=np.float64,
+    )
     own = recv_GL.sum(-1).reshape(G // (etp * P), etp, P).max(1, keepdims=True)
     own = np.broadcast_to(own, (G // (etp * P), etp, P)).reshape(G)
     nbytes = collectives.etp_bytes(1.0, m.hidden_size, DTYPE_BYTES[m.dtype], etp) * own

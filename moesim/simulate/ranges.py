@@ -49,7 +49,8 @@ def out_of_range(scn: Scenario, hw: HardwareProfile) -> list[dict[str, Any]]:
         tokens, heads = call.batch * call.seq, call.heads
         add("dense", key, tokens=tokens, seq=call.seq, heads=heads, head_dim=call.d_qk)
     per_expert = T * ep * K / E
-    fam = next((f for f in hw.calibration.ranges if f == f"experts.{m.dtype}"), None)
+    own = f"experts.{m.expert_recipe or m.dtype}"
+    fam = next((f for f in hw.calibration.ranges if f == own), None)
     if fam is None:
         fam = next((f for f in hw.calibration.ranges if f.startswith("experts.")), None)
     if fam is not None:

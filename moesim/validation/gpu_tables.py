@@ -10,7 +10,8 @@ by a profile fitted with that whole configuration held out:
   the most SMs (prefill), ``T`` tokens per rank (the ``(D, K, E)`` config
   held out);
 * ``experts``: the fused MoE op on a balanced load, ``8 T`` tokens over the EP
-  group (the model shape ``(D, F, E, K)`` held out).
+  group, in the shape's recipe (DeepSeek-V3: fp8 with 128-block scales, the
+  ``experts.fp8_block`` fit; the model shape ``(D, F, E, K)`` held out).
 
 Predictions go through :class:`moesim.costs.CostModel`, the lookups the
 simulator calls. Torch-free.
@@ -44,12 +45,13 @@ class ModelShape:
     E: int
     K: int
     dtype: str
+    recipe: str  # the table's strategy: bfloat16, fp8 (per-tensor scales) or fp8_block
 
 
 SHAPES = (
-    ModelShape("deepseek-v3-like", 7168, 2048, 256, 8, "fp8"),
-    ModelShape("qwen3-30b-a3b-like", 2048, 768, 128, 8, "bf16"),
-    ModelShape("mixtral-8x7b-like", 4096, 14336, 8, 2, "bf16"),
+    ModelShape("deepseek-v3-like", 7168, 2048, 256, 8, "fp8", "fp8_block"),
+    ModelShape("qwen3-30b-a3b-like", 2048, 768, 128, 8, "bf16", "bfloat16"),
+    ModelShape("mixtral-8x7b-like", 4096, 14336, 8, 2, "bf16", "bfloat16"),
 )
 #: tokens per rank: decode (DeepEP low-latency) and prefill (DeepEP normal)
 TOKENS = {"decode": (16, 64), "prefill": (1024, 2048)}
@@ -123,13 +125,17 @@ def _cases(df: pd.DataFrame, cm: CostModel, system: str, shape: ModelShape) -> l
                 world=EP,
                 split="balanced",
                 dtype=shape.dtype,
+                strategy=shape.recipe,
             )
             active, per = gpu.active_tokens(
                 *(np.array([float(v)]) for v in (T, shape.K, shape.E, EP))
             )
             toks = np.full(int(active[0]), per[0])
+            recipe = gpu.expert_key(shape.dtype, shape.recipe)
             pred_e = float(
-                cm.experts_s(toks, shape.D, shape.F, shape.dtype, scanned_rows=T * shape.K)
+                cm.experts_s(
+                    toks, shape.D, shape.F, shape.dtype, scanned_rows=T * shape.K, recipe=recipe
+                )
             )
             phases["experts"] = (meas, pred_e)
             for phase, (m, p) in phases.items():
