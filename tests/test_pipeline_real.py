@@ -161,8 +161,8 @@ def test_measured_backward_factors_scale_the_backward_ops() -> None:
 def test_validate_pipeline_tiny_end_to_end(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["validate", "--pipeline", "--tiny", "--steps", "2", "--warmup", "0",
-            "--profile", str(PROFILE), "--out", str(tmp_path), "--json"]  # fmt: skip
+    argv = ["validate", "--pipeline", "--tiny", "--steps", "2", "--warmup", "0", "--repeats",
+            "2", "--profile", str(PROFILE), "--out", str(tmp_path), "--json"]  # fmt: skip
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["parts"]) == {*PARTS, "step"}
@@ -177,6 +177,11 @@ def test_validate_pipeline_tiny_end_to_end(
     assert out["max_rel_error_vs_reference"] < 1e-4
     assert out["case"]["stages"] == 2 and out["case"]["schedule"] == "1f1b"
     assert out["interference"] >= 1.0 and out["host_drift"] > 0
+    # two repeats, each measured and predicted; the parts are their medians
+    assert out["repeats"] == 2 and len(out["per_repeat"]) == 2
+    for part, row in out["parts"].items():
+        each = [r["parts"][part]["measured_s"] for r in out["per_repeat"]]
+        assert row["measured_s"] == pytest.approx(float(np.median(each)))
     saved = list(tmp_path.glob("pipeline-*.json"))
     assert len(saved) == 1 and "provenance" in json.loads(saved[0].read_text())
 
@@ -196,6 +201,27 @@ def test_host_drift_and_interference_from_the_in_run_probe() -> None:
     assert pv.in_run_interference(probes) == pytest.approx(1.1)
     assert pv.in_run_interference([{"solo": 2.0, "together": 1.0}]) == 1.0
     assert pv.in_run_interference([]) is None
+
+
+def test_repeats_are_medians_of_each_part_by_hand() -> None:
+    """Three repeats of measured 1/2/4 and predicted 2/2/2 s per part: the median
+    measured is 2, the predicted 2, the error 0, the spread (4 - 1) / 2; one repeat
+    is returned as it is."""
+
+    def run(meas: float, pred: float) -> dict:
+        parts = {p: {"measured_s": meas, "predicted_s": pred, "error": pred / meas - 1}
+                 for p in (*PARTS, "step")}  # fmt: skip
+        return {"parts": parts, "median_abs_error": abs(pred / meas - 1), "p2p_fit": meas}
+
+    runs = [run(1.0, 2.0), run(2.0, 2.0), run(4.0, 2.0)]
+    got = pv.median_over_repeats(runs)
+    assert got["repeats"] == 3 and got["p2p_fit"] == 4.0  # the last repeat's fits
+    for row in got["parts"].values():
+        assert row["measured_s"] == 2.0 and row["predicted_s"] == 2.0 and row["error"] == 0.0
+        assert row["spread"] == pytest.approx(1.5)
+    assert got["median_abs_error"] == 0.0
+    assert [r["median_abs_error"] for r in got["per_repeat"]] == [1.0, 0.0, 0.5]
+    assert pv.median_over_repeats(runs[:1]) == runs[0] | {"repeats": 1}
 
 
 def test_validate_pipeline_rejects_an_uncalibrated_profile(

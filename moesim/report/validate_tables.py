@@ -326,6 +326,14 @@ def print_pipeline(result: dict[str, Any]) -> None:
         f"(max {result['max_abs_error']:.1%}); outputs and gradients match one process "
         f"to {result['max_rel_error_vs_reference']:.1e} relative"
     )
+    if result.get("repeats", 1) > 1:
+        each = " / ".join(f"{r['median_abs_error']:.1%}" for r in result["per_repeat"])
+        spread = result["parts"]["step"].get("spread", 0.0)
+        con.print(
+            f"{result['repeats']} repeats, each measured and predicted from its own window; "
+            f"parts are medians over them (median |error| of each repeat: {each}; the "
+            f"measured step's spread {spread:.0%}); the fits and factors below are the last's"
+        )
     ar = (
         f"; all-reduce fit ({len(p2p['allreduce_fit']['regimes'])} size regimes): held-out "
         f"median |error| {p2p['allreduce_median_abs_error']:.0%}"

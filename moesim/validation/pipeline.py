@@ -334,6 +334,34 @@ def validate_pipeline(
     )  # fmt: skip
 
 
+def median_over_repeats(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Repeated runs (:meth:`PipeValidation.to_dict` each, every one measured and
+    predicted from its own window) as one: per part the median over repeats of the
+    measured and of the predicted seconds, their error, and the spread of the
+    measurements (``(max - min) / median``), as ``validate``'s EP cases take their
+    repeats; the fits and factors shown are the last repeat's; ``per_repeat`` keeps
+    each repeat's parts and median |error|."""
+    from moesim.validation.ep import spread
+
+    if len(runs) == 1:
+        return runs[0] | {"repeats": 1}
+    parts = {}
+    for p in (*PARTS, "step"):
+        meas = float(np.median([r["parts"][p]["measured_s"] for r in runs]))
+        pred = float(np.median([r["parts"][p]["predicted_s"] for r in runs]))
+        parts[p] = {"measured_s": meas, "predicted_s": pred, "error": rel_error(pred, meas),
+                    "spread": spread([r["parts"][p]["measured_s"] for r in runs])}  # fmt: skip
+    errs = [abs(parts[p]["error"]) for p in PARTS]
+    per_repeat = [{"median_abs_error": r["median_abs_error"], "parts": r["parts"]} for r in runs]
+    return runs[-1] | {
+        "parts": parts,
+        "median_abs_error": float(np.median(errs)),
+        "max_abs_error": float(np.max(errs)),
+        "repeats": len(runs),
+        "per_repeat": per_repeat,
+    }
+
+
 # -- the host's speed at the run against the calibration's -------------------------------
 
 
