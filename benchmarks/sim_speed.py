@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -129,17 +130,13 @@ def repeat(sizes: list[int], layers: int, n: int) -> None:
           f"{'peak MiB':>9} {'target':>7} {'met':>7}")  # fmt: skip
     for g in sizes:
         wall = sorted(r["wall_s"] for r in runs[g])
-        cpu = sorted(r["cpu_s"] for r in runs[g])
+        cpu = [r["cpu_s"] for r in runs[g]]
         peak = max(r["peak_bytes"] for r in runs[g]) / 2**20
         target = TARGET_S.get(g)
         met = f"{sum(w <= target for w in wall)}/{n}" if target else ""
-        print(f"{g:>6} {_median(wall):>9.2f} ({wall[0]:6.2f}-{wall[-1]:6.2f}) "
-              f"{_median(cpu):>15.2f} {peak:>9.0f} {target or '':>7} {met:>7}")  # fmt: skip
-
-
-def _median(v: list[float]) -> float:
-    m = len(v) // 2
-    return v[m] if len(v) % 2 else (v[m - 1] + v[m]) / 2
+        mid, mid_cpu = statistics.median(wall), statistics.median(cpu)
+        print(f"{g:>6} {mid:>9.2f} ({wall[0]:6.2f}-{wall[-1]:6.2f}) "
+              f"{mid_cpu:>15.2f} {peak:>9.0f} {target or '':>7} {met:>7}")  # fmt: skip
 
 
 def main() -> None:

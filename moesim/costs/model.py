@@ -10,8 +10,9 @@ Every method is vectorised over leading array axes.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -31,6 +32,7 @@ from moesim.costs import tables, work
 from moesim.costs.curves import eval_curve
 
 Tier = Literal["scaleup", "scaleout"]
+_T = TypeVar("_T")
 #: GEMM table keys a dtype may be priced from, in order (fp8: per-tensor, then block scales)
 GEMM_RECIPES = {"fp8": ("fp8", "fp8_block"), "bf16": ("bf16",), "fp16": ("bf16",)}
 MEMORY_OPS = ("gating", "permute", "unpermute", "copy")
@@ -214,12 +216,9 @@ class CostModel:
         return self._gemm_table(dtype, None) is not None
 
     def _gemm_table(self, dtype: str, recipe: str | None) -> GemmTable | None:
-        if self.cal is None or not self.cal.gemm_table:
+        if self.cal is None:
             return None
-        for key in (recipe,) if recipe else GEMM_RECIPES.get(dtype, (dtype,)):
-            if key in self.cal.gemm_table:
-                return self.cal.gemm_table[key]
-        return None
+        return _by_recipe(self.cal.gemm_table, dtype, recipe)
 
     def attention_s(
         self,
@@ -373,10 +372,7 @@ class CostModel:
         recipes (:data:`GEMM_RECIPES`) calibrated, else :meth:`_gemm_fit`."""
         if self.cal is None:
             return None
-        for key in ((recipe,) if recipe else ()) + GEMM_RECIPES.get(dtype, ()):
-            if key in self.cal.gemm:
-                return self.cal.gemm[key]
-        return self._gemm_fit(dtype)
+        return _by_recipe(self.cal.gemm, dtype, recipe) or self._gemm_fit(dtype)
 
     def _dense_fit(self, dtype: str) -> GemmFit | None:
         if self.cal is None:
@@ -444,6 +440,13 @@ def deepep_bytes(
         miss = math.comb(experts - experts // world, topk) / math.comb(experts, topk)
         copies = (world - 1) * (1.0 - miss)
     return np.asarray(tokens, dtype=np.float64) * copies * row
+
+
+def _by_recipe(found: Mapping[str, _T], dtype: str, recipe: str | None) -> _T | None:
+    """The entry of ``recipe`` if given, else the first of ``dtype``'s recipes
+    (:data:`GEMM_RECIPES`) that ``found`` holds (GEMM tables, fused-MoE fits)."""
+    keys = (recipe,) if recipe else GEMM_RECIPES.get(dtype, (dtype,))
+    return next((found[k] for k in keys if k in found), None)
 
 
 def _by_dtype(fits: dict[str, GemmFit], dtype: str, measured: str) -> GemmFit | None:

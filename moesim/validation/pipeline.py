@@ -51,7 +51,7 @@ from moesim.config.scenario import Scenario
 from moesim.costs.tables import curve_s
 from moesim.measure.pipeline import PARTS, PipeCase, PipeMeasurement
 from moesim.phases import LAYER_PHASES
-from moesim.validation.ep import measured_model
+from moesim.validation.ep import measured_model, rel_error, spread
 
 #: measured part -> the simulator's per-GPU breakdown key (mean over GPUs)
 PART_KEYS = {"sends": "exposed_pp", "bubble": "bubble", "grad_sync": "exposed_dp"}
@@ -242,10 +242,6 @@ def predict(case: PipeCase, hw: HardwareProfile, slowdown: float) -> dict[str, f
 # -- comparing -----------------------------------------------------------------------------
 
 
-def rel_error(predicted: float, measured: float) -> float:
-    return (predicted - measured) / measured if measured > 0 else float("inf")
-
-
 @dataclass(frozen=True)
 class PipeValidation:
     case: PipeCase
@@ -341,8 +337,6 @@ def median_over_repeats(runs: list[dict[str, Any]]) -> dict[str, Any]:
     measurements (``(max - min) / median``), as ``validate``'s EP cases take their
     repeats; the fits and factors shown are the last repeat's; ``per_repeat`` keeps
     each repeat's parts and median |error|."""
-    from moesim.validation.ep import spread
-
     if len(runs) == 1:
         return runs[0] | {"repeats": 1}
     parts = {}
